@@ -1,0 +1,326 @@
+"""Continuous batching, vLLM V1 style: one token budget, no prefill or decode phases.
+
+Host-only module: plain Python, never imports ``jax``. Each step, every request's
+``num_computed_tokens`` catches up with its ``num_tokens`` as far as the token budget
+(``max_num_batched_tokens``) and the blocks allow; chunked prefill, prefix-cache hits and
+recompute after preemption are all that one rule. An engine step is
+
+    scheduler_output = scheduler.schedule()
+    sampled = runner.execute_model(scheduler_output)       # {request_id: token id}
+    changed = scheduler.update_from_output(scheduler_output, sampled)
+
+with ``while scheduler.has_requests():`` around it; ``schedule()`` must not be called again
+before ``update_from_output`` has consumed its output.
+
+Invariants (the stateful test checks them after every step):
+  * ``running`` is in admission order and ``len(running) <= max_num_seqs``; a step schedules
+    at most ``max_num_batched_tokens`` tokens, running requests first, in order.
+  * Every live request (waiting or running) has ``num_computed_tokens <= num_tokens``;
+    waiting ones hold no blocks and have ``num_computed_tokens == 0``.
+  * A finished request holds no blocks and has left ``waiting``, ``running`` and ``requests``.
+  * A request that could never run (empty prompt, prompt longer than ``max_model_len``, or a
+    worst-case KV footprint larger than the whole cache) is finished alone with
+    FINISHED_ERROR at ``add_request``; nothing else is affected.
+"""
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from jaxpaged.block_manager import BlockManager
+from jaxpaged.sequence import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    max_model_len: int
+    num_blocks: int  # including the reserved null block 0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {self.num_blocks}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so every running request can decode"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens fed this step, at positions start_pos, start_pos + 1, ...
+    start_pos: int  # num_computed_tokens before this step
+    block_ids: list[int]  # the whole block table (a copy), covering start_pos + len(token_ids)
+    sample: bool  # this chunk reaches the last known token: sample one from its last row
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled_requests: list[ScheduledRequest]  # running requests first, in admission order
+    total_num_scheduled_tokens: int
+    preempted_req_ids: list[str]  # preempted in this step (their blocks are gone)
+    finished_req_ids: list[str]  # finished since the previous schedule(), for any reason
+    errored_req_ids: list[str]  # of those, the ones rejected by add_request (FINISHED_ERROR)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled_requests
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_preemptions: int  # total since start
+    kv_cache_usage: float  # fraction of usable blocks held
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    prefix_cache_hit_rate: float
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What schedule() has decided so far in one step."""
+
+    token_budget: int
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, num_new_tokens)
+    preempted: list[Request] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}  # live (unfinished) requests
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_req_ids: list[str] = []  # since the last schedule()
+        self._errored: dict[str, Request] = {}  # rejected, not yet returned by update_from_output
+
+    # -- requests in and out --------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests or request.request_id in self._errored:
+            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
+        error = self._why_never_fits(request)
+        if error is not None:
+            request.status, request.error = RequestStatus.FINISHED_ERROR, error
+            self._errored[request.request_id] = request
+            self._finished_req_ids.append(request.request_id)
+            return
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def _why_never_fits(self, request: Request) -> str | None:
+        cfg = self.config
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if num_prompt > cfg.max_model_len:
+            return f"prompt length {num_prompt} exceeds max_model_len={cfg.max_model_len}"
+        max_tokens = self._max_tokens(request)
+        if max_tokens < 1:
+            return f"max_tokens must be >= 1, got {max_tokens}"
+        # The last sampled token is never fed back, so it needs no KV slot.
+        final_len = min(num_prompt + max_tokens, max(cfg.max_model_len, num_prompt + 1))
+        num_blocks = -(-(final_len - 1) // cfg.block_size)
+        if num_blocks > cfg.num_blocks - 1:
+            return (
+                f"prompt length {num_prompt} plus up to {final_len - num_prompt} generated tokens "
+                f"needs up to {num_blocks} KV blocks of {cfg.block_size} tokens, but the cache has "
+                f"only {cfg.num_blocks - 1}"
+            )
+        return None
+
+    def _max_tokens(self, request: Request) -> int:
+        max_tokens = getattr(request.sampling_params, "max_tokens", None)
+        return self.config.max_model_len if max_tokens is None else max_tokens
+
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> list[Request]:
+        """Finish live requests (aborts, stop strings found by the detokenizer). Unknown or
+        already finished ids are ignored. Returns the requests finished here."""
+        if not finished_status.is_finished():
+            raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status.name}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = finished_status
+            self._free_request(request)
+            finished.append(request)
+        return finished
+
+    def _free_request(self, request: Request) -> None:
+        self.block_manager.free(request)
+        del self.requests[request.request_id]
+        self._finished_req_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def has_finished_requests(self) -> bool:
+        """Finished requests not yet reported by schedule() / update_from_output()."""
+        return bool(self._finished_req_ids or self._errored)
+
+    def has_requests(self) -> bool:
+        return self.has_unfinished_requests() or self.has_finished_requests()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        plan = _Plan(token_budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:  # if blocks ran out for running requests, admit nobody
+            self._schedule_waiting(plan)
+        scheduled = [
+            ScheduledRequest(
+                request_id=request.request_id,
+                token_ids=request.all_token_ids[request.num_computed_tokens : request.num_computed_tokens + n],
+                start_pos=request.num_computed_tokens,
+                block_ids=list(request.block_ids),
+                sample=request.num_computed_tokens + n == request.num_tokens,
+            )
+            for request, n in plan.scheduled
+        ]
+        output = SchedulerOutput(
+            scheduled_requests=scheduled,
+            total_num_scheduled_tokens=sum(n for _, n in plan.scheduled),
+            preempted_req_ids=[r.request_id for r in plan.preempted],
+            finished_req_ids=self._finished_req_ids,
+            errored_req_ids=list(self._errored),
+        )
+        self._finished_req_ids = []
+        return output
+
+    def _schedule_running(self, plan: _Plan) -> None:
+        i = 0
+        while i < len(self.running) and plan.token_budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                # Recompute preemption: the most recently admitted request gives its blocks
+                # back; it may be this very request when it is the last one running.
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is request:
+                    return
+            plan.scheduled.append((request, num_new))
+            plan.token_budget -= num_new
+            i += 1
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)  # resumes before any new request
+
+    def _schedule_waiting(self, plan: _Plan) -> None:
+        held_back: list[Request] = []
+        while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+            if self._prefix_in_flight(request, len(computed_blocks)):
+                held_back.append(self.waiting.popleft())
+                continue
+            num_new = min(request.num_tokens - num_hit_tokens, plan.token_budget)
+            if not self.block_manager.allocate_slots(request, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:  # first admission, not a resume
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.scheduled.append((request, num_new))
+            plan.token_budget -= num_new
+        self.waiting.extendleft(reversed(held_back))
+
+    def _prefix_in_flight(self, request: Request, num_hit_blocks: int) -> bool:
+        """Whether a running request is computing ``request``'s next uncached full block.
+
+        Waiting for it turns a duplicate computation into a prefix hit one step or a few later:
+        this is how the n children of a parallel-sampling request share their prompt blocks.
+        Equal chained hashes at index k mean equal prefixes, so comparing index k suffices.
+        """
+        k = num_hit_blocks
+        if k >= (request.num_tokens - 1) // self.config.block_size:  # no further block to hit
+            return False
+        if k >= len(request.block_hashes):  # no hashes: the request skips the prefix cache
+            return False
+        block_hash = request.block_hashes[k]
+        end = (k + 1) * self.config.block_size
+        return any(
+            len(other.block_hashes) > k and other.block_hashes[k] == block_hash and other.num_computed_tokens < end
+            for other in self.running
+        )
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Apply a step's results. Returns the requests that got a new token (finished or not)
+        and the requests rejected by add_request that this output reported."""
+        changed = [self._errored.pop(request_id) for request_id in scheduler_output.errored_req_ids]
+        for scheduled in scheduler_output.scheduled_requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is None:  # finished (aborted) after schedule()
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            self.block_manager.cache_blocks(request, request.num_computed_tokens)
+            if not scheduled.sample:
+                continue
+            if scheduled.request_id not in sampled_token_ids:
+                raise ValueError(f"sampled_token_ids has no token for {scheduled.request_id!r}, which sampled")
+            request.append_output_token_ids(sampled_token_ids[scheduled.request_id])
+            changed.append(request)
+            if self._check_stop(request):
+                self.running.remove(request)
+                self._free_request(request)
+        return changed
+
+    def _check_stop(self, request: Request) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= getattr(params, "min_tokens", 0):
+            last = request.output_token_ids[-1]
+            if not getattr(params, "ignore_eos", False) and last == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last in (getattr(params, "stop_token_ids", None) or ()):
+                request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, last
+                return True
+        if request.num_output_tokens >= self._max_tokens(request) or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def get_stats(self) -> SchedulerStats:
+        stats = self.block_manager.prefix_cache_stats
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_queries=stats.queries,
+            prefix_cache_hits=stats.hits,
+            prefix_cache_hit_rate=stats.hit_rate,
+        )
