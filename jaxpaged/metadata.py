@@ -1,0 +1,67 @@
+"""Per-step device inputs of the model forward (STYLE rule 7).
+
+One flat, ragged batch: T token slots, S sequence slots, both padded up to a bucket.
+Tokens of sequence s occupy rows ``cu_q_lens[s]:cu_q_lens[s + 1]``. Padding is inert by
+construction: padded tokens have ``slot_mapping == PAD_SLOT_ID`` (never written to the cache),
+padded sequences have ``q_len == 0`` and ``kv_len == 0`` (never attended), and padded rows of
+``block_tables`` point at block 0, which the block manager reserves as the null block.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+PAD_SLOT_ID = -1
+NULL_BLOCK_ID = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: jax.Array  # i32[T]: flat cache slot (block * block_size + offset), PAD_SLOT_ID for padding
+    block_tables: jax.Array  # i32[S, max_blocks_per_seq]: physical block ids, NULL_BLOCK_ID past the end
+    kv_lens: jax.Array  # i32[S]: tokens in the cache once this step's tokens are written, 0 for padding
+    cu_q_lens: jax.Array  # i32[S + 1]: prefix sums of each sequence's new-token count
+    logits_indices: jax.Array  # i32[R]: rows of the flat batch whose logits the forward returns
+    # Static: every real sequence has exactly one new token and token i belongs to sequence i,
+    # which lets the GPU path use the decode kernel. Part of the compiled shape's key.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+def build_step_inputs(token_ids: list[list[int]], start_positions: list[int],
+                      block_tables: list[list[int]], block_size: int, *, num_tokens: int,
+                      num_seqs: int, max_blocks_per_seq: int, logits_indices: list[int],
+                      num_logits: int, decode_only: bool = False,
+                      ) -> tuple[np.ndarray, np.ndarray, AttentionMetadata]:
+    """Host-side (NumPy) inputs for one step, padded to the bucket sizes given.
+
+    Sequence s feeds `token_ids[s]`, which sit at positions `start_positions[s]` onwards and are
+    written into its blocks `block_tables[s]`. Returns (input_ids, positions, metadata).
+    """
+    q_lens = np.array([len(t) for t in token_ids], dtype=np.int32)
+    total = int(q_lens.sum())
+    if total > num_tokens or len(token_ids) > num_seqs:
+        raise ValueError(f"step of {total} tokens / {len(token_ids)} seqs exceeds the bucket "
+                         f"({num_tokens} tokens / {num_seqs} seqs)")
+    input_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.full(num_tokens, PAD_SLOT_ID, np.int32)
+    tables = np.full((num_seqs, max_blocks_per_seq), NULL_BLOCK_ID, np.int32)
+    kv_lens = np.zeros(num_seqs, np.int32)
+    cu_q_lens = np.zeros(num_seqs + 1, np.int32)
+    cu_q_lens[1:len(q_lens) + 1] = np.cumsum(q_lens)
+    cu_q_lens[len(q_lens) + 1:] = total
+    for s, (ids, start, table) in enumerate(zip(token_ids, start_positions, block_tables)):
+        lo, hi = cu_q_lens[s], cu_q_lens[s + 1]
+        pos = np.arange(start, start + len(ids), dtype=np.int32)
+        input_ids[lo:hi] = ids
+        positions[lo:hi] = pos
+        table_arr = np.asarray(table, np.int32)
+        slot_mapping[lo:hi] = table_arr[pos // block_size] * block_size + pos % block_size
+        tables[s, :len(table)] = table_arr
+        kv_lens[s] = start + len(ids)
+    rows = np.zeros(num_logits, np.int32)
+    rows[:len(logits_indices)] = logits_indices
+    md = AttentionMetadata(slot_mapping, tables, kv_lens, cu_q_lens, rows, decode_only)
+    return input_ids, positions, md

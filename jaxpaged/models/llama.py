@@ -1,0 +1,164 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in Flax NNX over a paged KV cache.
+
+Layers are stacked on a leading axis and run with `lax.scan`, so a model compiles one layer
+body whatever its depth; the whole KV cache rides in the scan carry and each layer writes and
+reads it through `attention.paged_attention` (no per-layer cache slice is copied).
+Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpaged.attention import KVCache, paged_attention
+from jaxpaged.config import ModelConfig
+from jaxpaged.metadata import AttentionMetadata
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """f32[H // 2] inverse frequencies, with Llama 3's wavelength-dependent rescaling."""
+    H = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, H], positions i32[T]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in f32 and cast back before the scale, as Hugging Face does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(0.02)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        self.q_proj = _linear(D, N * H, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(D, K * H, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(D, K * H, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(N * H, D, False, dtype, rngs)
+        self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
+                 impl: str) -> tuple[jax.Array, KVCache]:
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl)
+        return self.o_proj(out.reshape(T, -1)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(D, F, False, dtype, rngs)
+        self.up_proj = _linear(D, F, False, dtype, rngs)
+        self.down_proj = _linear(F, D, False, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl):
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
+                                            kv_cache, layer, md, impl)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class CausalLM(nnx.Module):
+    """Embedding, L stacked decoder layers, final norm and LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs))
+
+    def __call__(self, kv_cache: KVCache, input_ids: jax.Array, positions: jax.Array,
+                 md: AttentionMetadata, impl: str = "reference") -> tuple[KVCache, jax.Array]:
+        """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices)."""
+        x = self.embed_tokens(input_ids)  # [T, D]
+        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a compile-time constant
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, cache = carry
+            state, layer = xs
+            x, cache = nnx.merge(layer_def, state)(x, positions, inv_freq, cache, layer, md, impl)
+            return (x, cache), None
+
+        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids))
+        x = self.norm(x[md.logits_indices])  # [R, D]
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return kv_cache, logits.astype(jnp.float32)
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
+            input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata,
+            impl: str = "reference") -> tuple[KVCache, jax.Array]:
+    """The pure forward (STYLE rule 6): jit it with graphdef and impl static, the cache donated."""
+    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl)

@@ -1,0 +1,172 @@
+"""Sampling on the device: logits in, next tokens and their logprobs out, one row per request.
+
+``sample`` follows vLLM V1's order: logprobs of the raw logits; min-tokens suppression of stop
+ids; repetition/frequency/presence penalties; greedy argmax; temperature; min-p; top-k; top-p;
+a random draw. Greedy rows take the argmax of the penalised logits.
+
+Randomness is per row: ``key = fold_in(key(seed), output_position)``, so a request's token
+depends only on its own seed, how many tokens it has produced and its logits, never on the other
+rows or the batch size. Recomputing a preempted request replays the same tokens.
+
+Shapes are fixed per (R, V, max_model_len) bucket; data-dependent choices that would change the
+compiled program are static fields of ``SamplingMetadata`` so cheap batches (all greedy, no
+penalties, no truncation, no logprobs) compile the cheap variant. ``sampling_metadata_variants``
+lists every variant for warm-up.
+
+Padded rows are greedy no-ops: temperature 0, no penalties, nothing suppressed.
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.sampling_params import _SAMPLING_EPS, MAX_LOGPROBS, SamplingParams
+
+# Width of `suppressed_token_ids`: EOS plus stop_token_ids of a request still under min_tokens.
+# Fixed so one compile serves every batch; a request with more stop ids is rejected.
+MAX_SUPPRESSED_TOKEN_IDS = 32
+
+# Device arrays inside jit, NumPy arrays from the host builder.
+Array = jax.Array | np.ndarray
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: Array  # f32[R]: 0 = greedy (padding rows too)
+    top_k: Array  # i32[R]: 0 = off
+    top_p: Array  # f32[R]: 1 = off
+    min_p: Array  # f32[R]: 0 = off
+    presence_penalties: Array  # f32[R]: 0 = off, applies to output tokens
+    frequency_penalties: Array  # f32[R]: 0 = off, applies to output tokens
+    repetition_penalties: Array  # f32[R]: 1 = off, applies to prompt and output tokens
+    seeds: Array  # u32[R]: low 32 bits of the request's seed
+    output_positions: Array  # i32[R]: index of the token being sampled among the request's outputs
+    token_ids: Array  # i32[R, L]: prompt then output tokens, -1 padded; L = max_model_len, or 0 if no_penalties
+    num_prompt_tokens: Array  # i32[R]: how many leading entries of token_ids are the prompt
+    suppressed_token_ids: Array  # i32[R, MAX_SUPPRESSED_TOKEN_IDS]: ids masked to -inf (min_tokens), -1 padded
+    # Static: part of the compiled program's key.
+    all_greedy: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    no_penalties: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    no_top_k_top_p: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    # Width k of the top-logprobs outputs: 0, or min(MAX_LOGPROBS, V) when any row wants logprobs.
+    max_num_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LogprobsTensors:
+    token_logprobs: jax.Array  # f32[R]: logprob of the given token
+    token_ranks: jax.Array  # i32[R]: 1-based rank of the given token (tokens at least as likely)
+    topk_token_ids: jax.Array  # i32[R, k]: most likely tokens, best first
+    topk_logprobs: jax.Array  # f32[R, k]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    sampled_token_ids: jax.Array  # i32[R]
+    sampled_logprobs: jax.Array  # f32[R]: log-softmax of the raw logits at the sampled token
+    sampled_token_ranks: jax.Array  # i32[R]: 1-based rank of the sampled token in the raw logits
+    topk_token_ids: jax.Array  # i32[R, k], k = max_num_logprobs
+    topk_logprobs: jax.Array  # f32[R, k]
+
+
+def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num: int) -> LogprobsTensors:
+    """Logprob and rank of ``token_ids`` under ``logits`` (f32[R, V]), plus the top ``num``.
+
+    Used for prompt logprobs (row i's logits scored against prompt token i + 1) and, inside
+    ``sample``, for the sampled tokens.
+    """
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # f32[R, V]
+    return _gather_logprobs(logprobs, token_ids, num)
+
+
+def _gather_logprobs(logprobs: jax.Array, token_ids: jax.Array, num: int) -> LogprobsTensors:
+    token_logprobs = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)  # f32[R, 1]
+    # Counting ties as ahead matches vLLM and makes the argmax rank 1.
+    token_ranks = jnp.sum(logprobs >= token_logprobs, axis=-1, dtype=jnp.int32)
+    topk_logprobs, topk_token_ids = jax.lax.top_k(logprobs, num)
+    return LogprobsTensors(token_logprobs[:, 0], token_ranks, topk_token_ids.astype(jnp.int32), topk_logprobs)
+
+
+def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """vLLM's penalties: repetition on prompt + output tokens, presence/frequency on output only."""
+    num_rows, vocab_size = logits.shape
+    positions = jnp.arange(md.token_ids.shape[1])[None, :]  # i32[1, L]
+    is_prompt = positions < md.num_prompt_tokens[:, None]  # bool[R, L]
+    valid = md.token_ids >= 0
+    rows = jnp.arange(num_rows)[:, None]
+    # Invalid entries land in an extra column that is sliced off, keeping the scatter dense.
+    output_ids = jnp.where(valid & ~is_prompt, md.token_ids, vocab_size)
+    prompt_ids = jnp.where(valid & is_prompt, md.token_ids, vocab_size)
+    output_counts = jnp.zeros((num_rows, vocab_size + 1), jnp.float32).at[rows, output_ids].add(1.0)[:, :vocab_size]
+    in_prompt = jnp.zeros((num_rows, vocab_size + 1), jnp.bool_).at[rows, prompt_ids].set(True)[:, :vocab_size]
+    in_output = output_counts > 0
+    repetition = jnp.where(in_prompt | in_output, md.repetition_penalties[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = logits - md.frequency_penalties[:, None] * output_counts
+    return logits - md.presence_penalties[:, None] * in_output.astype(jnp.float32)
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Masks to -inf every token outside the row's top-k, then outside its top-p nucleus.
+
+    Both cuts become a logit threshold, so tokens tied with the last kept token are kept too.
+    """
+    vocab_size = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1, descending=True)  # f32[R, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # f32[R, 1]
+    sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass strictly
+    # before it is below top_p, so the most likely token always stays.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    num_kept = jnp.sum(mass_before < top_p[:, None], axis=-1)
+    nucleus = jnp.take_along_axis(sorted_logits, (num_kept - 1)[:, None], axis=-1)
+    # With top_p = 1 the nucleus can run into the -inf tail; top-k's cut still holds.
+    threshold = jnp.maximum(nucleus, kth)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    # p_i < min_p * p_max  <=>  logit_i - logit_max < log(min_p); min_p = 0 keeps everything.
+    max_logits = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(logits - max_logits >= jnp.log(min_p)[:, None], logits, -jnp.inf)
+
+
+def _random_sample(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    temperature = jnp.where(md.temperature < _SAMPLING_EPS, 1.0, md.temperature)
+    logits = apply_min_p(logits / temperature[:, None], md.min_p)
+    if not md.no_top_k_top_p:
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+
+    def row_noise(seed: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
+
+    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
+    noise = jax.vmap(row_noise)(md.seeds, md.output_positions)  # f32[R, V]
+    return jnp.argmax(logits + noise, axis=-1)
+
+
+def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
+    """Draws one token per row of ``logits`` (f32[R, V]); jit it with ``md`` as an argument."""
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # f32[R, V]
+    num_rows, vocab_size = logits.shape
+    suppressed = jnp.where(md.suppressed_token_ids >= 0, md.suppressed_token_ids, vocab_size)
+    logits = logits.at[jnp.arange(num_rows)[:, None], suppressed].set(-jnp.inf, mode="drop")
+    if not md.no_penalties:
+        logits = apply_penalties(logits, md)
+    sampled = jnp.argmax(logits, axis=-1)
+    if not md.all_greedy:
+        sampled = jnp.where(md.temperature < _SAMPLING_EPS, sampled, _random_sample(logits, md))
+    sampled = sampled.astype(jnp.int32)
+    lp = _gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+    return SamplerOutput(sampled, lp.token_logprobs, lp.token_ranks, lp.topk_token_ids, lp.topk_logprobs)
