@@ -1,0 +1,291 @@
+import pytest
+
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxpaged.sequence import Request, RequestStatus
+
+EOS = 2
+
+
+def make_scheduler(**overrides) -> Scheduler:
+    config = dict(max_model_len=64, num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    config.update(overrides)
+    return Scheduler(SchedulerConfig(**config))
+
+
+def make_request(request_id: str, prompt: list[int], eos_token_id: int | None = EOS, **params) -> Request:
+    params.setdefault("max_tokens", 8)
+    return Request(request_id, prompt, SamplingParams(**params), eos_token_id=eos_token_id)
+
+
+def fake_token(request: Request) -> int:
+    """A deterministic "model": the next token depends only on the sequence so far (never EOS)."""
+    return 10 + (sum(request.all_token_ids) + request.num_tokens) % 50
+
+
+def step(sched: Scheduler, tokens: dict[str, int] | None = None) -> tuple[SchedulerOutput, list[Request]]:
+    out = sched.schedule()
+    sampled = {s.request_id: fake_token(sched.requests[s.request_id]) for s in out.scheduled_requests if s.sample}
+    sampled.update(tokens or {})
+    changed = sched.update_from_output(out, sampled)
+    sched.block_manager.check_invariants(sched.requests.values())
+    return out, changed
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
+    outputs = []
+    while sched.has_requests():
+        outputs.append(step(sched)[0])
+        assert len(outputs) < max_steps
+    assert sched.block_manager.num_free_blocks == sched.config.num_blocks - 1
+    return outputs
+
+
+def test_single_request_prefill_then_decode():
+    sched = make_scheduler()
+    req = make_request("a", list(range(20, 30)), max_tokens=3)
+    sched.add_request(req)
+    out, changed = step(sched)
+    [s] = out.scheduled_requests
+    assert (s.request_id, s.start_pos, s.token_ids, s.sample) == ("a", 0, list(range(20, 30)), True)
+    assert len(s.block_ids) == 3 and out.total_num_scheduled_tokens == 10
+    assert changed == [req] and req.num_output_tokens == 1 and req.status == RequestStatus.RUNNING
+    out, _ = step(sched)
+    [s] = out.scheduled_requests
+    assert s.start_pos == 10 and s.token_ids == [req.output_token_ids[0]] and s.sample
+    out, changed = step(sched)
+    assert req.status == RequestStatus.FINISHED_LENGTH and req.num_output_tokens == 3
+    assert not sched.has_unfinished_requests() and sched.has_requests()
+    out = sched.schedule()
+    assert out.is_empty and out.finished_req_ids == ["a"]
+    assert not sched.has_requests()
+
+
+def test_chunked_prefill_splits_a_long_prompt():
+    sched = make_scheduler(max_num_batched_tokens=8, max_num_seqs=2)
+    req = make_request("a", list(range(30, 50)), max_tokens=2)
+    sched.add_request(req)
+    chunks = []
+    for _ in range(3):
+        out, _ = step(sched)
+        [s] = out.scheduled_requests
+        chunks.append((s.start_pos, len(s.token_ids), s.sample))
+    assert chunks == [(0, 8, False), (8, 8, False), (16, 4, True)]
+    assert req.num_output_tokens == 1 and req.num_computed_tokens == 20
+
+
+def test_running_first_then_waiting_under_budget_and_max_num_seqs():
+    sched = make_scheduler(max_num_batched_tokens=12, max_num_seqs=2)
+    a, b, c = (make_request(x, [i + 3] * 11, max_tokens=4) for i, x in enumerate("abc"))
+    for r in (a, b, c):
+        sched.add_request(r)
+    out, _ = step(sched)  # a's 11 tokens, then 1 token of b
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled_requests] == [("a", 11), ("b", 1)]
+    out, _ = step(sched)  # running first, in order; c waits: max_num_seqs
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled_requests] == [("a", 1), ("b", 10)]
+    assert out.total_num_scheduled_tokens <= 12
+    assert [r.request_id for r in sched.running] == ["a", "b"] and list(sched.waiting) == [c]
+
+
+def test_prefix_cache_hit_across_requests():
+    sched = make_scheduler()
+    shared = list(range(100, 112))  # three full blocks
+    a = make_request("a", shared + [1, 2], max_tokens=1)
+    sched.add_request(a)
+    run_to_completion(sched)
+    b = make_request("b", shared + [3], max_tokens=1)
+    sched.add_request(b)
+    out, _ = step(sched)
+    [s] = out.scheduled_requests
+    assert b.num_cached_tokens == 12 and s.start_pos == 12 and s.token_ids == [3]
+    stats = sched.get_stats()
+    assert stats.prefix_cache_hits == 12 and stats.prefix_cache_hit_rate > 0
+
+
+def test_parallel_sampling_children_share_prompt_blocks():
+    sched = make_scheduler(max_num_batched_tokens=8)
+    prompt = list(range(200, 218))  # 4 full blocks + 2 tokens
+    children = [make_request(f"c{i}", prompt, max_tokens=3, n=3, temperature=1.0) for i in range(3)]
+    for child in children:
+        sched.add_request(child)
+    # While c0 prefills, its siblings wait for its blocks instead of computing them again.
+    for _ in range(2):
+        out, _ = step(sched)
+        assert [s.request_id for s in out.scheduled_requests] == ["c0"]
+    out, _ = step(sched)  # c0 finishes its prompt; the last full block is now cached
+    out, _ = step(sched)
+    assert {"c1", "c2"} <= {s.request_id for s in out.scheduled_requests}
+    assert children[1].num_cached_tokens == children[2].num_cached_tokens == 16
+    shared = children[0].block_ids[:4]
+    assert all(child.block_ids[:4] == shared for child in children)
+    assert [sched.block_manager.blocks[b].ref_cnt for b in shared] == [3] * 4
+    run_to_completion(sched)
+    assert all(child.num_output_tokens == 3 for child in children)
+
+
+def test_preemption_by_recompute_gives_the_same_tokens():
+    def run(num_blocks: int) -> tuple[dict[str, list[int]], Scheduler]:
+        sched = make_scheduler(num_blocks=num_blocks, block_size=2, max_model_len=32)
+        reqs = [make_request(x, [i + 3] * 5, max_tokens=10, ignore_eos=True) for i, x in enumerate("abc")]
+        for r in reqs:
+            sched.add_request(r)
+        run_to_completion(sched)
+        return {r.request_id: r.output_token_ids for r in reqs}, sched
+
+    expected, roomy = run(num_blocks=64)
+    got, tight = run(num_blocks=12)  # 11 usable blocks, each request needs up to 8
+    assert roomy.num_preemptions == 0 and tight.num_preemptions > 0
+    assert got == expected
+
+
+def test_preemption_victim_is_the_most_recently_admitted():
+    sched = make_scheduler(num_blocks=7, block_size=2, max_model_len=12)  # 6 usable blocks
+    a = make_request("a", [3, 4, 5], max_tokens=8, ignore_eos=True)
+    b = make_request("b", [6, 7, 8], max_tokens=8, ignore_eos=True)
+    sched.add_request(a)
+    sched.add_request(b)
+    preempted = []
+    while not preempted:
+        out, _ = step(sched)
+        preempted = out.preempted_req_ids
+    # b was admitted last: it is preempted (by itself, being last in `running`) and a goes on.
+    assert preempted == ["b"] and [s.request_id for s in out.scheduled_requests] == ["a"]
+    assert b.status == RequestStatus.PREEMPTED and b.block_ids == [] and b.num_computed_tokens == 0
+    assert b.num_preemptions == 1 and sched.waiting[0] is b and sched.running == [a]
+    sched.add_request(make_request("c", [9], max_tokens=1))
+    assert sched.waiting[0] is b  # a preempted request resumes before newer ones
+    run_to_completion(sched)
+    assert a.num_output_tokens == b.num_output_tokens == 8
+
+
+def test_too_long_requests_are_rejected_alone():
+    sched = make_scheduler(max_model_len=16, num_blocks=5, block_size=4)  # 4 usable blocks
+    too_long = make_request("long", list(range(17)))
+    too_big = make_request("big", list(range(10)), max_tokens=16)  # up to 16 tokens of KV: 4 blocks
+    ok = make_request("ok", list(range(10)), max_tokens=4)
+    empty = make_request("empty", [])
+    for r in (too_long, too_big, ok, empty):
+        sched.add_request(r)
+    assert too_long.status == RequestStatus.FINISHED_ERROR
+    assert "prompt length 17 exceeds max_model_len=16" in too_long.error
+    assert too_big.status == RequestStatus.WAITING
+    assert empty.status == RequestStatus.FINISHED_ERROR and "empty" in empty.error
+    huge = make_request("huge", list(range(10)), max_tokens=16)
+    sched2 = make_scheduler(max_model_len=32, num_blocks=5, block_size=4)
+    sched2.add_request(huge)
+    assert huge.status == RequestStatus.FINISHED_ERROR
+    assert "prompt length 10 plus up to 16 generated tokens needs up to 7 KV blocks" in huge.error
+    assert "only 4" in huge.error
+
+    out, changed = step(sched)
+    assert out.errored_req_ids == ["long", "empty"] and set(out.finished_req_ids) == {"long", "empty"}
+    assert changed[:2] == [too_long, empty]
+    assert {s.request_id for s in out.scheduled_requests} <= {"big", "ok"}
+    run_to_completion(sched)
+    assert ok.num_output_tokens == 4 and too_big.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_duplicate_request_id_is_rejected():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1]))
+    with pytest.raises(ValueError, match="'a' is already"):
+        sched.add_request(make_request("a", [1]))
+
+
+@pytest.mark.parametrize(
+    "params, eos, tokens, status, num_out, stop_reason",
+    [
+        ({}, EOS, [7, EOS, 9], RequestStatus.FINISHED_STOPPED, 2, None),
+        ({"ignore_eos": True, "max_tokens": 3}, EOS, [7, EOS, 9], RequestStatus.FINISHED_LENGTH, 3, None),
+        ({"min_tokens": 3}, EOS, [EOS, EOS, EOS, 9], RequestStatus.FINISHED_STOPPED, 3, None),
+        ({"stop_token_ids": [42]}, None, [7, 42], RequestStatus.FINISHED_STOPPED, 2, 42),
+        ({"stop_token_ids": [42], "min_tokens": 2}, None, [42, 42], RequestStatus.FINISHED_STOPPED, 2, 42),
+        ({"max_tokens": 2}, EOS, [7, 8, 9], RequestStatus.FINISHED_LENGTH, 2, None),
+        ({"max_tokens": None}, EOS, [7] * 20, RequestStatus.FINISHED_LENGTH, 8, None),  # max_model_len 12
+    ],
+)
+def test_stop_conditions(params, eos, tokens, status, num_out, stop_reason):
+    sched = make_scheduler(max_model_len=12)
+    params.setdefault("max_tokens", 8)
+    req = Request("r", [1, 3, 4, 5], SamplingParams(**params), eos_token_id=eos)
+    sched.add_request(req)
+    for token in tokens:
+        step(sched, {"r": token})
+        if req.is_finished:
+            break
+    assert (req.status, req.num_output_tokens, req.stop_reason) == (status, num_out, stop_reason)
+    assert req.block_ids == [] and not sched.has_unfinished_requests()
+
+
+def test_abort_frees_blocks_and_is_reported():
+    sched = make_scheduler()
+    a, b = make_request("a", list(range(9))), make_request("b", list(range(10, 19)))
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)
+    assert sched.finish_requests("a", RequestStatus.FINISHED_ABORTED) == [a]
+    assert a.status == RequestStatus.FINISHED_ABORTED and a.block_ids == []
+    assert sched.finish_requests(["a", "unknown"], RequestStatus.FINISHED_ABORTED) == []
+    out = sched.schedule()
+    assert out.finished_req_ids == ["a"] and [s.request_id for s in out.scheduled_requests] == ["b"]
+    # Aborted between schedule() and update_from_output(): its result is dropped.
+    sched.finish_requests("b", RequestStatus.FINISHED_STOPPED)
+    assert sched.update_from_output(out, {"b": 11}) == []
+    assert b.num_output_tokens == 1 and sched.block_manager.num_free_blocks == 63
+    assert sched.schedule().finished_req_ids == ["b"]
+    with pytest.raises(ValueError, match="finished_status"):
+        sched.finish_requests("x", RequestStatus.RUNNING)
+
+
+def test_waiting_request_can_be_aborted():
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_request("a", [1, 3]), make_request("b", [1, 4])
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)
+    sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert list(sched.waiting) == [] and sched.get_num_unfinished_requests() == 1
+
+
+def test_missing_sampled_token_is_an_error():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 3]))
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="no token for 'a'"):
+        sched.update_from_output(out, {})
+
+
+def test_prompt_logprobs_request_takes_no_prefix_hit():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", list(range(20, 29)), max_tokens=1))
+    run_to_completion(sched)
+    b = make_request("b", list(range(20, 29)), max_tokens=1, prompt_logprobs=1)
+    sched.add_request(b)
+    out, _ = step(sched)
+    assert b.num_cached_tokens == 0 and out.scheduled_requests[0].start_pos == 0
+
+
+def test_stats():
+    sched = make_scheduler(max_num_seqs=1)
+    sched.add_request(make_request("a", [1, 3, 4, 5, 6]))
+    sched.add_request(make_request("b", [1, 3]))
+    step(sched)
+    stats = sched.get_stats()
+    assert (stats.num_running_reqs, stats.num_waiting_reqs, stats.num_preemptions) == (1, 1, 0)
+    assert stats.kv_cache_usage == pytest.approx(2 / 63)
+    assert stats.prefix_cache_queries == 5
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"num_blocks": 1}, "num_blocks"),
+        ({"block_size": 0}, "block_size"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_seqs": 16, "max_num_batched_tokens": 8}, "max_num_batched_tokens"),
+    ],
+)
+def test_config_validation(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        make_scheduler(**overrides)
