@@ -289,3 +289,140 @@ def test_stats():
 def test_config_validation(overrides, field):
     with pytest.raises(ValueError, match=field):
         make_scheduler(**overrides)
+
+
+# -- stateful: random traffic against a tiny cache -------------------------------------------
+
+import random  # noqa: E402
+
+from hypothesis import HealthCheck, event, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Adds, steps (with random sampled tokens), aborts and (through the tiny cache) forced
+    preemptions; after every rule the block and request bookkeeping must add up."""
+
+    @initialize(
+        num_blocks=st.integers(4, 16),
+        block_size=st.sampled_from([1, 1, 2, 4]),
+        max_num_seqs=st.integers(1, 4),
+        extra_budget=st.integers(0, 8),
+        max_model_len=st.integers(4, 24),
+        enable_prefix_caching=st.booleans(),
+    )
+    def init(self, num_blocks, block_size, max_num_seqs, extra_budget, max_model_len, enable_prefix_caching):
+        self.config = SchedulerConfig(
+            max_model_len=max_model_len,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_seqs + extra_budget,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.sched = Scheduler(self.config)
+        self.next_id = 0
+
+    @rule(
+        data=st.data(),
+        n=st.integers(1, 3),
+        max_tokens=st.integers(1, 8),
+        min_tokens=st.integers(0, 2),
+        ignore_eos=st.booleans(),
+        prompt_logprobs=st.sampled_from([None, None, 1]),
+    )
+    def add(self, data, n, max_tokens, min_tokens, ignore_eos, prompt_logprobs):
+        # Mostly prompts that fit, a few that are empty or too long; a small alphabet makes
+        # shared prefixes (and prefix hits) common.
+        cfg = self.config
+        max_len = data.draw(st.sampled_from([cfg.max_model_len + 1, (cfg.num_blocks - 1) * cfg.block_size // 2]))
+        prompt = data.draw(st.lists(st.integers(0, 3), max_size=max_len))
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), ignore_eos=ignore_eos,
+            stop_token_ids=[3], prompt_logprobs=prompt_logprobs,
+        )
+        for _ in range(n):  # parallel sampling: n children with one prompt
+            req = Request(f"r{self.next_id}", prompt, params, eos_token_id=EOS)
+            self.next_id += 1
+            self.sched.add_request(req)
+            final_len = min(len(prompt) + max_tokens, max(self.config.max_model_len, len(prompt) + 1))
+            fits = 0 < len(prompt) <= self.config.max_model_len and (
+                -(-(final_len - 1) // self.config.block_size) <= self.config.num_blocks - 1
+            )
+            assert (req.status == RequestStatus.WAITING) == fits
+            assert fits or req.error
+
+    @rule(data=st.data(), abort_mid_step=st.booleans())
+    def step(self, data, abort_mid_step):
+        sched, cfg = self.sched, self.config
+        running_before = [r.request_id for r in sched.running]
+        out = sched.schedule()
+        ids = [s.request_id for s in out.scheduled_requests]
+        assert len(set(ids)) == len(ids) and not set(ids) & set(out.preempted_req_ids)
+        assert out.total_num_scheduled_tokens == sum(len(s.token_ids) for s in out.scheduled_requests)
+        assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+        assert len(sched.running) <= cfg.max_num_seqs
+        old = [i for i in ids if i in running_before]
+        assert ids[: len(old)] == old == running_before[: len(old)]  # running first, in order
+        for s in out.scheduled_requests:
+            req = sched.requests[s.request_id]
+            end = s.start_pos + len(s.token_ids)
+            assert s.token_ids and s.start_pos == req.num_computed_tokens and end <= req.num_tokens
+            assert s.token_ids == req.all_token_ids[s.start_pos : end]
+            assert s.sample == (end == req.num_tokens)
+            assert len(s.block_ids) * cfg.block_size >= end and 0 not in s.block_ids
+        if out.preempted_req_ids:
+            event("preempted")
+        sampled = {s.request_id: data.draw(st.integers(0, 12)) for s in out.scheduled_requests if s.sample}
+        if abort_mid_step and ids:
+            sched.finish_requests(data.draw(st.sampled_from(ids)), RequestStatus.FINISHED_ABORTED)
+        for req in sched.update_from_output(out, sampled):
+            assert req.is_finished or req.status == RequestStatus.RUNNING
+            if req.is_finished:
+                assert req.block_ids == [] and req.request_id not in sched.requests
+
+    @precondition(lambda self: self.sched.requests)
+    @rule(data=st.data())
+    def abort(self, data):
+        request_id = data.draw(st.sampled_from(sorted(self.sched.requests)))
+        [req] = self.sched.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        assert req.block_ids == [] and req.status == RequestStatus.FINISHED_ABORTED
+
+    @invariant()
+    def bookkeeping_adds_up(self):
+        if not hasattr(self, "sched"):
+            return
+        sched = self.sched
+        sched.block_manager.check_invariants(sched.requests.values())
+        waiting = {r.request_id for r in sched.waiting}
+        running = {r.request_id for r in sched.running}
+        assert not waiting & running and waiting | running == set(sched.requests)
+        for req in sched.waiting:
+            assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert req.block_ids == [] and req.num_computed_tokens == 0
+        for req in sched.running:
+            assert req.status == RequestStatus.RUNNING
+            assert req.num_computed_tokens < req.num_tokens <= max(self.config.max_model_len, req.num_prompt_tokens + 1)
+
+    def teardown(self):
+        if not hasattr(self, "sched"):
+            return
+        rng = random.Random(0)
+        for _ in range(2000):  # liveness: every request ends without outside help
+            if not self.sched.has_requests():
+                break
+            out = self.sched.schedule()
+            sampled = {s.request_id: rng.randrange(7) for s in out.scheduled_requests if s.sample}
+            self.sched.update_from_output(out, sampled)
+            self.bookkeeping_adds_up()
+        assert not self.sched.has_requests()
+        bm = self.sched.block_manager
+        assert bm.num_free_blocks == self.config.num_blocks - 1 and bm.usage == 0.0
+        bm.check_invariants([])
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestSchedulerStateful = SchedulerMachine.TestCase
