@@ -170,3 +170,141 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
     sampled = sampled.astype(jnp.int32)
     lp = _gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
     return SamplerOutput(sampled, lp.token_logprobs, lp.token_ranks, lp.topk_token_ids, lp.topk_logprobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: per-request inputs -> NumPy SamplingMetadata, transferred with the step's inputs.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """What the sampler needs from one request for one step.
+
+    ``seed`` is required: the engine uses ``sampling_params.seed`` when given (plus the
+    completion's index for n > 1, so siblings differ) and otherwise draws one at arrival.
+    ``token_ids`` is the prompt followed by the outputs so far; it is only copied when the batch
+    uses penalties, but its length always gives the output position.
+    """
+
+    sampling_params: SamplingParams
+    seed: int
+    token_ids: Sequence[int]
+    num_prompt_tokens: int
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}.")
+        if not 0 <= self.num_prompt_tokens <= len(self.token_ids):
+            raise ValueError(
+                f"num_prompt_tokens must be in [0, len(token_ids)={len(self.token_ids)}], got {self.num_prompt_tokens}."
+            )
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def suppressed_token_ids(self) -> list[int]:
+        """EOS and stop ids while min_tokens is not reached (vLLM suppresses EOS even with ignore_eos)."""
+        if self.num_output_tokens >= self.sampling_params.min_tokens:
+            return []
+        ids = list(self.sampling_params.stop_token_ids)
+        if self.eos_token_id is not None and self.eos_token_id not in ids:
+            ids.append(self.eos_token_id)
+        return ids
+
+
+def _padded_metadata(num_rows: int, history_len: int) -> dict[str, np.ndarray]:
+    return dict(
+        temperature=np.zeros(num_rows, np.float32),
+        top_k=np.zeros(num_rows, np.int32),
+        top_p=np.ones(num_rows, np.float32),
+        min_p=np.zeros(num_rows, np.float32),
+        presence_penalties=np.zeros(num_rows, np.float32),
+        frequency_penalties=np.zeros(num_rows, np.float32),
+        repetition_penalties=np.ones(num_rows, np.float32),
+        seeds=np.zeros(num_rows, np.uint32),
+        output_positions=np.zeros(num_rows, np.int32),
+        token_ids=np.full((num_rows, history_len), -1, np.int32),
+        num_prompt_tokens=np.zeros(num_rows, np.int32),
+        suppressed_token_ids=np.full((num_rows, MAX_SUPPRESSED_TOKEN_IDS), -1, np.int32),
+    )
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def _check_row(i: int, row: SamplingRow, vocab_size: int, max_model_len: int) -> None:
+    if len(row.token_ids) > max_model_len:
+        raise ValueError(f"rows[{i}].token_ids has {len(row.token_ids)} tokens, more than max_model_len={max_model_len}.")
+    suppressed = row.suppressed_token_ids()
+    if len(suppressed) > MAX_SUPPRESSED_TOKEN_IDS:
+        raise ValueError(
+            f"rows[{i}] has {len(suppressed)} EOS/stop token ids to suppress under min_tokens, "
+            f"at most MAX_SUPPRESSED_TOKEN_IDS={MAX_SUPPRESSED_TOKEN_IDS} are supported."
+        )
+    if any(not 0 <= t < vocab_size for t in suppressed):
+        raise ValueError(f"rows[{i}] stop/EOS token ids {suppressed} must be in [0, vocab_size={vocab_size}).")
+
+
+def build_sampling_metadata(
+    rows: Sequence[SamplingRow | None], num_rows_padded: int, vocab_size: int, max_model_len: int
+) -> SamplingMetadata:
+    """NumPy ``SamplingMetadata`` for one step; row i describes logits row i, None is padding.
+
+    Rows past ``len(rows)`` are padding too. Static flags are derived from the real rows.
+    """
+    if len(rows) > num_rows_padded:
+        raise ValueError(f"got {len(rows)} rows, more than num_rows_padded={num_rows_padded}.")
+    real = [(i, row) for i, row in enumerate(rows) if row is not None]
+    for i, row in real:
+        _check_row(i, row, vocab_size, max_model_len)
+    random_params = [row.sampling_params for _, row in real if not row.sampling_params.is_greedy]
+    no_penalties = not any(_uses_penalties(row.sampling_params) for _, row in real)
+    # Without penalties the history is never read; a zero-width array saves the transfer.
+    arrays = _padded_metadata(num_rows_padded, 0 if no_penalties else max_model_len)
+    for i, row in real:
+        _fill_row(arrays, i, row, no_penalties)
+    wants_logprobs = any(row.sampling_params.logprobs is not None for _, row in real)
+    return SamplingMetadata(
+        **arrays,
+        all_greedy=not random_params,
+        no_penalties=no_penalties,
+        no_top_k_top_p=all(p.top_k == 0 and p.top_p == 1.0 for p in random_params),
+        # Always the full width when any row asks, so the logprob count never forces a compile.
+        max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_logprobs else 0,
+    )
+
+
+def _fill_row(arrays: dict[str, np.ndarray], i: int, row: SamplingRow, no_penalties: bool) -> None:
+    p = row.sampling_params
+    arrays["temperature"][i] = p.temperature
+    arrays["top_k"][i] = p.top_k
+    arrays["top_p"][i] = p.top_p
+    arrays["min_p"][i] = p.min_p
+    arrays["presence_penalties"][i] = p.presence_penalty
+    arrays["frequency_penalties"][i] = p.frequency_penalty
+    arrays["repetition_penalties"][i] = p.repetition_penalty
+    arrays["seeds"][i] = row.seed % 2**32
+    arrays["output_positions"][i] = row.num_output_tokens
+    arrays["num_prompt_tokens"][i] = row.num_prompt_tokens
+    suppressed = row.suppressed_token_ids()
+    arrays["suppressed_token_ids"][i, : len(suppressed)] = suppressed
+    if not no_penalties:
+        arrays["token_ids"][i, : len(row.token_ids)] = row.token_ids
+
+
+def sampling_metadata_variants(num_rows_padded: int, vocab_size: int, max_model_len: int) -> list[SamplingMetadata]:
+    """Inert metadata for every compiled variant of ``sample`` at this shape, for warm-up."""
+    k = min(MAX_LOGPROBS, vocab_size)
+    variants = []
+    for all_greedy, no_penalties, no_top_k_top_p, max_num_logprobs in itertools.product(
+        (True, False), (True, False), (True, False), (0, k)
+    ):
+        if all_greedy and not no_top_k_top_p:
+            continue  # the builder never emits it: greedy rows switch truncation off
+        arrays = _padded_metadata(num_rows_padded, max_model_len if not no_penalties else 0)
+        variants.append(SamplingMetadata(**arrays, all_greedy=all_greedy, no_penalties=no_penalties,
+                                         no_top_k_top_p=no_top_k_top_p, max_num_logprobs=max_num_logprobs))
+    return variants

@@ -1,0 +1,225 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpaged.sampler import (
+    MAX_SUPPRESSED_TOKEN_IDS,
+    SamplingRow,
+    apply_penalties,
+    build_sampling_metadata,
+    compute_logprobs,
+    sample,
+    sampling_metadata_variants,
+)
+from jaxpaged.sampling_params import MAX_LOGPROBS, SamplingParams
+
+V = 8  # vocab
+L = 16  # max_model_len
+sample_jit = jax.jit(sample)
+LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
+
+
+def row(seed: int = 0, tokens: list[int] | None = None, prompt_len: int = 1, eos: int | None = None, **kw) -> SamplingRow:
+    tokens = [0] if tokens is None else tokens
+    return SamplingRow(SamplingParams(**kw), seed, tokens, prompt_len, eos)
+
+
+def draws(num: int, logits: np.ndarray = LOGITS, **kw) -> np.ndarray:
+    """`num` draws from one distribution: one row per seed, all in one batch."""
+    md = build_sampling_metadata([row(seed=s, **kw) for s in range(num)], num, V, L)
+    return np.asarray(sample_jit(jnp.tile(jnp.asarray(logits), (num, 1)), md).sampled_token_ids)
+
+
+def test_greedy_is_argmax() -> None:
+    logits = np.random.default_rng(0).normal(size=(5, V)).astype(np.float32)
+    md = build_sampling_metadata([row(temperature=0.0)] * 3, 5, V, L)
+    assert md.all_greedy and md.no_penalties and md.max_num_logprobs == 0
+    out = sample_jit(jnp.asarray(logits), md)
+    np.testing.assert_array_equal(out.sampled_token_ids, logits.argmax(-1))
+    assert out.topk_token_ids.shape == (5, 0) and out.topk_logprobs.shape == (5, 0)
+
+
+def test_greedy_rows_in_random_batch_are_argmax() -> None:
+    logits = np.random.default_rng(1).normal(size=(4, V)).astype(np.float32)
+    rows = [row(temperature=0.0), row(seed=3, temperature=1.5), row(temperature=0.0), None]
+    out = sample_jit(jnp.asarray(logits), build_sampling_metadata(rows, 4, V, L))
+    got = np.asarray(out.sampled_token_ids)
+    np.testing.assert_array_equal(got[[0, 2, 3]], logits.argmax(-1)[[0, 2, 3]])
+
+
+def test_temperature_matches_softmax() -> None:
+    num, temperature = 4000, 0.7
+    counts = np.bincount(draws(num, temperature=temperature), minlength=V) / num
+    expected = np.exp(LOGITS / temperature) / np.exp(LOGITS / temperature).sum()
+    # Binomial standard error is at most 0.008 here; 4 sigma.
+    np.testing.assert_allclose(counts, expected, atol=0.032)
+
+
+@pytest.mark.parametrize(
+    "kw, support",
+    [
+        (dict(top_k=3), {0, 1, 2}),
+        (dict(top_k=1, temperature=2.0), {0}),
+        # probs 0.405, 0.245, 0.149, ...: the mass before token 2 is 0.65, before token 3 0.80.
+        (dict(top_p=0.6), {0, 1}),
+        (dict(top_p=0.7), {0, 1, 2}),
+        (dict(top_p=0.3), {0}),
+        (dict(top_k=2, top_p=0.9), {0, 1}),
+        # p_i / p_max >= 0.3 <=> logit_i >= 2 + ln 0.3 = 0.796.
+        (dict(min_p=0.3), {0, 1, 2}),
+        (dict(min_p=0.3, top_k=2), {0, 1}),
+    ],
+)
+def test_truncation_support(kw: dict, support: set[int]) -> None:
+    assert set(draws(3000, **kw).tolist()) == support
+
+
+def test_top_p_keeps_ties_at_threshold() -> None:
+    logits = np.array([1.0, 1.0, 1.0, 1.0, -9, -9, -9, -9], np.float32)
+    assert set(draws(500, logits, top_p=0.3).tolist()) == {0, 1, 2, 3}
+
+
+def test_sample_depends_only_on_seed_and_position() -> None:
+    rng = np.random.default_rng(2)
+    target = rng.normal(size=V).astype(np.float32)
+    target_row = row(seed=1234, tokens=[1, 2, 3, 4], prompt_len=2, temperature=1.0, top_p=0.95)
+    results = set()
+    for num_rows in (1, 6):
+        for place in sorted({0, num_rows // 2, num_rows - 1}):
+            others = [row(seed=s, temperature=0.9, top_k=3, repetition_penalty=1.3) for s in range(num_rows)]
+            others[place] = target_row
+            logits = rng.normal(size=(num_rows, V)).astype(np.float32)
+            logits[place] = target
+            out = sample_jit(jnp.asarray(logits), build_sampling_metadata(others, num_rows, V, L))
+            results.add(int(out.sampled_token_ids[place]))
+    assert len(results) == 1
+    # A different position or seed gives an independent draw: over 15 of them, not all equal.
+    rows = [row(seed=1234, tokens=[0] * n) for n in range(1, 16)] + [row(seed=s) for s in range(16)]
+    md = build_sampling_metadata(rows, len(rows), V, L)
+    got = np.asarray(sample_jit(jnp.tile(jnp.asarray(LOGITS), (len(rows), 1)), md).sampled_token_ids)
+    assert len(set(got[:15].tolist())) > 1 and len(set(got[15:].tolist())) > 1
+
+
+def test_logprobs_are_raw_log_softmax() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, V)).astype(np.float32)
+    rows = [row(seed=7, temperature=0.5, logprobs=5, presence_penalty=1.0, tokens=[3, 3]), row(temperature=0.0), None]
+    out = sample_jit(jnp.asarray(logits), build_sampling_metadata(rows, 3, V, L))
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    ids = np.asarray(out.sampled_token_ids)
+    np.testing.assert_allclose(out.sampled_logprobs, ref[np.arange(3), ids], rtol=1e-6)
+    np.testing.assert_array_equal(out.sampled_token_ranks, (ref >= ref[np.arange(3), ids][:, None]).sum(-1))
+    assert out.topk_token_ids.shape == (3, min(MAX_LOGPROBS, V))
+    np.testing.assert_array_equal(out.topk_token_ids, np.argsort(-ref, axis=-1, kind="stable"))
+    np.testing.assert_allclose(out.topk_logprobs, np.sort(ref, axis=-1)[:, ::-1], rtol=1e-6)
+
+
+def test_compute_logprobs_for_prompt_tokens() -> None:
+    logits = np.random.default_rng(4).normal(size=(4, V)).astype(np.float32)
+    tokens = np.array([0, 5, 7, 2], np.int32)
+    lp = jax.jit(compute_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(tokens), 3)
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(4), tokens], rtol=1e-6)
+    np.testing.assert_array_equal(lp.token_ranks, 1 + (ref > ref[np.arange(4), tokens][:, None]).sum(-1))
+    np.testing.assert_array_equal(lp.topk_token_ids, np.argsort(-ref, axis=-1)[:, :3])
+
+
+def penalties_reference(logits: np.ndarray, rows: list[SamplingRow]) -> np.ndarray:
+    """vLLM's formulas, one row at a time in plain NumPy."""
+    out = logits.copy()
+    for i, r in enumerate(rows):
+        p = r.sampling_params
+        prompt, output = list(r.token_ids[: r.num_prompt_tokens]), list(r.token_ids[r.num_prompt_tokens :])
+        for t in range(logits.shape[1]):
+            if t in prompt or t in output:
+                out[i, t] = out[i, t] / p.repetition_penalty if out[i, t] > 0 else out[i, t] * p.repetition_penalty
+            out[i, t] -= p.frequency_penalty * output.count(t) + p.presence_penalty * (t in output)
+    return out
+
+
+def test_penalties_match_reference() -> None:
+    rng = np.random.default_rng(5)
+    rows = [
+        row(tokens=[1, 2, 2, 3, 3, 3], prompt_len=2, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25),
+        row(tokens=[4, 4, 5], prompt_len=3, repetition_penalty=0.8, frequency_penalty=-1.0, presence_penalty=2.0),
+        row(tokens=[7, 0, 0, 0, 6], prompt_len=1, frequency_penalty=1.0),
+        row(tokens=[1], prompt_len=1),
+    ]
+    logits = rng.normal(size=(4, V)).astype(np.float32) * 3
+    md = build_sampling_metadata(rows, 4, V, L)
+    assert not md.no_penalties and md.token_ids.shape == (4, L)
+    got = jax.jit(apply_penalties)(jnp.asarray(logits), md)
+    np.testing.assert_allclose(got, penalties_reference(logits, rows), rtol=1e-6, atol=1e-6)
+    # Penalties apply to greedy rows too.
+    greedy = [row(temperature=0.0, tokens=r.token_ids, prompt_len=r.num_prompt_tokens,
+                  repetition_penalty=r.sampling_params.repetition_penalty,
+                  frequency_penalty=r.sampling_params.frequency_penalty,
+                  presence_penalty=r.sampling_params.presence_penalty) for r in rows]
+    out = sample_jit(jnp.asarray(logits), build_sampling_metadata(greedy, 4, V, L))
+    np.testing.assert_array_equal(out.sampled_token_ids, penalties_reference(logits, rows).argmax(-1))
+
+
+def test_min_tokens_suppresses_eos_and_stop_ids() -> None:
+    logits = np.tile(np.array([9.0, 8.0, 7.0, 0, 0, 0, 0, 0], np.float32), (3, 1))
+    rows = [
+        row(tokens=[5, 5], prompt_len=1, eos=0, temperature=0.0, min_tokens=3, stop_token_ids=[1]),
+        row(tokens=[5, 5, 5, 5], prompt_len=1, eos=0, temperature=0.0, min_tokens=3, stop_token_ids=[1]),
+        row(tokens=[5], prompt_len=1, eos=0, temperature=0.0, min_tokens=2, ignore_eos=True),
+    ]
+    out = sample_jit(jnp.asarray(logits), build_sampling_metadata(rows, 3, V, L))
+    np.testing.assert_array_equal(out.sampled_token_ids, [2, 0, 1])
+    # Suppression does not touch the reported logprobs: they are of the raw logits.
+    assert int(out.sampled_token_ranks[0]) == 3
+    assert set(draws(300, logits[0], eos=0, min_tokens=1).tolist()).isdisjoint({0})
+
+
+def test_padding_rows_are_inert() -> None:
+    md = build_sampling_metadata([row(seed=9, temperature=1.0, top_k=2, frequency_penalty=1.0)], 4, V, L)
+    assert md.temperature.shape == (4,) and md.token_ids.shape == (4, L)
+    np.testing.assert_array_equal(md.temperature[1:], 0.0)
+    np.testing.assert_array_equal(md.repetition_penalties[1:], 1.0)
+    np.testing.assert_array_equal(md.suppressed_token_ids[1:], -1)
+    np.testing.assert_array_equal(md.token_ids[1:], -1)
+    assert md.suppressed_token_ids.shape == (4, MAX_SUPPRESSED_TOKEN_IDS)
+
+
+def test_static_flags() -> None:
+    md = build_sampling_metadata([row(temperature=0.0, top_k=3), None], 2, V, L)
+    assert (md.all_greedy, md.no_penalties, md.no_top_k_top_p, md.max_num_logprobs) == (True, True, True, 0)
+    assert md.token_ids.shape == (2, 0)
+    md = build_sampling_metadata([row(top_k=3, logprobs=0)], 2, V, L)
+    assert (md.all_greedy, md.no_penalties, md.no_top_k_top_p, md.max_num_logprobs) == (False, True, False, V)
+
+
+def test_no_compile_after_warmup() -> None:
+    fn = jax.jit(sample)
+    for md in sampling_metadata_variants(4, V, L):
+        fn(jnp.zeros((4, V)), md)
+    warm = fn._cache_size()
+    configs = [dict(temperature=0.0), dict(), dict(top_k=2), dict(top_p=0.5, logprobs=3), dict(presence_penalty=1.0),
+               dict(temperature=0.0, repetition_penalty=1.2, prompt_logprobs=2), dict(min_p=0.1, min_tokens=2)]
+    for i, kw in enumerate(configs):
+        for j in (i, (i + 3) % len(configs)):
+            rows = [row(seed=i, tokens=[1, 2], **kw), row(seed=j, eos=0, **configs[j]), None]
+            fn(jnp.zeros((4, V)), build_sampling_metadata(rows, 4, V, L))
+    assert fn._cache_size() == warm
+
+
+@pytest.mark.parametrize(
+    "rows, pad, match",
+    [
+        ([row()] * 3, 2, "num_rows_padded"),
+        ([row(tokens=list(range(L + 1)))], 2, "max_model_len"),
+        ([row(eos=V, min_tokens=1)], 2, "vocab_size"),
+        ([row(stop_token_ids=list(range(MAX_SUPPRESSED_TOKEN_IDS + 1)), min_tokens=1)], 2, "MAX_SUPPRESSED"),
+    ],
+)
+def test_builder_rejects(rows: list[SamplingRow], pad: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_sampling_metadata(rows, pad, 64 if "MAX" in match else V, L)
+
+
+def test_row_rejects_bad_prompt_len() -> None:
+    with pytest.raises(ValueError, match="num_prompt_tokens"):
+        SamplingRow(SamplingParams(), 0, [1, 2], 3)
