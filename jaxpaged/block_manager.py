@@ -70,11 +70,6 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
-def _skips_prefix_cache(request: Request) -> bool:
-    # Prompt logprobs need the logits of every prompt position, so nothing may be skipped.
-    return getattr(request.sampling_params, "prompt_logprobs", None) is not None
-
-
 class BlockManager:
     """Allocates blocks to requests and shares computed full blocks between them."""
 
@@ -94,6 +89,11 @@ class BlockManager:
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
 
+    def reads_prefix_cache(self, request: Request) -> bool:
+        """Whether ``request`` may take prefix hits. Prompt logprobs need the logits of every
+        prompt position, so such a request computes its whole prompt (it still fills the cache)."""
+        return self.enable_prefix_caching and getattr(request.sampling_params, "prompt_logprobs", None) is None
+
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take, including freed blocks still in the prefix cache."""
@@ -110,7 +110,7 @@ class BlockManager:
         Never the whole sequence: at least one token is left to compute so that logits exist.
         Pure lookup: nothing is reserved until ``allocate_slots`` takes the blocks.
         """
-        if not self.enable_prefix_caching or _skips_prefix_cache(request):
+        if not self.reads_prefix_cache(request):
             return [], 0
         update_block_hashes(request, self.block_size)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
@@ -141,7 +141,7 @@ class BlockManager:
         if num_new_blocks + num_evictable_hits > self.num_free_blocks:
             return False
 
-        if not request.block_ids and self.enable_prefix_caching and not _skips_prefix_cache(request):
+        if not request.block_ids and self.reads_prefix_cache(request):
             self.prefix_cache_stats.queries += request.num_tokens
             self.prefix_cache_stats.hits += len(new_computed_blocks) * self.block_size
         for block_id in new_computed_blocks:

@@ -18,6 +18,9 @@ Invariants (the stateful test checks them after every step):
   * Every live request (waiting or running) has ``num_computed_tokens <= num_tokens``;
     waiting ones hold no blocks and have ``num_computed_tokens == 0``.
   * A finished request holds no blocks and has left ``waiting``, ``running`` and ``requests``.
+  * Parallel sampling shares prompt blocks: a waiting request whose next uncached full block
+    is being computed by a running request stays waiting (keeping its place) until that block
+    is cached, then takes it as a prefix hit instead of computing a private copy.
   * A request that could never run (empty prompt, prompt longer than ``max_model_len``, or a
     worst-case KV footprint larger than the whole cache) is finished alone with
     FINISHED_ERROR at ``add_request``; nothing else is affected.
@@ -266,9 +269,9 @@ class Scheduler:
         Equal chained hashes at index k mean equal prefixes, so comparing index k suffices.
         """
         k = num_hit_blocks
-        if k >= (request.num_tokens - 1) // self.config.block_size:  # no further block to hit
+        if not self.block_manager.reads_prefix_cache(request):
             return False
-        if k >= len(request.block_hashes):  # no hashes: the request skips the prefix cache
+        if k >= (request.num_tokens - 1) // self.config.block_size:  # no further block to hit
             return False
         block_hash = request.block_hashes[k]
         end = (k + 1) * self.config.block_size

@@ -123,6 +123,30 @@ def test_parallel_sampling_children_share_prompt_blocks():
     assert all(child.num_output_tokens == 3 for child in children)
 
 
+def test_held_back_sibling_keeps_its_place_but_does_not_block_others():
+    sched = make_scheduler(max_num_batched_tokens=20)
+    prompt = list(range(200, 218))
+    c0, c1 = (make_request(f"c{i}", prompt, n=2) for i in range(2))
+    other = make_request("other", [7, 8])
+    for r in (c0, c1, other):
+        sched.add_request(r)
+    out, _ = step(sched)
+    assert [s.request_id for s in out.scheduled_requests] == ["c0", "other"]
+    assert list(sched.waiting) == [c1]
+    out, _ = step(sched)
+    assert [s.request_id for s in out.scheduled_requests] == ["c0", "other", "c1"]
+    assert c1.num_cached_tokens == 16 and out.scheduled_requests[2].token_ids == prompt[16:]
+
+
+def test_prompt_logprobs_siblings_are_not_held_back():
+    sched = make_scheduler()
+    prompt = list(range(200, 218))
+    for i in range(3):
+        sched.add_request(make_request(f"c{i}", prompt, n=3, prompt_logprobs=1))
+    out, _ = step(sched)
+    assert [s.start_pos for s in out.scheduled_requests] == [0, 0, 0]
+
+
 def test_preemption_by_recompute_gives_the_same_tokens():
     def run(num_blocks: int) -> tuple[dict[str, list[int]], Scheduler]:
         sched = make_scheduler(num_blocks=num_blocks, block_size=2, max_model_len=32)
@@ -403,7 +427,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert req.block_ids == [] and req.num_computed_tokens == 0
         for req in sched.running:
             assert req.status == RequestStatus.RUNNING
-            assert req.num_computed_tokens < req.num_tokens <= max(self.config.max_model_len, req.num_prompt_tokens + 1)
+            assert req.num_computed_tokens < req.num_tokens <= self.config.max_model_len
+            # So the runner can size its block table at cdiv(max_model_len, block_size).
+            assert len(req.block_ids) <= -(-self.config.max_model_len // self.config.block_size)
 
     def teardown(self):
         if not hasattr(self, "sched"):
