@@ -237,7 +237,9 @@ def _uses_penalties(p: SamplingParams) -> bool:
 
 def _check_row(i: int, row: SamplingRow, vocab_size: int, max_model_len: int) -> None:
     if len(row.token_ids) > max_model_len:
-        raise ValueError(f"rows[{i}].token_ids has {len(row.token_ids)} tokens, more than max_model_len={max_model_len}.")
+        raise ValueError(
+            f"rows[{i}].token_ids has {len(row.token_ids)} tokens, more than max_model_len={max_model_len}."
+        )
     suppressed = row.suppressed_token_ids()
     if len(suppressed) > MAX_SUPPRESSED_TOKEN_IDS:
         raise ValueError(

@@ -20,7 +20,8 @@ sample_jit = jax.jit(sample)
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 
 
-def row(seed: int = 0, tokens: list[int] | None = None, prompt_len: int = 1, eos: int | None = None, **kw) -> SamplingRow:
+def row(seed: int = 0, tokens: list[int] | None = None, prompt_len: int = 1, eos: int | None = None,
+        **kw) -> SamplingRow:
     tokens = [0] if tokens is None else tokens
     return SamplingRow(SamplingParams(**kw), seed, tokens, prompt_len, eos)
 
@@ -141,7 +142,8 @@ def penalties_reference(logits: np.ndarray, rows: list[SamplingRow]) -> np.ndarr
 def test_penalties_match_reference() -> None:
     rng = np.random.default_rng(5)
     rows = [
-        row(tokens=[1, 2, 2, 3, 3, 3], prompt_len=2, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25),
+        row(tokens=[1, 2, 2, 3, 3, 3], prompt_len=2, repetition_penalty=1.5, frequency_penalty=0.5,
+            presence_penalty=0.25),
         row(tokens=[4, 4, 5], prompt_len=3, repetition_penalty=0.8, frequency_penalty=-1.0, presence_penalty=2.0),
         row(tokens=[7, 0, 0, 0, 6], prompt_len=1, frequency_penalty=1.0),
         row(tokens=[1], prompt_len=1),

@@ -27,7 +27,8 @@ def test_normalisation() -> None:
     assert p.top_k == 0 and p.stop == ["###"] and p.stop_token_ids == [5, 3] and p.seed is None
     assert p.logprobs == 1
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(temperature=1).temperature == 1.0 and isinstance(SamplingParams(temperature=1).temperature, float)
+    temperature = SamplingParams(temperature=1).temperature
+    assert temperature == 1.0 and isinstance(temperature, float)
 
 
 def test_greedy_switches_off_truncation() -> None:

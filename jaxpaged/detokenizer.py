@@ -1,0 +1,129 @@
+"""Incremental detokenization and stop-string detection, one instance per completion.
+
+Decoding one token at a time is wrong in general (a character can span several byte tokens; a
+tokenizer may drop or add a leading space depending on the token before), and decoding the whole
+output every step is quadratic. Like vLLM we keep the token strings and two offsets into them:
+``tokens[prefix_offset:read_offset]`` is a short window of already-emitted context, and
+``tokens[read_offset:]`` the tokens not yet emitted. Each step decodes only the window plus the
+new tokens and emits the text past the window's, unless it ends in U+FFFD (an incomplete
+character), in which case nothing is emitted until a later token completes it.
+
+Invariants:
+  * ``output_text`` never contains a partial character, and never text past a matched stop
+    string (the stop string itself only with ``include_stop_str_in_output``).
+  * A stop string is searched for wherever it could end inside the newly decoded text, so one
+    that spans token boundaries is found ("never split by detokenization").
+  * Streamed text (``get_next_output_text``) lags by ``len(longest stop) - 1`` characters until
+    the completion finishes, so a stop string is never partly shown and then withdrawn.
+
+Host only: no ``jax`` import.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+from jaxpaged.sampling_params import SamplingParams
+
+# Prompt tokens decoded as context for the first output token (vLLM's value).
+INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        """``tokenizer`` is a Hugging Face tokenizer (``convert_ids_to_tokens`` and
+        ``convert_tokens_to_string`` are all that is used)."""
+        if any(not s for s in stop):
+            raise ValueError(f"stop must contain only non-empty strings, got {list(stop)!r}.")
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = list(stop)
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.stop_buffer_length = max(map(len, stop)) - 1 if stop and not include_stop_str_in_output else 0
+        context = list(prompt_token_ids[-(INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET + 1) :])
+        self.tokens: list[str] = tokenizer.convert_ids_to_tokens(context, skip_special_tokens=skip_special_tokens)
+        self.read_offset = len(self.tokens)
+        self.prefix_offset = max(self.read_offset - INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET, 0)
+        self.output_text = ""
+        self.output_token_ids: list[int] = []
+        self.stop_reason: str | None = None
+        self._last_output_text_offset = 0
+
+    @classmethod
+    def from_sampling_params(
+        cls, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> "IncrementalDetokenizer":
+        return cls(tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop,
+                   params.include_stop_str_in_output)
+
+    def update(self, new_token_ids: Sequence[int]) -> str | None:
+        """Decodes the new tokens; returns the stop string if one now appears, else None.
+
+        Tokens after the one that completes a stop string are dropped: ``output_token_ids``
+        ends with that token, and the engine finishes the completion with this stop reason.
+        """
+        if self.stop_reason is not None:
+            raise ValueError(f"update() after the stop string {self.stop_reason!r} finished this completion.")
+        for token_id in new_token_ids:
+            self.output_token_ids.append(int(token_id))
+            new_text = self._decode_next(int(token_id))
+            self.output_text += new_text
+            if new_text and self.stop and self._check_stop_strings(len(new_text)):
+                return self.stop_reason
+        return None
+
+    def _decode_next(self, token_id: int) -> str:
+        new_tokens = self.tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=self.skip_special_tokens)
+        if not new_tokens:
+            return ""  # a skipped special token
+        self.tokens.extend(new_tokens)
+        to_string = self.tokenizer.convert_tokens_to_string
+        prefix_text = to_string(self.tokens[self.prefix_offset : self.read_offset])
+        new_text = to_string(self.tokens[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            # An incomplete character (or nothing visible yet): wait for the next token.
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return new_text[len(prefix_text) :]
+
+    def _check_stop_strings(self, new_char_count: int) -> bool:
+        """Finds the earliest stop string ending in the last ``new_char_count`` characters and
+        truncates ``output_text`` at it. Earlier text was searched on earlier steps."""
+        text, found = self.output_text, None
+        for s in self.stop:
+            index = text.find(s, max(len(text) - new_char_count - len(s) + 1, 0))
+            if index != -1 and (found is None or index < found[0]):
+                found = (index, s)
+        if found is None:
+            return False
+        index, self.stop_reason = found
+        self.output_text = text[: index + len(self.stop_reason)] if self.include_stop_str_in_output else text[:index]
+        return True
+
+    def get_next_output_text(self, finished: bool, delta: bool) -> str:
+        """The text to show: all of it, or (``delta``) only what is new since the last call.
+
+        Until ``finished`` the last ``stop_buffer_length`` characters are held back.
+        """
+        length = len(self.output_text) - (0 if finished else self.stop_buffer_length)
+        if not delta:
+            return self.output_text[: max(length, 0)]
+        start = self._last_output_text_offset
+        if length <= start:
+            return ""
+        self._last_output_text_offset = length
+        return self.output_text[start:length]
+
+
+def convert_ids_list_to_tokens(
+    tokenizer: Any, token_ids: Sequence[int], skip_special_tokens: bool = False
+) -> list[str]:
+    """Each token decoded on its own, as text: ``Logprob.decoded_token`` (a lone byte of a
+    multi-byte character comes out as U+FFFD, as in vLLM)."""
+    return [tokenizer.decode([int(t)], skip_special_tokens=skip_special_tokens) for t in token_ids]
