@@ -1,0 +1,141 @@
+"""KV-cache write: scatter this step's new K and V rows into their cache slots.
+
+Lowering: Pallas with the Triton backend, the caches passed through ``input_output_aliases`` so
+the kernel writes only the T new rows into the same buffers. Under donation (the model's jitted
+forward donates its cache) no copy of the cache is made, also when the cache is a ``lax.scan``
+carry; without donation XLA has to copy the cache first to keep the caller's array intact.
+The reference is the equivalent XLA scatter, which XLA also updates in place under donation;
+benchmarks/NOTES_kernels.md compares the two.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.paged_decode_attention import _next_pow2, _use_interpret
+
+
+def _write_kernel(
+    slot_ref,  # i32[T]
+    k_ref,  # [T*K, H]
+    v_ref,  # [T*K, H]
+    _k_cache_in,  # aliased with k_cache_ref
+    _v_cache_in,  # aliased with v_cache_ref
+    k_cache_ref,  # [P*B*K, H]
+    v_cache_ref,  # [P*B*K, H]
+    *,
+    num_tokens: int,
+    num_kv_heads: int,
+    kv_pad: int,
+    block_t: int,
+):
+    head_dim = k_ref.shape[-1]
+    cols = jnp.arange(head_dim)[None, :]
+    r = jnp.arange(block_t * kv_pad)
+    t = pl.program_id(0) * block_t + r // kv_pad
+    kh = r % kv_pad
+    in_range = t < num_tokens
+    slot = plt.load(slot_ref.at[t], mask=in_range, other=-1)
+    ok = in_range & (kh < num_kv_heads) & (slot >= 0)
+    src = (t * num_kv_heads + kh)[:, None]
+    # Skipped rows point past the end: never touched on the GPU (masked) and dropped by the
+    # interpreter's scatter, so they can never collide with a real destination row.
+    dst = jnp.where(ok, slot * num_kv_heads + kh, k_cache_ref.shape[0])[:, None]
+    k = plt.load(k_ref.at[src, cols], mask=ok[:, None], other=0.0)
+    v = plt.load(v_ref.at[src, cols], mask=ok[:, None], other=0.0)
+    plt.store(k_cache_ref.at[dst, cols], k.astype(k_cache_ref.dtype), mask=ok[:, None])
+    plt.store(v_cache_ref.at[dst, cols], v.astype(v_cache_ref.dtype), mask=ok[:, None])
+
+
+def _check(k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, slot_mapping: jax.Array) -> None:
+    if k.ndim != 3 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be [T, K, H]; got {k.shape} and {v.shape}")
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [P, B, K, H]; got {k_cache.shape} and {v_cache.shape}")
+    if k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k rows {k.shape[1:]} do not match cache rows (K, H) = {k_cache.shape[2:]}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be i32[T={k.shape[0]}]; got shape {slot_mapping.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_t", "num_warps"))
+def write_kv_cache_tuned(
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    interpret: bool = False,
+    block_t: int = 16,
+    num_warps: int = 4,
+) -> tuple[jax.Array, jax.Array]:
+    """``write_kv_cache`` with its launch parameters exposed (for benchmarks)."""
+    _check(k, v, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head dim H={head_dim} must be a power of two (Triton tile rule)")
+    kernel = functools.partial(
+        _write_kernel,
+        num_tokens=num_tokens,
+        num_kv_heads=num_kv_heads,
+        kv_pad=_next_pow2(num_kv_heads),
+        block_t=block_t,
+    )
+    flat = (-1, head_dim)
+    k_out, v_out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens, block_t),),
+        out_shape=(
+            jax.ShapeDtypeStruct((k_cache.size // head_dim, head_dim), k_cache.dtype),
+            jax.ShapeDtypeStruct((v_cache.size // head_dim, head_dim), v_cache.dtype),
+        ),
+        input_output_aliases={3: 0, 4: 1},
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=_use_interpret(interpret),
+        name="write_kv_cache",
+    )(
+        slot_mapping.astype(jnp.int32),
+        k.reshape(flat),
+        v.reshape(flat),
+        k_cache.reshape(flat),
+        v_cache.reshape(flat),
+    )
+    return k_out.reshape(k_cache.shape), v_out.reshape(v_cache.shape)
+
+
+def write_kv_cache(
+    k: jax.Array,  # [T, K, H]
+    v: jax.Array,  # [T, K, H]
+    k_cache: jax.Array,  # [P, B, K, H]
+    v_cache: jax.Array,  # [P, B, K, H]
+    slot_mapping: jax.Array,  # i32[T], block * B + offset, -1 = skip
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Caches with row ``slot_mapping[t]`` set to ``k[t]`` / ``v[t]``; in place when the caches are donated."""
+    return write_kv_cache_tuned(k, v, k_cache, v_cache, slot_mapping, interpret=interpret)
+
+
+def write_kv_cache_reference(
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """XLA scatter; -1 is sent out of range (jnp would wrap it to the last slot) and dropped."""
+    del interpret
+    _check(k, v, k_cache, v_cache, slot_mapping)
+    num_pages, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_slots = num_pages * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+    rows = (num_slots, num_kv_heads, head_dim)
+    k_new = k_cache.reshape(rows).at[slots].set(k.astype(k_cache.dtype), mode="drop")
+    v_new = v_cache.reshape(rows).at[slots].set(v.astype(v_cache.dtype), mode="drop")
+    return k_new.reshape(k_cache.shape), v_new.reshape(v_cache.shape)

@@ -1,0 +1,265 @@
+"""Paged decode attention: one new query token per sequence against a paged KV cache.
+
+Lowering: Pallas with the Triton backend (``plt.CompilerParams``). It is the lowering that runs
+both in the CPU interpreter and on the H100 with gathered (paged) loads; see
+benchmarks/NOTES_kernels.md for the measurements behind the choice.
+
+Design (after vLLM's unified attention and FlashDecoding):
+- grid (S sequences, K kv heads, splits). The G = N / K query heads that share a kv head are
+  packed into the M dimension of the matmuls and padded to Gp >= 16 rows (Triton's minimum).
+- Pages are followed at token granularity: each of the ``block_n`` keys of a tile looks up its
+  page in the block table, so any block size works and a tile may span several pages.
+- When S * K programs cannot fill the GPU, the KV length is split across ``splits`` programs;
+  each writes its normalised partial output and base-2 log-sum-exp, merged afterwards.
+- All loads and stores use integer-array indexers so that masked accesses behave the same in
+  the interpreter and on the GPU: masked keys read as 0 and never touch unused cache slots,
+  which may hold anything (NaN in the tests).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+LOG2E = math.log2(math.e)
+# Programs we want in flight on an H100 (132 SMs, a few CTAs each) before splitting the KV length.
+_TARGET_PROGRAMS = 132 * 4
+_MIN_SPLIT_TOKENS = 256
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _use_interpret(interpret: bool) -> bool:
+    # Callers on a CPU-only host get the interpreter without asking.
+    return interpret or jax.default_backend() == "cpu"
+
+
+def _check_shapes(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array) -> None:
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [P, B, K, H]; got {k_cache.shape} and {v_cache.shape}")
+    num_heads, head_dim = q.shape[-2:]
+    _, _, num_kv_heads, cache_head_dim = k_cache.shape
+    if head_dim != cache_head_dim:
+        raise ValueError(f"q head dim {head_dim} != cache head dim {cache_head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads N={num_heads} must be a multiple of kv heads K={num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head dim H={head_dim} must be a power of two >= 16 (Triton tile rule)")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be i32[S, max_blocks]; got shape {block_tables.shape}")
+
+
+def _decode_kernel(
+    q_ref,  # [S*N, H]
+    k_ref,  # [P*B*K, H]
+    v_ref,  # [P*B*K, H]
+    bt_ref,  # i32[S*max_blocks]
+    lens_ref,  # i32[S]
+    o_ref,  # [S*N, H] (one split) or f32[splits*S*N, H]
+    *lse_ref,  # f32[splits*S*N] when split
+    sm_scale: float,
+    num_seqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    group: int,
+    group_pad: int,
+    block_size: int,
+    max_blocks: int,
+    block_n: int,
+    split_tokens: int,
+):
+    s, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim = q_ref.shape[-1]
+    kv_len = lens_ref[s]
+    cols = jnp.arange(head_dim)[None, :]
+
+    g = jnp.arange(group_pad)
+    row_ok = g < group
+    q_rows = s * num_heads + kh * group + g  # [Gp]
+    q = plt.load(q_ref.at[q_rows[:, None], cols], mask=row_ok[:, None], other=0.0)
+
+    start = sp * split_tokens
+    end = jnp.minimum(kv_len, start + split_tokens)
+    num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
+    qk_scale = sm_scale * LOG2E  # scores in base 2 so the softmax uses exp2
+
+    def body(j, carry):
+        acc, m, l = carry
+        pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
+        valid = pos < end
+        page = plt.load(bt_ref.at[s * max_blocks + pos // block_size], mask=valid, other=0)
+        rows = ((page * block_size + pos % block_size) * num_kv_heads + kh)[:, None]
+        k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
+        v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
+        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [Gp, BN]
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(scores - m_new[:, None])
+        l = l * alpha + p.sum(axis=1)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_new, l
+
+    init = (
+        jnp.zeros((group_pad, head_dim), jnp.float32),
+        jnp.full((group_pad,), -jnp.inf, jnp.float32),
+        jnp.zeros((group_pad,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
+    # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    if not lse_ref:
+        plt.store(o_ref.at[q_rows[:, None], cols], out.astype(o_ref.dtype), mask=row_ok[:, None])
+        return
+    part_rows = sp * (num_seqs * num_heads) + q_rows
+    plt.store(o_ref.at[part_rows[:, None], cols], out, mask=row_ok[:, None])
+    lse = jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
+    plt.store(lse_ref[0].at[part_rows], lse, mask=row_ok)
+
+
+def _merge_splits(parts: jax.Array, lse: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Log-sum-exp merge of per-split outputs: parts f32[splits, S, N, H], lse f32[splits, S, N]."""
+    lse_max = lse.max(axis=0)
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    w = jnp.exp2(lse - lse_max[None])  # empty splits weigh exactly 0
+    denom = w.sum(axis=0)
+    out = jnp.einsum("psn,psnh->snh", w, parts) / jnp.where(denom == 0.0, 1.0, denom)[..., None]
+    return out.astype(dtype)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n: int) -> int:
+    """Enough KV splits that S * K * splits programs fill the GPU, none shorter than a few tiles."""
+    programs = num_seqs * num_kv_heads
+    if programs >= _TARGET_PROGRAMS:
+        return 1
+    most = max(1, max_tokens // max(_MIN_SPLIT_TOKENS, block_n))
+    return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), most))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages"),
+)
+def paged_decode_attention_tuned(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    block_tables: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    interpret: bool = False,
+    block_n: int = 64,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
+    _check_shapes(q, k_cache, v_cache, block_tables)
+    num_seqs, num_heads, head_dim = q.shape
+    num_pages, block_size, num_kv_heads, _ = k_cache.shape
+    max_blocks = block_tables.shape[1]
+    group = num_heads // num_kv_heads
+    group_pad = max(16, _next_pow2(group))
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    max_tokens = max_blocks * block_size
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, block_n)
+    split_tokens = pl.cdiv(pl.cdiv(max_tokens, num_splits), block_n) * block_n
+
+    kernel = functools.partial(
+        _decode_kernel,
+        sm_scale=float(sm_scale),
+        num_seqs=num_seqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        group_pad=group_pad,
+        block_size=block_size,
+        max_blocks=max_blocks,
+        block_n=block_n,
+        split_tokens=split_tokens,
+    )
+    rows = num_seqs * num_heads
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32),
+        )
+    result = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=_use_interpret(interpret),
+        name="paged_decode_attention",
+    )(
+        q.reshape(rows, head_dim),
+        k_cache.reshape(-1, head_dim),
+        v_cache.reshape(-1, head_dim),
+        block_tables.astype(jnp.int32).reshape(-1),
+        kv_lens.astype(jnp.int32),
+    )
+    if num_splits == 1:
+        return result.reshape(q.shape)
+    parts, lse = result
+    parts = parts.reshape(num_splits, num_seqs, num_heads, head_dim)
+    return _merge_splits(parts, lse.reshape(num_splits, num_seqs, num_heads), q.dtype)
+
+
+def paged_decode_attention(
+    q: jax.Array,  # [S, N, H]
+    k_cache: jax.Array,  # [P, B, K, H]
+    v_cache: jax.Array,  # [P, B, K, H]
+    block_tables: jax.Array,  # i32[S, max_blocks]
+    kv_lens: jax.Array,  # i32[S], 0 for padded rows
+    *,
+    sm_scale: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [S, N, H] in q.dtype
+    """Attention of each sequence's one new token over its ``kv_lens[s]`` cached positions."""
+    return paged_decode_attention_tuned(
+        q, k_cache, v_cache, block_tables, kv_lens, sm_scale=sm_scale, interpret=interpret
+    )
+
+
+def paged_decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    block_tables: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Pure-jnp decode attention: gather each sequence's pages, mask past kv_len, f32 softmax."""
+    del interpret
+    _check_shapes(q, k_cache, v_cache, block_tables)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    k = k_cache[block_tables].reshape(num_seqs, -1, num_kv_heads, head_dim).astype(jnp.float32)
+    v = v_cache[block_tables].reshape(num_seqs, -1, num_kv_heads, head_dim).astype(jnp.float32)
+    valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]  # [S, max_tokens]
+    # Unused slots may hold anything (NaN included): zero them rather than rely on masking.
+    k = jnp.where(valid[:, :, None, None], k, 0.0)
+    v = jnp.where(valid[:, :, None, None], v, 0.0)
+    qg = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("skgh,stkh->skgt", qg, k, precision="highest") * sm_scale
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = p.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("skgt,stkh->skgh", p / jnp.where(l == 0.0, 1.0, l), v, precision="highest")
+    return out.reshape(q.shape).astype(q.dtype)

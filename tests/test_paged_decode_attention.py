@@ -1,0 +1,135 @@
+"""paged_decode_attention vs its pure-jnp reference (GPU, or the Pallas interpreter on the CPU)."""
+
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels.paged_decode_attention import paged_decode_attention_tuned
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}  # ||out - ref|| / ||ref||
+
+
+def make_paged_cache(rng, kv_lens, block_size, num_kv_heads, head_dim, dtype, extra_cols=1):
+    """Caches whose pages are shuffled over the pool; every slot no sequence owns is NaN.
+
+    Returns k_cache, v_cache [P, B, K, H] and block_tables i32[S, max_blocks] padded with the
+    null block 0 (itself NaN), so any read past kv_len shows up as NaN in the output.
+    """
+    pages = [math.ceil(n / block_size) for n in kv_lens]
+    max_blocks = max(pages + [1]) + extra_cols
+    num_pages = 1 + sum(pages) + 2  # null block + used pages + two never-used pages
+    shape = (num_pages, block_size, num_kv_heads, head_dim)
+    k = rng.standard_normal(shape, dtype=np.float32)
+    v = rng.standard_normal(shape, dtype=np.float32)
+    owned = np.zeros((num_pages, block_size), bool)
+    ids = rng.permutation(np.arange(1, num_pages))
+    block_tables = np.zeros((len(kv_lens), max_blocks), np.int32)
+    used = 0
+    for s, (n, count) in enumerate(zip(kv_lens, pages)):
+        block_tables[s, :count] = ids[used : used + count]
+        used += count
+        flat = owned[block_tables[s, :count]].reshape(-1)
+        flat[:n] = True
+        owned[block_tables[s, :count]] = flat.reshape(count, block_size)
+    k[~owned], v[~owned] = np.nan, np.nan
+    return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(block_tables)
+
+
+def assert_close(out, ref, dtype):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert not np.isnan(out).any(), "NaN leaked into the output"
+    err = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def poison_device_memory():
+    """On a GPU, leave NaN in freed memory so an unwritten output row would show up."""
+    if jax.default_backend() != "cpu":
+        jnp.full((1 << 24,), jnp.nan, jnp.float32).block_until_ready().delete()
+
+
+def run_case(seed, kv_lens, group, num_kv_heads, head_dim, block_size, dtype, **tuned):
+    rng = np.random.default_rng(seed)
+    k_cache, v_cache, block_tables = make_paged_cache(rng, kv_lens, block_size, num_kv_heads, head_dim, dtype)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), group * num_kv_heads, head_dim)), dtype)
+    kv = jnp.asarray(kv_lens, jnp.int32)
+    poison_device_memory()
+    if tuned:
+        out = paged_decode_attention_tuned(q, k_cache, v_cache, block_tables, kv, **tuned)
+    else:
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, kv)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, dtype)
+    padded = np.asarray(kv_lens) == 0
+    assert (np.asarray(out, np.float32)[padded] == 0).all(), "padded rows must be exactly 0"
+    return q, k_cache, v_cache, block_tables, kv, out
+
+
+# Lengths: one token, exactly a block, one past a block, long, and a padded row.
+LENGTHS_16 = [1, 16, 17, 83, 0]
+
+
+@pytest.mark.parametrize(
+    "group,num_kv_heads,head_dim,dtype",
+    [
+        (1, 2, 64, jnp.float32),
+        (2, 2, 128, jnp.bfloat16),
+        (3, 3, 64, jnp.bfloat16),  # SmolLM2: N=9, K=3
+        (3, 3, 64, jnp.float32),
+        (4, 2, 128, jnp.float32),
+        (5, 1, 64, jnp.bfloat16),
+        (8, 1, 128, jnp.bfloat16),
+        (16, 1, 64, jnp.float32),
+    ],
+)
+def test_matches_reference(group, num_kv_heads, head_dim, dtype):
+    run_case(group, LENGTHS_16, group, num_kv_heads, head_dim, 16, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_kv_splits_merge(num_splits):
+    # Splits past a sequence's end are empty and must weigh nothing in the merge.
+    run_case(7, [1, 33, 150, 0], 4, 2, 64, 16, jnp.float32, num_splits=num_splits, block_n=16)
+
+
+def test_block_size_32_and_tile_spanning_pages():
+    run_case(3, [1, 32, 33, 97], 3, 3, 64, 32, jnp.bfloat16, block_n=64)
+    run_case(4, [1, 16, 17, 70], 2, 2, 64, 16, jnp.float32, block_n=64)
+
+
+def test_sm_scale_and_explicit_interpret():
+    rng = np.random.default_rng(5)
+    k_cache, v_cache, block_tables = make_paged_cache(rng, [20, 3], 16, 2, 64, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    kv = jnp.asarray([20, 3], jnp.int32)
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, kv, sm_scale=0.3, interpret=True)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv, sm_scale=0.3)
+    assert_close(out, ref, jnp.float32)
+
+
+def test_agrees_with_ragged_kernel_on_decodes():
+    q, k_cache, v_cache, block_tables, kv, out = run_case(9, [5, 16, 17, 40], 3, 3, 64, 16, jnp.float32)
+    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    ragged = ragged_paged_attention(q, k_cache, v_cache, block_tables, kv, cu_q_lens)
+    assert_close(ragged, out, jnp.float32)
+
+
+@hypothesis.settings(max_examples=5, deadline=None, derandomize=True)
+@hypothesis.given(
+    kv_lens=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+    group=st.sampled_from([1, 2, 3, 4, 6, 8]),
+    num_kv_heads=st.integers(1, 2),
+    block_size=st.sampled_from([16, 32]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(kv_lens, group, num_kv_heads, block_size, dtype, seed):
+    run_case(seed, kv_lens, group, num_kv_heads, 64, block_size, dtype)
