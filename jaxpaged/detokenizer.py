@@ -12,7 +12,9 @@ Invariants:
   * ``output_text`` never contains a partial character, and never text past a matched stop
     string (the stop string itself only with ``include_stop_str_in_output``).
   * A stop string is searched for wherever it could end inside the newly decoded text, so one
-    that spans token boundaries is found ("never split by detokenization").
+    that spans token boundaries is found ("never split by detokenization"). As in vLLM, stop
+    strings are only looked for once more than ``min_tokens`` tokens were generated, and must
+    end in text decoded after that.
   * Streamed text (``get_next_output_text``) lags by ``len(longest stop) - 1`` characters until
     the completion finishes, so a stop string is never partly shown and then withdrawn.
 
@@ -36,15 +38,19 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         """``tokenizer`` is a Hugging Face tokenizer (``convert_ids_to_tokens`` and
         ``convert_tokens_to_string`` are all that is used)."""
         if any(not s for s in stop):
             raise ValueError(f"stop must contain only non-empty strings, got {list(stop)!r}.")
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}.")
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
+        self.min_tokens = min_tokens
         self.stop_buffer_length = max(map(len, stop)) - 1 if stop and not include_stop_str_in_output else 0
         context = list(prompt_token_ids[-(INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET + 1) :])
         self.tokens: list[str] = tokenizer.convert_ids_to_tokens(context, skip_special_tokens=skip_special_tokens)
@@ -60,22 +66,28 @@ class IncrementalDetokenizer:
         cls, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> "IncrementalDetokenizer":
         return cls(tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop,
-                   params.include_stop_str_in_output)
+                   params.include_stop_str_in_output, params.min_tokens)
 
-    def update(self, new_token_ids: Sequence[int]) -> str | None:
+    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
         """Decodes the new tokens; returns the stop string if one now appears, else None.
 
+        ``stop_terminated``: the last new token is the EOS or stop token id that finished the
+        completion; like vLLM its text is left out unless ``include_stop_str_in_output``.
         Tokens after the one that completes a stop string are dropped: ``output_token_ids``
         ends with that token, and the engine finishes the completion with this stop reason.
         """
         if self.stop_reason is not None:
             raise ValueError(f"update() after the stop string {self.stop_reason!r} finished this completion.")
-        for token_id in new_token_ids:
-            self.output_token_ids.append(int(token_id))
-            new_text = self._decode_next(int(token_id))
+        token_ids = [int(t) for t in new_token_ids]
+        silent = token_ids[-1:] if stop_terminated and not self.include_stop_str_in_output else []
+        for token_id in token_ids[: len(token_ids) - len(silent)]:
+            self.output_token_ids.append(token_id)
+            new_text = self._decode_next(token_id)
             self.output_text += new_text
-            if new_text and self.stop and self._check_stop_strings(len(new_text)):
+            stop_allowed = len(self.output_token_ids) > self.min_tokens
+            if new_text and self.stop and stop_allowed and self._check_stop_strings(len(new_text)):
                 return self.stop_reason
+        self.output_token_ids.extend(silent)
         return None
 
     def _decode_next(self, token_id: int) -> str:
@@ -93,12 +105,13 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
     def _check_stop_strings(self, new_char_count: int) -> bool:
-        """Finds the earliest stop string ending in the last ``new_char_count`` characters and
-        truncates ``output_text`` at it. Earlier text was searched on earlier steps."""
+        """Finds the stop string that completes first in the last ``new_char_count`` characters
+        (ties: first in ``stop``) and truncates ``output_text`` there, as appending one
+        character at a time would. Earlier text was searched on earlier steps."""
         text, found = self.output_text, None
         for s in self.stop:
             index = text.find(s, max(len(text) - new_char_count - len(s) + 1, 0))
-            if index != -1 and (found is None or index < found[0]):
+            if index != -1 and (found is None or index + len(s) < found[0] + len(found[1])):
                 found = (index, s)
         if found is None:
             return False

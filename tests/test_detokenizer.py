@@ -82,9 +82,29 @@ def test_text_after_stop_and_later_tokens_dropped(tokenizer) -> None:
         detok.update([1])
 
 
-def test_earliest_stop_wins(tokenizer) -> None:
-    detok = run(tokenizer, "the lazy dog", one_by_one=False, stop=["dog", "lazy", "y d"])
-    assert detok.stop_reason == "lazy" and detok.output_text == "the "
+def test_first_completed_stop_wins(tokenizer) -> None:
+    detok = run(tokenizer, "the lazy dog", one_by_one=False, stop=["dog", "the lazy", "y d"])
+    assert detok.stop_reason == "the lazy" and detok.output_text == ""
+    # Inside one token (" wor"): "wo" completes before "lo wor", though it starts later.
+    detok = run(tokenizer, "Hello world", stop=["lo wor", "wo"])
+    assert detok.stop_reason == "wo" and detok.output_text == "Hello "
+
+
+def test_min_tokens_defers_stop_strings(tokenizer) -> None:
+    ids = tokenizer.encode("the lazy dog, the lazy dog")
+    first = len(tokenizer.encode("the lazy dog"))
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["lazy"], min_tokens=first)
+    assert detok.update(ids) == "lazy"
+    assert detok.output_text == "the lazy dog, the "
+
+
+def test_stop_terminated_token_text_left_out(tokenizer) -> None:
+    ids = tokenizer.encode("Hello world")  # the last token, "ld", plays a stop token id
+    for include, expected in ((False, "Hello wor"), (True, "Hello world")):
+        detok = IncrementalDetokenizer(tokenizer, [], include_stop_str_in_output=include)
+        assert detok.update(ids[:-2]) is None
+        assert detok.update(ids[-2:], stop_terminated=True) is None
+        assert detok.output_text == expected and detok.output_token_ids == ids
 
 
 def test_streaming_holds_back_partial_stop(tokenizer) -> None:
@@ -112,10 +132,10 @@ def test_skip_special_tokens(tokenizer) -> None:
 
 
 def test_from_sampling_params(tokenizer) -> None:
-    params = SamplingParams(stop=["ab", "abcd"], include_stop_str_in_output=False, skip_special_tokens=False)
+    params = SamplingParams(stop=["ab", "abcd"], skip_special_tokens=False, min_tokens=2)
     detok = IncrementalDetokenizer.from_sampling_params(tokenizer, [1, 2], params)
     assert detok.stop == ["ab", "abcd"] and detok.stop_buffer_length == params.output_text_buffer_length == 3
-    assert not detok.skip_special_tokens
+    assert not detok.skip_special_tokens and detok.min_tokens == 2
 
 
 def test_decodes_a_bounded_window_per_token(tokenizer) -> None:
@@ -155,9 +175,9 @@ def reference(tok, ids: list[int], stop: list[str], include: bool) -> str:
             continue
         start = len(text)
         hits = [(new.find(s, max(start - len(s) + 1, 0)), n, s) for n, s in enumerate(stop)]
-        hits = [h for h in hits if h[0] != -1]
+        hits = [(index + len(s), n, index, s) for index, n, s in hits if index != -1]
         if hits:
-            index, _, s = min(hits)
+            _, _, index, s = min(hits)  # first to complete, then first listed
             return new[: index + len(s)] if include else new[:index]
         text = new
     return text
