@@ -186,6 +186,21 @@ def test_padding_rows_are_inert() -> None:
     assert md.suppressed_token_ids.shape == (4, MAX_SUPPRESSED_TOKEN_IDS)
 
 
+def test_real_rows_identical_with_and_without_padding() -> None:
+    rng = np.random.default_rng(6)
+    rows = [
+        row(seed=11, tokens=[1, 2, 3], prompt_len=2, temperature=0.8, top_p=0.9, logprobs=3, frequency_penalty=0.5),
+        None,
+        row(temperature=0.0, tokens=[4, 4], min_tokens=3, eos=1),
+    ]
+    logits = rng.normal(size=(8, V)).astype(np.float32)
+    small = sample_jit(jnp.asarray(logits[:3]), build_sampling_metadata(rows, 3, V, L))
+    large = sample_jit(jnp.asarray(logits), build_sampling_metadata(rows, 8, V, L))
+    for field in ("sampled_token_ids", "sampled_logprobs", "sampled_token_ranks", "topk_token_ids", "topk_logprobs"):
+        real_small, real_large = np.asarray(getattr(small, field))[[0, 2]], np.asarray(getattr(large, field))[[0, 2]]
+        np.testing.assert_array_equal(real_small, real_large)
+
+
 def test_static_flags() -> None:
     md = build_sampling_metadata([row(temperature=0.0, top_k=3), None], 2, V, L)
     assert (md.all_greedy, md.no_penalties, md.no_top_k_top_p, md.max_num_logprobs) == (True, True, True, 0)
