@@ -43,6 +43,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
 
+    @property
+    def max_num_blocks_per_req(self) -> int:
+        """Longest block table a request can have: the runner's block-table width."""
+        return -(-self.max_model_len // self.block_size)
+
     def __post_init__(self) -> None:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
@@ -108,6 +113,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_req_ids: list[str] = []  # since the last schedule()
         self._errored: dict[str, Request] = {}  # rejected, not yet returned by update_from_output
+        self._awaiting_update = False  # a SchedulerOutput has not been applied yet
 
     # -- requests in and out --------------------------------------------------------------
 
@@ -191,6 +197,9 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        if self._awaiting_update:
+            raise RuntimeError("schedule() called again before update_from_output() applied the last output")
+        self._awaiting_update = True
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted:  # if blocks ran out for running requests, admit nobody
@@ -283,6 +292,14 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Apply a step's results. Returns the requests that got a new token (finished or not)
         and the requests rejected by add_request that this output reported."""
+        missing = [
+            s.request_id
+            for s in scheduler_output.scheduled_requests
+            if s.sample and s.request_id in self.requests and s.request_id not in sampled_token_ids
+        ]
+        if missing:  # checked first, so a bad call changes nothing
+            raise ValueError(f"sampled_token_ids has no token for {missing}, which sampled this step")
+        self._awaiting_update = False
         changed = [self._errored.pop(request_id) for request_id in scheduler_output.errored_req_ids]
         for scheduled in scheduler_output.scheduled_requests:
             request = self.requests.get(scheduled.request_id)
@@ -292,8 +309,6 @@ class Scheduler:
             self.block_manager.cache_blocks(request, request.num_computed_tokens)
             if not scheduled.sample:
                 continue
-            if scheduled.request_id not in sampled_token_ids:
-                raise ValueError(f"sampled_token_ids has no token for {scheduled.request_id!r}, which sampled")
             request.append_output_token_ids(sampled_token_ids[scheduled.request_id])
             changed.append(request)
             if self._check_stop(request):

@@ -45,7 +45,7 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # an entity: equality is identity
 class Request:
     """One sequence being generated. ``sampling_params`` is duck-typed: the scheduler reads
     only ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids`` and

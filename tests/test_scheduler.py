@@ -271,12 +271,29 @@ def test_waiting_request_can_be_aborted():
     assert list(sched.waiting) == [] and sched.get_num_unfinished_requests() == 1
 
 
+def test_schedule_twice_without_update_is_an_error():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 3]))
+    out = sched.schedule()
+    with pytest.raises(RuntimeError, match="update_from_output"):
+        sched.schedule()
+    sched.update_from_output(out, {"a": 5})
+    sched.schedule()
+
+
+def test_max_num_blocks_per_req():
+    assert make_scheduler(max_model_len=17, block_size=4).config.max_num_blocks_per_req == 5
+
+
 def test_missing_sampled_token_is_an_error():
     sched = make_scheduler()
     sched.add_request(make_request("a", [1, 3]))
     out = sched.schedule()
-    with pytest.raises(ValueError, match="no token for 'a'"):
+    with pytest.raises(ValueError, match=r"no token for \['a'\]"):
         sched.update_from_output(out, {})
+    assert sched.requests["a"].num_computed_tokens == 0  # nothing applied
+    sched.update_from_output(out, {"a": 5})
+    assert sched.requests["a"].output_token_ids == [5]
 
 
 def test_prompt_logprobs_request_takes_no_prefix_hit():
@@ -319,14 +336,14 @@ def test_config_validation(overrides, field):
 
 import random  # noqa: E402
 
-from hypothesis import HealthCheck, event, settings  # noqa: E402
+from hypothesis import HealthCheck, event, settings, target  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Adds, steps (with random sampled tokens), aborts and (through the tiny cache) forced
-    preemptions; after every rule the block and request bookkeeping must add up."""
+    """Adds, steps (with random sampled tokens), aborts and forced preemptions (a tiny cache,
+    squeezed further by blocks taken away); after every rule the bookkeeping must add up."""
 
     @initialize(
         num_blocks=st.integers(4, 16),
@@ -347,6 +364,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         self.sched = Scheduler(self.config)
         self.next_id = 0
+        self.hogs: list[Request] = []  # blocks taken away behind the scheduler's back
 
     @rule(
         data=st.data(),
@@ -413,12 +431,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         [req] = self.sched.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
         assert req.block_ids == [] and req.status == RequestStatus.FINISHED_ABORTED
 
+    @rule(num_blocks=st.integers(1, 6))
+    def squeeze(self, num_blocks):
+        """Take free blocks away, as a tenant outside the scheduler would: forces preemptions."""
+        hog = Request(f"hog{len(self.hogs)}", [0] * (num_blocks * self.config.block_size), SamplingParams())
+        if self.sched.block_manager.allocate_slots(hog, hog.num_tokens):
+            self.hogs.append(hog)
+
+    @precondition(lambda self: self.hogs)
+    @rule()
+    def release(self):
+        self.sched.block_manager.free(self.hogs.pop())
+
     @invariant()
     def bookkeeping_adds_up(self):
         if not hasattr(self, "sched"):
             return
         sched = self.sched
-        sched.block_manager.check_invariants(sched.requests.values())
+        sched.block_manager.check_invariants([*sched.requests.values(), *self.hogs])
         waiting = {r.request_id for r in sched.waiting}
         running = {r.request_id for r in sched.running}
         assert not waiting & running and waiting | running == set(sched.requests)
@@ -429,11 +459,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert req.status == RequestStatus.RUNNING
             assert req.num_computed_tokens < req.num_tokens <= self.config.max_model_len
             # So the runner can size its block table at cdiv(max_model_len, block_size).
-            assert len(req.block_ids) <= -(-self.config.max_model_len // self.config.block_size)
+            assert len(req.block_ids) <= self.config.max_num_blocks_per_req
 
     def teardown(self):
         if not hasattr(self, "sched"):
             return
+        target(float(self.sched.num_preemptions), label="preemptions")  # steer toward preemptions
+        while self.hogs:
+            self.release()
         rng = random.Random(0)
         for _ in range(2000):  # liveness: every request ends without outside help
             if not self.sched.has_requests():
@@ -449,6 +482,6 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 SchedulerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=150, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestSchedulerStateful = SchedulerMachine.TestCase
