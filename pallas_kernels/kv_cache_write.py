@@ -35,8 +35,8 @@ def _write_kernel(
     head_dim = k_ref.shape[-1]
     cols = jnp.arange(head_dim)[None, :]
     r = jnp.arange(block_t * kv_pad)
-    t = pl.program_id(0) * block_t + r // kv_pad
-    kh = r % kv_pad
+    t = pl.program_id(0) * block_t + jax.lax.div(r, kv_pad)
+    kh = jax.lax.rem(r, kv_pad)
     in_range = t < num_tokens
     slot = plt.load(slot_ref.at[t], mask=in_range, other=-1)
     ok = in_range & (kh < num_kv_heads) & (slot >= 0)

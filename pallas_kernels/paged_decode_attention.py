@@ -92,8 +92,8 @@ def _decode_kernel(
         acc, m, l = carry
         pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
         valid = pos < end
-        page = plt.load(bt_ref.at[s * max_blocks + pos // block_size], mask=valid, other=0)
-        rows = ((page * block_size + pos % block_size) * num_kv_heads + kh)[:, None]
+        page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
+        rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
         k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
         v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -58,7 +58,7 @@ def _ragged_kernel(
     cols = jnp.arange(head_dim)[None, :]
 
     r = jnp.arange(block_m)
-    tok, g = r // group_pad, r % group_pad
+    tok, g = jax.lax.div(r, group_pad), jax.lax.rem(r, group_pad)
     row_ok = (q_start + tok < q_end) & (g < group)
     q_rows = (q_start + tok) * num_heads + kh * group + g  # [BM]
     q = plt.load(q_ref.at[q_rows[:, None], cols], mask=row_ok[:, None], other=0.0)
@@ -76,13 +76,13 @@ def _ragged_kernel(
         pos = j * block_n + jnp.arange(block_n)
         if masked:
             ok = pos < hi
-            page = plt.load(bt_ref.at[seq * max_blocks + pos // block_size], mask=ok, other=0)
-            rows = ((page * block_size + pos % block_size) * num_kv_heads + kh)[:, None]
+            page = plt.load(bt_ref.at[seq * max_blocks + jax.lax.div(pos, block_size)], mask=ok, other=0)
+            rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
             k = plt.load(k_ref.at[rows, cols], mask=ok[:, None], other=0.0)
             v = plt.load(v_ref.at[rows, cols], mask=ok[:, None], other=0.0)
         else:
-            page = bt_ref[seq * max_blocks + pos // block_size]
-            rows = ((page * block_size + pos % block_size) * num_kv_heads + kh)[:, None]
+            page = bt_ref[seq * max_blocks + jax.lax.div(pos, block_size)]
+            rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
             k = k_ref[rows, cols]
             v = v_ref[rows, cols]
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -1,0 +1,445 @@
+"""Benchmark jaxpaged's Pallas kernels on the GPU against their ceilings and peers.
+
+Decode: our paged_decode_attention vs jax's deprecated Triton paged_attention and the XLA
+reference, as achieved bandwidth (bytes of K, V, Q and output over time) and as a fraction of the
+device copy bandwidth. Prefill: our ragged_paged_attention vs torch SDPA (flash backend) on
+contiguous tensors of the same shape, in TFLOP/s and as a fraction of the bf16 matmul peak.
+KV write: our aliased Pallas kernel vs the XLA scatter, both donated, at two cache sizes
+(a copy of the cache would make the time grow with the cache).
+
+Run on the GPU machine:  python3 benchmarks/kernels.py [--quick] [--out DIR]
+Writes kernels_<card>.json and .md under benchmarks/results/ (and DIR if given).
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the card
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.kv_cache_write import write_kv_cache_reference, write_kv_cache_tuned  # noqa: E402
+from pallas_kernels.paged_decode_attention import (  # noqa: E402
+    paged_decode_attention_reference,
+    paged_decode_attention_tuned,
+)
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_tuned  # noqa: E402
+
+BLOCK = 16
+HEAD_DIM = 128
+DTYPE = jnp.bfloat16
+L2_BYTES = 50e6  # H100: rotate inputs over several times this so repeats do not hit in L2
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+    LOG.append(msg)
+
+
+def time_jax(step, x0, shared=(), sets=((),), reps: int = 5, min_calls: int = 8) -> float:
+    """Median seconds per call of ``x = step(x, *shared, *sets[i])``, queued back to back in one jit.
+
+    Feeding each output into the next call keeps XLA from merging identical calls, and rotating
+    over ``sets`` (disjoint inputs) keeps repeats from being served out of L2.
+    """
+    calls = max(min_calls, len(sets))
+
+    def chain(x, shared, sets):
+        for i in range(calls):
+            x = step(x, *shared, *sets[i % len(sets)])
+        return x
+
+    multi = jax.jit(chain)
+    jax.block_until_ready(multi(x0, shared, sets))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(multi(x0, shared, sets))
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def time_torch(fn, reps: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------- ceilings
+
+
+def copy_bandwidth() -> dict:
+    import torch
+
+    n = 1 << 30  # 2 GiB of bf16
+    x = jnp.ones((n,), DTYPE)
+    t_xla = time_jax(lambda a: a + jnp.asarray(1, DTYPE), x, min_calls=4)
+    del x
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t_torch = time_torch(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    moved = 2 * n * 2  # read + write
+    res = {"xla_TBps": moved / t_xla / 1e12, "torch_TBps": moved / t_torch / 1e12}
+    res["best_TBps"] = max(res["xla_TBps"], res["torch_TBps"])
+    log(f"copy bandwidth: XLA {res['xla_TBps']:.2f} TB/s, torch {res['torch_TBps']:.2f} TB/s")
+    return res
+
+
+def matmul_peak() -> dict:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t_torch = time_torch(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    x = jax.random.normal(jax.random.key(0), (n, n), DTYPE)
+    scale = jnp.asarray(1 / math.sqrt(n), DTYPE)  # keeps the chained products finite
+    t_xla = time_jax(lambda u, v: (u @ v) * scale, x, shared=(x + 1,), min_calls=4)
+    res = {"torch_TFLOPs": 2 * n**3 / t_torch / 1e12, "xla_TFLOPs": 2 * n**3 / t_xla / 1e12}
+    res["best_TFLOPs"] = max(res.values())
+    log(f"bf16 matmul: torch {res['torch_TFLOPs']:.0f}, XLA {res['xla_TFLOPs']:.0f} TFLOP/s")
+    return res
+
+
+# ---------------------------------------------------------------- decode
+
+
+def make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets, seed=0):
+    """One page pool holding num_sets disjoint, shuffled block-table sets (for L2 rotation)."""
+    pages_per_seq = ctx // BLOCK
+    num_pages = 1 + num_sets * batch * pages_per_seq
+    key = jax.random.key(seed)
+    shape = (num_pages, BLOCK, num_kv_heads, HEAD_DIM)
+    k_cache = jax.random.normal(key, shape, DTYPE)
+    v_cache = jax.random.normal(jax.random.fold_in(key, 1), shape, DTYPE)
+    perm = np.random.default_rng(seed).permutation(np.arange(1, num_pages)).astype(np.int32)
+    tables = [jnp.asarray(perm[i * batch * pages_per_seq : (i + 1) * batch * pages_per_seq].reshape(batch, -1))
+              for i in range(num_sets)]
+    qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, num_heads, HEAD_DIM), DTYPE)
+          for i in range(num_sets)]
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    return k_cache, v_cache, tables, qs, lens
+
+
+DECODE_VARIANTS = {
+    "bn64_w4_s2": dict(block_n=64, num_warps=4, num_stages=2),
+    "bn128_w4_s3": dict(block_n=128, num_warps=4, num_stages=3),
+    "bn64_w4_s4": dict(block_n=64, num_warps=4, num_stages=4),
+    "bn128_w8_s2": dict(block_n=128, num_warps=8, num_stages=2),
+    "bn32_w4_s4": dict(block_n=32, num_warps=4, num_stages=4),
+}
+
+
+def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_ref=True) -> dict:
+    kv_bytes = 2 * batch * ctx * num_kv_heads * HEAD_DIM * 2
+    qo_bytes = 2 * batch * num_heads * HEAD_DIM * 2
+    total = kv_bytes + qo_bytes
+    if 2 * kv_bytes > 40e9:
+        return {"skipped": f"KV {kv_bytes / 1e9:.1f} GB too large"}
+    num_sets = int(min(16, max(1, math.ceil(4 * L2_BYTES / kv_bytes))))
+    k_cache, v_cache, tables, qs, lens = make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets)
+    row = {"kv_bytes": kv_bytes, "bytes": total, "sets": num_sets}
+    sets = tuple((t,) for t in tables)
+
+    def report(name, seconds):
+        row[name] = {"us": seconds * 1e6, "TBps": total / seconds / 1e12, "of_copy": total / seconds / 1e12 / copy_bw}
+
+    ours = None
+    for vname, params in variants.items():
+        fn = functools.partial(paged_decode_attention_tuned, **params)
+        try:
+            report(f"ours_{vname}", time_jax(lambda q, kc, vc, ln, t: fn(q, kc, vc, t, ln), qs[0], (k_cache, v_cache, lens), sets))
+            if ours is None:
+                ours = fn(qs[0], k_cache, v_cache, tables[0], lens)
+        except Exception as e:  # keep going: one failing variant must not lose the others
+            row[f"ours_{vname}"] = {"error": repr(e)[:300]}
+    best = min((v["us"], k) for k, v in row.items() if k.startswith("ours_") and "us" in v)
+    row["ours_best"] = best[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+    k_t, v_t = jnp.transpose(k_cache, (2, 0, 1, 3)), jnp.transpose(v_cache, (2, 0, 1, 3))
+    del k_cache, v_cache
+    try:
+        k_splits = min(16, ctx // BLOCK)
+        peer = functools.partial(jax_paged.paged_attention, k_splits=k_splits)
+        report("jax_paged_attention", time_jax(lambda q, kc, vc, ln, t: peer(q, kc, vc, t, ln), qs[0], (k_t, v_t, lens), sets))
+        peer_out = peer(qs[0], k_t, v_t, tables[0], lens)
+        if ours is not None:
+            row["err_vs_jax"] = rel_err(ours, peer_out)
+    except Exception as e:
+        row["jax_paged_attention"] = {"error": repr(e)[:300]}
+    k_cache, v_cache = jnp.transpose(k_t, (1, 2, 0, 3)), jnp.transpose(v_t, (1, 2, 0, 3))
+    del k_t, v_t
+    if with_ref and 8 * kv_bytes < 30e9:
+        ref = jax.jit(paged_decode_attention_reference)
+        try:
+            report("xla_reference", time_jax(lambda q, kc, vc, ln, t: ref(q, kc, vc, t, ln), qs[0], (k_cache, v_cache, lens), sets, min_calls=2, reps=3))
+            if ours is not None:
+                row["err_vs_ref"] = rel_err(ours, ref(qs[0], k_cache, v_cache, tables[0], lens))
+        except Exception as e:
+            row["xla_reference"] = {"error": repr(e)[:300]}
+    else:
+        row["xla_reference"] = {"skipped": "gathered f32 reference too large"}
+    return row
+
+
+# ---------------------------------------------------------------- prefill
+
+PREFILL_VARIANTS = {
+    "m128_n64_w8_s2": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    "m128_n64_w8_s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    "m128_n128_w8_s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+    "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "m128_n32_w4_s3": dict(block_m=128, block_n=32, num_warps=4, num_stages=3),
+}
+
+
+def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tokens = num_seqs * seq_len
+    flops = 2 * num_heads * HEAD_DIM * seq_len * (seq_len + 1) * num_seqs  # causal QK^T and PV
+    key = jax.random.key(1)
+    q = jax.random.normal(key, (tokens, num_heads, HEAD_DIM), DTYPE)
+    k = jax.random.normal(jax.random.fold_in(key, 1), (tokens, num_kv_heads, HEAD_DIM), DTYPE)
+    v = jax.random.normal(jax.random.fold_in(key, 2), (tokens, num_kv_heads, HEAD_DIM), DTYPE)
+    pages = seq_len // BLOCK
+    perm = np.random.default_rng(0).permutation(np.arange(1, 1 + num_seqs * pages)).astype(np.int32)
+    block_tables = jnp.asarray(perm.reshape(num_seqs, pages))
+    slots = (jnp.asarray(perm).reshape(num_seqs, pages)[:, :, None] * BLOCK + jnp.arange(BLOCK)).reshape(-1)
+    cache_shape = (1 + num_seqs * pages, BLOCK, num_kv_heads, HEAD_DIM)
+    k_cache, v_cache = write_kv_cache_reference(
+        k, v, jnp.zeros(cache_shape, DTYPE), jnp.zeros(cache_shape, DTYPE), slots.astype(jnp.int32)
+    )
+    kv_lens = jnp.full((num_seqs,), seq_len, jnp.int32)
+    cu = jnp.arange(num_seqs + 1, dtype=jnp.int32) * seq_len
+    row = {"tokens": tokens, "flops": flops}
+
+    def report(name, seconds):
+        row[name] = {"us": seconds * 1e6, "TFLOPs": flops / seconds / 1e12, "of_peak": flops / seconds / 1e12 / peak}
+
+    outs = {}
+    for vname, params in variants.items():
+        fn = functools.partial(ragged_paged_attention_tuned, **params)
+        try:
+            report(f"ours_{vname}", time_jax(fn, q, (k_cache, v_cache, block_tables, kv_lens, cu), min_calls=4))
+            outs[vname] = fn(q, k_cache, v_cache, block_tables, kv_lens, cu)
+        except Exception as e:
+            row[f"ours_{vname}"] = {"error": repr(e)[:300]}
+
+    def to_torch(x, heads):  # [T, heads, H] -> [S, heads, L, H]
+        t = torch.from_dlpack(x.astype(jnp.float32)).to(torch.bfloat16)
+        return t.reshape(num_seqs, seq_len, heads, HEAD_DIM).transpose(1, 2).contiguous()
+
+    group = num_heads // num_kv_heads
+    tq = to_torch(q, num_heads)
+    tk = to_torch(k, num_kv_heads).repeat_interleave(group, dim=1)
+    tv = to_torch(v, num_kv_heads).repeat_interleave(group, dim=1)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)  # noqa: E731
+        report("torch_sdpa_flash", time_torch(sdpa))
+        ref = sdpa().transpose(1, 2).reshape(tokens, num_heads, HEAD_DIM).float().cpu().numpy()
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            report("torch_sdpa_cudnn", time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)))
+    except Exception as e:
+        row["torch_sdpa_cudnn"] = {"error": repr(e)[:200]}
+    for vname, out in outs.items():
+        row[f"err_{vname}_vs_torch"] = rel_err(out, ref)
+    del tq, tk, tv
+    torch.cuda.empty_cache()
+    timed = [(v["us"], k) for k, v in row.items() if k.startswith("ours_") and isinstance(v, dict) and "us" in v]
+    row["ours_best"] = min(timed)[1] if timed else None
+    return row
+
+
+# ---------------------------------------------------------------- KV write
+
+
+def bench_write(num_tokens, cache_gb) -> dict:
+    num_kv_heads = 8
+    row_bytes = BLOCK * num_kv_heads * HEAD_DIM * 2
+    num_pages = int(cache_gb * 1e9 / 2 / row_bytes)
+    shape = (num_pages, BLOCK, num_kv_heads, HEAD_DIM)
+    key = jax.random.key(2)
+    k = jax.random.normal(key, (num_tokens, num_kv_heads, HEAD_DIM), DTYPE)
+    v = k + 1
+    slots = jax.random.permutation(key, num_pages * BLOCK)[:num_tokens].astype(jnp.int32)
+    slots = slots.at[::7].set(-1)
+    res = {}
+    for name, fn in [("pallas", write_kv_cache_tuned), ("xla_scatter", write_kv_cache_reference)]:
+        step = jax.jit(fn, donate_argnums=(2, 3))
+        kc, vc = jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE)
+        kc, vc = step(k, v, kc, vc, slots)
+        jax.block_until_ready(kc)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                kc, vc = step(k, v, kc, vc, slots)
+            jax.block_until_ready(kc)
+            times.append((time.perf_counter() - t0) / 20)
+        res[name] = {"us": statistics.median(times) * 1e6}
+        if name == "pallas":
+            check = write_kv_cache_reference(k, v, jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE), slots)
+            res["pallas_matches_scatter"] = bool(jnp.array_equal(check[0], kc) and jnp.array_equal(check[1], vc))
+        del kc, vc
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+
+def card_name() -> str:
+    return jax.devices()[0].device_kind
+
+
+def write_reports(results: dict, out_dirs: list[str]) -> None:
+    slug = card_name().replace(" ", "_").replace("/", "_")
+    md = to_markdown(results)
+    for d in out_dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"kernels_{slug}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(d, f"kernels_{slug}.md"), "w") as f:
+            f.write(md)
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# Kernel benchmark on {results['card']}", "", f"jax {results['jax']}, {results['date']}", ""]
+    c = results.get("copy", {})
+    m = results.get("matmul", {})
+    if c:
+        lines.append(f"Copy bandwidth (read+write): XLA {c['xla_TBps']:.2f} TB/s, torch {c['torch_TBps']:.2f} TB/s.")
+    if m:
+        lines.append(f"bf16 matmul 8192^3: torch {m['torch_TFLOPs']:.0f}, XLA {m['xla_TFLOPs']:.0f} TFLOP/s.")
+    lines += ["", "## Decode (bf16, head dim 128, block 16): achieved TB/s (fraction of copy bandwidth)", ""]
+    lines.append("| batch | ctx | heads q/kv | ours best | ours | jax paged_attention | XLA reference | ours / jax |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for key, row in results.get("decode", {}).items():
+        if "skipped" in row:
+            lines.append(f"| {key} | skipped: {row['skipped']} |")
+            continue
+        ours = row.get(row.get("ours_best", ""), {})
+        jaxp = row.get("jax_paged_attention", {})
+        ref = row.get("xla_reference", {})
+        cell = lambda d: f"{d['TBps']:.2f} ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
+        ratio = f"{jaxp['us'] / ours['us']:.2f}x" if "us" in ours and "us" in jaxp else "-"
+        b, ctx, nq, nkv = key.split("_")
+        lines.append(f"| {b} | {ctx} | {nq}/{nkv} | {row.get('ours_best', '-')} | {cell(ours)} | {cell(jaxp)} | {cell(ref)} | {ratio} |")
+    lines += ["", "## Prefill (causal, bf16, head dim 128): TFLOP/s", ""]
+    lines.append("| seqs x len | heads q/kv | ours best | ours | torch SDPA flash | torch cuDNN | ours / flash |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for key, row in results.get("prefill", {}).items():
+        ours = row.get(row.get("ours_best") or "", {})
+        fl = row.get("torch_sdpa_flash", {})
+        cu = row.get("torch_sdpa_cudnn", {})
+        cell = lambda d: f"{d['TFLOPs']:.0f} ({d['us']:.0f}us)" if "TFLOPs" in d else "-"  # noqa: E731
+        ratio = f"{fl['us'] / ours['us']:.2f}x" if "us" in ours and "us" in fl else "-"
+        s, length, nq, nkv = key.split("_")
+        lines.append(f"| {s}x{length} | {nq}/{nkv} | {row.get('ours_best')} | {cell(ours)} | {cell(fl)} | {cell(cu)} | {ratio} |")
+    lines += ["", "## KV write (donated caches), microseconds", ""]
+    lines.append("| tokens | cache GB | pallas (aliased) | XLA scatter |")
+    lines.append("|---|---|---|---|")
+    for key, row in results.get("write", {}).items():
+        t, gb = key.split("_")
+        lines.append(f"| {t} | {gb} | {row['pallas']['us']:.1f} | {row['xla_scatter']['us']:.1f} |")
+    lines += ["", "Full numbers (every variant, errors vs peers) are in the JSON beside this file.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="key configurations only")
+    parser.add_argument("--out", default=None, help="extra directory for the reports (e.g. $OUT)")
+    parser.add_argument("--sections", default="ceilings,decode,prefill,write")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    out_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] + ([args.out] if args.out else [])
+    results = {"card": card_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "decode": {}, "prefill": {}, "write": {}}
+    log(f"card: {results['card']}")
+    copy_bw, peak = 3.0, 790.0
+    if "ceilings" in sections:
+        results["copy"] = copy_bandwidth()
+        results["matmul"] = matmul_peak()
+        copy_bw, peak = results["copy"]["best_TBps"], results["matmul"]["best_TFLOPs"]
+        write_reports(results, out_dirs)
+    if "decode" in sections:
+        key_configs = {(64, 2048, 32), (64, 512, 32), (1, 8192, 32)}
+        for nq in (32, 64):
+            for batch in (1, 8, 64, 256):
+                for ctx in (512, 2048, 8192):
+                    if args.quick and (batch, ctx, nq) not in key_configs:
+                        continue
+                    variants = DECODE_VARIANTS if (batch, ctx, nq) in key_configs else dict(list(DECODE_VARIANTS.items())[:2])
+                    key = f"{batch}_{ctx}_{nq}_8"
+                    t0 = time.time()
+                    row = bench_decode(batch, ctx, nq, 8, copy_bw, variants)
+                    results["decode"][key] = row
+                    best = row.get(row.get("ours_best", ""), {})
+                    jp = row.get("jax_paged_attention", {})
+                    log(f"decode {key}: ours {best.get('TBps', 0):.2f} TB/s ({best.get('of_copy', 0):.0%}) "
+                        f"[{row.get('ours_best')}], jax {jp.get('TBps', 0):.2f}, err_ref {row.get('err_vs_ref')}, "
+                        f"err_jax {row.get('err_vs_jax')} ({time.time() - t0:.0f}s)")
+                    write_reports(results, out_dirs)
+    if "prefill" in sections:
+        for nq in (32, 64):
+            for num_seqs, seq_len in ((1, 4096), (8, 512), (1, 8192)):
+                if args.quick and (num_seqs, seq_len) != (1, 4096):
+                    continue
+                key = f"{num_seqs}_{seq_len}_{nq}_8"
+                row = bench_prefill(num_seqs, seq_len, nq, 8, peak, PREFILL_VARIANTS)
+                results["prefill"][key] = row
+                best = row.get(row.get("ours_best") or "", {})
+                log(f"prefill {key}: ours {best.get('TFLOPs', 0):.0f} TFLOP/s [{row.get('ours_best')}], "
+                    f"flash {row['torch_sdpa_flash']['TFLOPs']:.0f}, errs "
+                    f"{ {k: round(v, 4) for k, v in row.items() if k.startswith('err_')} }")
+                write_reports(results, out_dirs)
+    if "write" in sections:
+        for tokens in (64, 4096):
+            for gb in (1, 8):
+                res = bench_write(tokens, gb)
+                results["write"][f"{tokens}_{gb}"] = res
+                log(f"write {tokens} tokens, {gb} GB cache: {res}")
+                write_reports(results, out_dirs)
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
