@@ -47,6 +47,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     qk_norm: bool = False  # Qwen3 normalises q and k per head
+    # Mistral-style local attention; the engine caps max_model_len here instead of windowing.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -114,6 +116,8 @@ class ModelConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",
+            sliding_window=(config.get("sliding_window")
+                            if config.get("use_sliding_window", family == "mistral") else None),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

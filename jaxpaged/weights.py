@@ -53,9 +53,9 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray],
             arr = np.stack([load(name.format(i=i)) for i in range(config.num_hidden_layers)])
         else:
             arr = load(name)
-        if arr.shape != leaf.value.shape:
+        if arr.shape != leaf.get_value().shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {arr.shape}, "
-                             f"expected {leaf.value.shape}")
+                             f"expected {leaf.get_value().shape}")
         flat[path] = arr
     return flat
 
@@ -86,7 +86,7 @@ def random_state(config: ModelConfig, dtype: jnp.dtype,
 
 
 def flatten_state(state: nnx.State) -> dict[tuple[str, ...], np.ndarray]:
-    return {tuple(str(p) for p in path): np.asarray(leaf.value)
+    return {tuple(str(p) for p in path): np.asarray(leaf.get_value())
             for path, leaf in nnx.to_flat_state(state)}
 
 

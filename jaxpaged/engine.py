@@ -1,0 +1,318 @@
+"""`LLMEngine`: requests in, `RequestOutput`s out, one scheduler/runner step at a time.
+
+A step is: the scheduler plans (`SchedulerOutput`), the runner executes it on the device, the
+scheduler applies the sampled tokens, and the engine turns what changed into outputs
+(detokenization, stop strings, logprobs). A request with `n > 1` fans out into `n` child
+requests sharing its prompt (and, through the prefix cache, its prompt's KV blocks).
+Invariants: a request that fails validation never reaches the scheduler and finishes alone with
+finish_reason "error"; every child the engine adds is eventually finished by the scheduler,
+which frees its blocks.
+"""
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxpaged.detokenizer import IncrementalDetokenizer
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.loader import LoadedModel, load_model
+from jaxpaged.outputs import (CompletionOutput, Logprob, RequestMetrics, RequestOutput,
+                              make_logprobs_dict)
+from jaxpaged.runner import ModelRunner
+from jaxpaged.sampler import SamplingRow
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler, SchedulerConfig
+from jaxpaged.sequence import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+# Per-platform defaults for the batch limits (see EngineConfig): (max_num_seqs,
+# max_num_batched_tokens, max_model_len cap).
+_CPU_DEFAULTS = (16, 256, 1024)
+_GPU_DEFAULTS = (256, 8192, 8192)
+_CPU_KV_BYTES = 1 << 30  # the CPU has no device-memory figure to take a fraction of
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """The engine's view of one user request (all of its n completions)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    child_ids: list[str]
+    seeds: list[int]
+    completions: list[CompletionOutput]
+    detokenizers: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    num_cached_tokens: int = 0
+    error: str | None = None  # why a child was rejected (finish_reason "error")
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.model = loaded or load_model(config.model, dtype=config.dtype,
+                                          load_format=config.load_format, seed=config.seed)
+        self.tokenizer = self.model.tokenizer
+        mc = self.model.config
+        on_cpu = jax.default_backend() == "cpu"
+        seqs, tokens, len_cap = _CPU_DEFAULTS if on_cpu else _GPU_DEFAULTS
+        model_max = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+        self.max_model_len = config.max_model_len or min(model_max, len_cap)
+        if self.max_model_len > model_max:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's limit "
+                             f"of {model_max} positions")
+        self.max_num_seqs = config.max_num_seqs or seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(tokens,
+                                                                           self.max_num_seqs)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(on_cpu)
+        impl = config.attention_impl
+        if impl == "auto":
+            impl = "reference" if on_cpu else "pallas"
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.block_size,
+                                  max_num_seqs=self.max_num_seqs,
+                                  max_num_batched_tokens=self.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, attention_impl=impl)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_model_len=self.max_model_len, num_blocks=num_blocks,
+            block_size=config.block_size, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching))
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), attention=%s",
+                    num_blocks - 1, config.block_size, (num_blocks - 1) * config.block_size,
+                    self._kv_bytes_per_block() * num_blocks / 2**30, impl)
+        self.warmup_stats: tuple[int, float] | None = None
+        if config.warmup:
+            self.warmup_stats = self.runner.warmup()
+            logger.info("warm-up compiled %d programs in %.1f s", *self.warmup_stats)
+        self._tracked: dict[str, _Tracked] = {}
+        self._child_to_parent: dict[str, tuple[str, int]] = {}
+        self._rng = random.Random(config.seed)
+        self._eos = mc.eos_token_ids[0] if mc.eos_token_ids else None
+
+    # -- sizing --------------------------------------------------------------------------
+
+    def _kv_bytes_per_block(self) -> int:
+        mc = self.model.config
+        itemsize = jax.numpy.dtype(self.model.dtype).itemsize
+        return (2 * mc.num_hidden_layers * self.config.block_size * mc.num_key_value_heads
+                * mc.head_dim * itemsize)
+
+    def _blocks_from_memory(self, on_cpu: bool) -> int:
+        stats = None if on_cpu else jax.devices()[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            budget = int(free * self.config.kv_cache_memory_fraction)
+        else:
+            budget = _CPU_KV_BYTES
+        blocks = budget // self._kv_bytes_per_block()
+        # Never more than every sequence slot at full length needs (+ the null block).
+        needed = self.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
+        blocks = min(blocks, needed)
+        if blocks < 2:
+            raise ValueError(f"not enough memory for a KV cache: {budget} bytes hold {blocks} "
+                             f"blocks; lower max_model_len or free memory")
+        return blocks
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.runner.kv_cache.num_blocks
+
+    # -- requests in ---------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    sampling_params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError, naming what is wrong, for a bad prompt or bad
+        sampling parameters; nothing is queued then."""
+        if request_id in self._tracked:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got "
+                             f"{type(params).__name__}")
+        params.verify(self.model.config.vocab_size)
+        text, ids = self._tokenize(prompt)
+        now = time.time() if arrival_time is None else arrival_time
+        seeds = [(params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
+                 for i in range(params.n)]
+        tracked = _Tracked(
+            request_id, text, ids, params, [f"{request_id}#{i}" for i in range(params.n)], seeds,
+            [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
+                              [] if params.logprobs is not None else None)
+             for i in range(params.n)],
+            [self._detokenizer(ids, params) for _ in range(params.n)],
+            RequestMetrics(arrival_time=now, last_token_time=now),
+            [None] if params.prompt_logprobs is not None else None)
+        self._tracked[request_id] = tracked
+        for i, child in enumerate(tracked.child_ids):
+            self._child_to_parent[child] = (request_id, i)
+            self.scheduler.add_request(Request(child, ids, params, eos_token_id=self._eos,
+                                               arrival_time=now))
+
+    def _tokenize(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's TokensPrompt / TextPrompt
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy weights): give prompts as "
+                                 "token-id lists")
+            text, ids = prompt, self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a str or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary "
+                             f"[0, {vocab})")
+        return text, ids
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer.from_sampling_params(self.tokenizer, ids, params)
+
+    def abort_request(self, request_id: str | Sequence[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        children = [c for r in ids if r in self._tracked for c in self._tracked[r].child_ids]
+        self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+        for child in children:
+            parent, index = self._child_to_parent[child]
+            completion = self._tracked[parent].completions[index]
+            if completion.finish_reason is None:
+                completion.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_requests() or bool(self._tracked)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, execute, apply. Returns outputs of requests that changed
+        (cumulative, as vLLM's LLMEngine does), finished ones for the last time."""
+        sched = self.scheduler.schedule()
+        result = None
+        if not sched.is_empty:
+            result = self.runner.execute_model(sched, *self._runner_inputs(sched))
+        changed = self.scheduler.update_from_output(
+            sched, result.sampled_token_ids if result else {})
+        touched = {self._child_to_parent[r.request_id][0] for r in changed}
+        touched |= {self._child_to_parent[r][0] for r in sched.finished_req_ids
+                    if r in self._child_to_parent}
+        if result is not None:
+            touched |= self._apply_prompt_logprobs(result.prompt_logprobs)
+        now = time.time()
+        for request in changed:
+            self._apply_request(request, result, now)
+        return [self._make_output(rid, now) for rid in sorted(touched, key=self._order)
+                if rid in self._tracked]
+
+    def _order(self, request_id: str) -> float:
+        return self._tracked[request_id].metrics.arrival_time if request_id in self._tracked else 0
+
+    def _runner_inputs(self, sched) -> tuple[dict[str, SamplingRow], dict[str, list[int]]]:
+        rows, plp = {}, {}
+        for s in sched.scheduled_requests:
+            request = self.scheduler.requests[s.request_id]
+            parent, index = self._child_to_parent[s.request_id]
+            tracked = self._tracked[parent]
+            if s.sample:
+                rows[s.request_id] = SamplingRow(tracked.params, tracked.seeds[index],
+                                                 request.all_token_ids,
+                                                 request.num_prompt_tokens, self._eos)
+            if tracked.prompt_logprobs is not None and index == 0 and \
+                    s.start_pos < request.num_prompt_tokens - 1:
+                plp[s.request_id] = request.prompt_token_ids
+        return rows, plp
+
+    def _apply_prompt_logprobs(self, prompt_logprobs: dict) -> set[str]:
+        touched = set()
+        for child, (positions, lps, ranks, top_ids, top_lps) in prompt_logprobs.items():
+            parent, _ = self._child_to_parent[child]
+            tracked = self._tracked[parent]
+            num = tracked.params.prompt_logprobs
+            for j, p in enumerate(positions):
+                if p < len(tracked.prompt_logprobs):  # recomputed after a preemption
+                    continue
+                tracked.prompt_logprobs.append(make_logprobs_dict(
+                    tracked.prompt_token_ids[p], lps[j], ranks[j], top_ids[j], top_lps[j], num,
+                    self._decode_one))
+            touched.add(parent)
+        return touched
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _apply_request(self, request: Request, result, now: float) -> None:
+        parent, index = self._child_to_parent[request.request_id]
+        tracked = self._tracked[parent]
+        completion = tracked.completions[index]
+        if request.status == RequestStatus.FINISHED_ERROR:
+            completion.finish_reason = "error"
+            tracked.error = request.error
+            tracked.metrics.finished_time = now
+            return
+        new_token = request.output_token_ids[-1]
+        if tracked.metrics.first_token_time is None:
+            tracked.metrics.first_token_time = now
+            tracked.num_cached_tokens = request.num_cached_tokens
+        tracked.metrics.last_token_time = now
+        completion.token_ids.append(new_token)
+        if result is not None and request.request_id in result.logprobs:
+            lp, rank, top_ids, top_lps = result.logprobs[request.request_id]
+            completion.logprobs.append(make_logprobs_dict(
+                new_token, lp, rank, top_ids, top_lps, tracked.params.logprobs,
+                self._decode_one))
+            completion.cumulative_logprob += lp
+        detok = tracked.detokenizers[index]
+        stop_str = detok.update([new_token]) if detok is not None else None
+        if stop_str is not None and not request.is_finished:
+            self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
+        if stop_str is not None:
+            completion.finish_reason, completion.stop_reason = "stop", stop_str
+        elif request.is_finished:
+            completion.finish_reason = request.status.finish_reason
+            completion.stop_reason = request.stop_reason
+        if detok is not None:
+            completion.text = detok.get_next_output_text(completion.finished(), delta=False)
+        if completion.finished():
+            tracked.metrics.finished_time = now
+
+    def _make_output(self, request_id: str, now: float) -> RequestOutput:
+        tracked = self._tracked[request_id]
+        finished = tracked.finished
+        if finished:
+            del self._tracked[request_id]
+            for child in tracked.child_ids:
+                self._child_to_parent.pop(child, None)
+        return RequestOutput(
+            request_id, tracked.prompt, tracked.prompt_token_ids, tracked.prompt_logprobs,
+            [dataclasses.replace(c, token_ids=list(c.token_ids),
+                                 logprobs=None if c.logprobs is None else list(c.logprobs))
+             for c in tracked.completions],
+            finished, dataclasses.replace(tracked.metrics), tracked.num_cached_tokens,
+            tracked.error)
+
+    def get_stats(self) -> Any:
+        return self.scheduler.get_stats()

@@ -1,0 +1,207 @@
+"""Executes a `SchedulerOutput` on the device: pads it to a bucket, runs the jitted forward
+(KV cache donated) and the jitted sampler, and brings the results back in one transfer.
+
+Invariants:
+  * Every step is padded to a bucket shape listed by `bucket_shapes()`; warm-up compiles each
+    of them, and `num_compiles_since_warmup` counts XLA compiles after that (a test asserts
+    it stays 0 through `generate`).
+  * A decode-only step (every scheduled request feeds one token) uses T = S, so the GPU path
+    can run the decode kernel; any other step uses T from the token ladder and S = min(T, max).
+  * Logits rows: one per sequence slot (R = S), or one per token (R = T) when a request wants
+    prompt logprobs in this step.
+"""
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.attention import KVCache
+from jaxpaged.buckets import bucket_for, make_buckets
+from jaxpaged.loader import LoadedModel
+from jaxpaged.metadata import build_step_inputs
+from jaxpaged.models import forward
+from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
+                              compute_logprobs, sample, sampling_metadata_variants)
+from jaxpaged.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+MIN_TOKEN_BUCKET = 16
+MIN_SEQ_BUCKET = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketShape:
+    num_tokens: int  # T
+    num_seqs: int  # S
+    num_logits: int  # R
+    decode_only: bool
+
+
+@dataclasses.dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int]
+    # Per sampled request: (logprob, rank, top ids, top logprobs) of the sampled token.
+    logprobs: dict[str, tuple[float, int, np.ndarray, np.ndarray]]
+    # Per request with prompt logprobs: rows for the prompt tokens fed this step (those that
+    # have a next prompt token): (token ids, logprobs, ranks, top ids, top logprobs).
+    prompt_logprobs: dict[str, tuple[np.ndarray, ...]]
+
+
+def _step(graphdef, params, kv_cache, input_ids, positions, md, impl):
+    return forward(graphdef, params, kv_cache, input_ids, positions, md, impl)
+
+
+_compile_count = [0]  # every XLA backend compile in this process
+
+
+def _count_compiles(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compile_count[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+_jit_forward = jax.jit(_step, static_argnames=("graphdef", "impl"), donate_argnums=(2,))
+_jit_sample = jax.jit(sample)
+_jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
+_jit_take_rows = jax.jit(lambda x, rows: x[rows])
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 attention_impl: str):
+        cfg = loaded.config
+        self.loaded, self.impl = loaded, attention_impl
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv_cache = KVCache.zeros(cfg.num_hidden_layers, num_blocks, block_size,
+                                      cfg.num_key_value_heads, cfg.head_dim, loaded.dtype)
+        self.token_buckets = make_buckets(max_num_batched_tokens,
+                                          min(MIN_TOKEN_BUCKET, max_num_batched_tokens))
+        self.seq_buckets = make_buckets(max_num_seqs, min(MIN_SEQ_BUCKET, max_num_seqs))
+        self.max_num_seqs = max_num_seqs
+        self.vocab_size = cfg.vocab_size
+        self._compiles_at_warmup: int | None = None
+
+    # -- shapes --------------------------------------------------------------------------
+
+    def _mixed_shape(self, num_tokens: int, prompt_logprobs: bool) -> BucketShape:
+        T = bucket_for(num_tokens, self.token_buckets)
+        S = bucket_for(min(T, self.max_num_seqs), self.seq_buckets)
+        return BucketShape(T, S, T if prompt_logprobs else S, False)
+
+    def bucket_shapes(self) -> list[BucketShape]:
+        shapes = [BucketShape(S, S, S, True) for S in self.seq_buckets]
+        for T in self.token_buckets:
+            shapes += [self._mixed_shape(T, False), self._mixed_shape(T, True)]
+        return list(dict.fromkeys(shapes))
+
+    # -- warm-up -------------------------------------------------------------------------
+
+    def warmup(self) -> tuple[int, float]:
+        """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
+        start, count = time.perf_counter(), 0
+        for shape in self.bucket_shapes():
+            ids, pos, md = build_step_inputs([], [], [], self.block_size,
+                                             num_tokens=shape.num_tokens,
+                                             num_seqs=shape.num_seqs,
+                                             max_blocks_per_seq=self.max_blocks_per_seq,
+                                             logits_indices=[], num_logits=shape.num_logits,
+                                             decode_only=shape.decode_only)
+            self.kv_cache, logits = self._run_forward(ids, pos, md)
+            count += 1
+            if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
+                jax.block_until_ready(_jit_prompt_logprobs(
+                    logits, np.zeros(shape.num_logits, np.int32), num=MAX_LOGPROBS))
+                jax.block_until_ready(_jit_take_rows(logits, np.zeros(shape.num_seqs, np.int32)))
+                count += 2
+        for S in self.seq_buckets:
+            for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
+                jax.block_until_ready(_jit_sample(jnp.zeros((S, self.vocab_size)), smd))
+                count += 1
+        self._compiles_at_warmup = _compile_count[0]
+        return count, time.perf_counter() - start
+
+    @property
+    def num_compiles_since_warmup(self) -> int | None:
+        """XLA compiles in this process since warm-up ended (None before warm-up)."""
+        if self._compiles_at_warmup is None:
+            return None
+        return _compile_count[0] - self._compiles_at_warmup
+
+    def _run_forward(self, ids, pos, md):
+        return _jit_forward(self.loaded.graphdef, self.loaded.params, self.kv_cache, ids, pos,
+                            md, self.impl)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _shape_for(self, sched: SchedulerOutput, want_plp: bool) -> BucketShape:
+        reqs = sched.scheduled_requests
+        if not want_plp and all(len(r.token_ids) == 1 for r in reqs):
+            S = bucket_for(len(reqs), self.seq_buckets)
+            return BucketShape(S, S, S, True)
+        return self._mixed_shape(sched.total_num_scheduled_tokens, want_plp)
+
+    def execute_model(self, sched: SchedulerOutput, rows: Mapping[str, SamplingRow],
+                      prompt_logprobs: Mapping[str, list[int]]) -> ModelRunnerOutput:
+        """Run one step. `rows` holds the sampling inputs of requests that sample this step;
+        `prompt_logprobs` maps requests that want prompt logprobs to their prompt token ids."""
+        reqs = sched.scheduled_requests
+        want_plp = any(r.request_id in prompt_logprobs for r in reqs)
+        shape = self._shape_for(sched, want_plp)
+        cu = np.cumsum([0] + [len(r.token_ids) for r in reqs])
+        last_rows = [int(cu[s + 1]) - 1 for s in range(len(reqs))]
+        ids, pos, md = build_step_inputs(
+            [r.token_ids for r in reqs], [r.start_pos for r in reqs],
+            [r.block_ids for r in reqs], self.block_size, num_tokens=shape.num_tokens,
+            num_seqs=shape.num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+            logits_indices=list(range(int(cu[-1]))) if want_plp else last_rows,
+            num_logits=shape.num_logits, decode_only=shape.decode_only)
+        self.kv_cache, logits = self._run_forward(ids, pos, md)
+        S = shape.num_seqs
+        sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
+        smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len)
+        plp = None
+        if want_plp:
+            plp, positions = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
+            logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
+        sampled = _jit_sample(logits, smd)
+        sampled, plp = jax.device_get((sampled, plp))  # the step's one device-to-host transfer
+        out = ModelRunnerOutput({}, {}, {})
+        for s, r in enumerate(reqs):
+            if not r.sample:
+                continue
+            out.sampled_token_ids[r.request_id] = int(sampled.sampled_token_ids[s])
+            if sampled.topk_token_ids.shape[1]:
+                out.logprobs[r.request_id] = (
+                    float(sampled.sampled_logprobs[s]), int(sampled.sampled_token_ranks[s]),
+                    sampled.topk_token_ids[s], sampled.topk_logprobs[s])
+        if plp is not None:
+            for rid, rows_ in positions.items():
+                out.prompt_logprobs[rid] = (
+                    pos[rows_] + 1, plp.token_logprobs[rows_], plp.token_ranks[rows_],
+                    plp.topk_token_ids[rows_], plp.topk_logprobs[rows_])
+        return out
+
+    def _prompt_logprobs(self, logits, shape, reqs, pos, prompt_logprobs):
+        """Score each prompt token given what precedes it: row i (position p) scores the
+        prompt token at p + 1. -> (device LogprobsTensors, {request id: rows})."""
+        next_ids = np.zeros(shape.num_logits, np.int32)
+        positions: dict[str, np.ndarray] = {}
+        lo = 0
+        for r in reqs:
+            prompt = prompt_logprobs.get(r.request_id)
+            if prompt is not None:
+                rows_ = np.arange(lo, lo + len(r.token_ids))
+                rows_ = rows_[pos[rows_] + 1 < len(prompt)]
+                next_ids[rows_] = np.asarray(prompt)[pos[rows_] + 1]
+                positions[r.request_id] = rows_
+            lo += len(r.token_ids)
+        return _jit_prompt_logprobs(logits, next_ids, num=MAX_LOGPROBS), positions

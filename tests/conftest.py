@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded SmolLM2 in jaxpaged and in transformers (the reference)."""
+
+import os
+import tempfile
+
+import pytest
+
+# Tests run on the CPU in f32 unless a GPU test asks otherwise; keep XLA quiet and single-host.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def cache_root() -> str:
+    """A fresh weight cache for the session, so the convert-then-cache path is exercised."""
+    root = tempfile.mkdtemp(prefix="jaxpaged-cache-")
+    os.environ["JAXPAGED_CACHE_DIR"] = root
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2(cache_root):
+    from jaxpaged.loader import load_model
+
+    return load_model(None, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    import torch
+    import transformers
+
+    from jaxpaged.loader import default_model_path
+
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return model

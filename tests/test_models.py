@@ -1,0 +1,112 @@
+"""Our paged forward against transformers' PyTorch models: SmolLM2 and tiny models per family."""
+
+import numpy as np
+import pytest
+import torch
+
+from reference import PagedRunner, rel_err
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with "
+    "the ends of worms and an oozy smell, nor yet a dry, bare, sandy hole with nothing in it to "
+    "sit down on or to eat: it was a hobbit-hole, and that means comfort.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",  # 2-digit tokens: exactly a block or one past it
+]
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_prefill_logits_match_transformers(smollm2, hf_smollm2, prompt):
+    ids = smollm2.tokenizer(prompt)["input_ids"]
+    runner = PagedRunner(smollm2, num_seqs=1, max_len=128)
+    ours = runner.step({0: ids}, num_tokens=128)[0]
+    assert rel_err(ours, hf_logits(hf_smollm2, ids)) <= 1e-4
+
+
+def test_smollm2_chunked_then_token_by_token_matches_transformers(smollm2, hf_smollm2):
+    """Prefill in two chunks, then decode one token a step through the shuffled paged cache."""
+    ids = smollm2.tokenizer(PROMPTS[2])["input_ids"]
+    ref = hf_logits(hf_smollm2, ids)
+    runner = PagedRunner(smollm2, num_seqs=1, max_len=128, seed=3)
+    got = [runner.step({0: ids[:17]})[0], runner.step({0: ids[17:40]})[0]]
+    got += [runner.step({0: [t]})[0] for t in ids[40:]]
+    assert rel_err(np.concatenate(got), ref) <= 1e-4
+
+
+def test_smollm2_mixed_batch_of_prefills_and_decodes(smollm2, hf_smollm2):
+    """Several sequences in one flat batch: one decodes while another prefills."""
+    a = smollm2.tokenizer(PROMPTS[0])["input_ids"]
+    b = smollm2.tokenizer(PROMPTS[3])["input_ids"]
+    runner = PagedRunner(smollm2, num_seqs=3, max_len=64, seed=5)
+    first = runner.step({0: a[:-1]})
+    mixed = runner.step({0: a[-1:], 2: b})
+    assert rel_err(np.concatenate([first[0], mixed[0]]), hf_logits(hf_smollm2, a)) <= 1e-4
+    assert rel_err(mixed[2], hf_logits(hf_smollm2, b)) <= 1e-4
+
+
+def test_second_load_comes_from_the_orbax_cache(smollm2, cache_root):
+    import os
+
+    from jaxpaged.loader import load_model
+    from jaxpaged.weights import flatten_state
+
+    entries = os.listdir(cache_root)
+    assert len(entries) == 1 and os.path.isfile(os.path.join(cache_root, entries[0], "complete"))
+    again = load_model(None, dtype="float32")
+    a, b = flatten_state(smollm2.params), flatten_state(again.params)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert again.tokenizer.eos_token_id == 2  # the GGUF metadata's EOS, <|im_end|>
+    assert again.tokenizer.chat_template
+
+
+def _tiny_hf_model(family: str, tmp_path, **extra):
+    import transformers
+
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    cfg = config_cls(**{**common, **extra})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # break the zero-bias and unit-norm symmetry of a fresh model
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model.eval()
+
+
+FAMILIES = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+               "rope_theta": 500000.0}),
+    ("mistral", {"sliding_window": None}),
+    ("qwen2", {}),
+    ("qwen3", {"head_dim": 32}),
+]
+
+
+@pytest.mark.parametrize("family,extra", FAMILIES, ids=["llama", "llama3-rope-tied", "mistral",
+                                                        "qwen2", "qwen3"])
+def test_tiny_family_model_matches_transformers(family, extra, tmp_path):
+    from jaxpaged.loader import load_model
+
+    hf = _tiny_hf_model(family, tmp_path, **extra)
+    ours = load_model(str(tmp_path), dtype="float32")
+    assert ours.config.family == family
+    ids = list(np.random.default_rng(1).integers(0, 160, size=70))
+    ref = hf_logits(hf, ids)
+    runner = PagedRunner(ours, num_seqs=1, max_len=96, block_size=16, seed=2)
+    got = [runner.step({0: ids[:33]})[0]] + [runner.step({0: [t]})[0] for t in ids[33:]]
+    assert rel_err(np.concatenate(got), ref) <= 1e-4
