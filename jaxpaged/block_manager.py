@@ -92,7 +92,8 @@ class BlockManager:
     def reads_prefix_cache(self, request: Request) -> bool:
         """Whether ``request`` may take prefix hits. Prompt logprobs need the logits of every
         prompt position, so such a request computes its whole prompt (it still fills the cache)."""
-        return self.enable_prefix_caching and getattr(request.sampling_params, "prompt_logprobs", None) is None
+        prompt_logprobs = getattr(request.sampling_params, "prompt_logprobs", None)
+        return self.enable_prefix_caching and prompt_logprobs is None
 
     @property
     def num_free_blocks(self) -> int:
@@ -132,8 +133,11 @@ class BlockManager:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         if new_computed_blocks and request.block_ids:
-            raise ValueError(f"new_computed_blocks given for {request.request_id!r}, which already holds blocks")
-        num_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
+            raise ValueError(
+                f"new_computed_blocks given for {request.request_id!r}, which already holds blocks"
+            )
+        num_hit_tokens = len(new_computed_blocks) * self.block_size
+        num_tokens = request.num_computed_tokens + num_hit_tokens + num_new_tokens
         num_required = -(-num_tokens // self.block_size)
         num_new_blocks = max(0, num_required - len(request.block_ids) - len(new_computed_blocks))
         # Hits on freed cached blocks take them out of the free queue too.
@@ -143,7 +147,7 @@ class BlockManager:
 
         if not request.block_ids and self.reads_prefix_cache(request):
             self.prefix_cache_stats.queries += request.num_tokens
-            self.prefix_cache_stats.hits += len(new_computed_blocks) * self.block_size
+            self.prefix_cache_stats.hits += num_hit_tokens
         for block_id in new_computed_blocks:
             block = self.blocks[block_id]
             if block.ref_cnt == 0:
@@ -220,8 +224,9 @@ class BlockManager:
                     f"block {block.block_id}: ref_cnt={block.ref_cnt}, "
                     f"held by {holders[block.block_id]} requests, in free queue={is_free}"
                 )
-            if block.block_hash is not None and self.cached_block_hash_to_block.get(block.block_hash) != block.block_id:
-                raise RuntimeError(f"block {block.block_id} has a hash the prefix cache does not map to it")
+            cached_id = self.cached_block_hash_to_block.get(block.block_hash) if block.block_hash else None
+            if block.block_hash is not None and cached_id != block.block_id:
+                raise RuntimeError(f"block {block.block_id} has a hash the prefix cache maps elsewhere")
         for block_hash, block_id in self.cached_block_hash_to_block.items():
             if self.blocks[block_id].block_hash != block_hash:
                 raise RuntimeError(f"prefix cache maps a hash to block {block_id}, which has another")

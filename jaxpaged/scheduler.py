@@ -103,10 +103,25 @@ class _Plan:
     preempted: list[Request] = field(default_factory=list)
 
 
+def _scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    start = request.num_computed_tokens
+    return ScheduledRequest(
+        request_id=request.request_id,
+        token_ids=request.all_token_ids[start : start + num_new_tokens],
+        start_pos=start,
+        block_ids=list(request.block_ids),
+        sample=start + num_new_tokens == request.num_tokens,
+    )
+
+
 class Scheduler:
+    """Owns the requests and the BlockManager; plans each step, then applies its results."""
+
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         self.requests: dict[str, Request] = {}  # live (unfinished) requests
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -155,7 +170,9 @@ class Scheduler:
         max_tokens = getattr(request.sampling_params, "max_tokens", None)
         return self.config.max_model_len if max_tokens is None else max_tokens
 
-    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> list[Request]:
+    def finish_requests(
+        self, request_ids: str | Iterable[str], finished_status: RequestStatus
+    ) -> list[Request]:
         """Finish live requests (aborts, stop strings found by the detokenizer). Unknown or
         already finished ids are ignored. Returns the requests finished here."""
         if not finished_status.is_finished():
@@ -198,24 +215,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         if self._awaiting_update:
-            raise RuntimeError("schedule() called again before update_from_output() applied the last output")
+            raise RuntimeError("schedule() called again before update_from_output() applied its output")
         self._awaiting_update = True
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted:  # if blocks ran out for running requests, admit nobody
             self._schedule_waiting(plan)
-        scheduled = [
-            ScheduledRequest(
-                request_id=request.request_id,
-                token_ids=request.all_token_ids[request.num_computed_tokens : request.num_computed_tokens + n],
-                start_pos=request.num_computed_tokens,
-                block_ids=list(request.block_ids),
-                sample=request.num_computed_tokens + n == request.num_tokens,
-            )
-            for request, n in plan.scheduled
-        ]
         output = SchedulerOutput(
-            scheduled_requests=scheduled,
+            scheduled_requests=[_scheduled_request(request, n) for request, n in plan.scheduled],
             total_num_scheduled_tokens=sum(n for _, n in plan.scheduled),
             preempted_req_ids=[r.request_id for r in plan.preempted],
             finished_req_ids=self._finished_req_ids,
@@ -284,12 +291,15 @@ class Scheduler:
             return False
         block_hash = request.block_hashes[k]
         end = (k + 1) * self.config.block_size
+        # The slice is empty when the other request's hashes do not reach index k.
         return any(
-            len(other.block_hashes) > k and other.block_hashes[k] == block_hash and other.num_computed_tokens < end
+            other.num_computed_tokens < end and other.block_hashes[k : k + 1] == [block_hash]
             for other in self.running
         )
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]
+    ) -> list[Request]:
         """Apply a step's results. Returns the requests that got a new token (finished or not)
         and the requests rejected by add_request that this output reported."""
         missing = [
@@ -326,7 +336,8 @@ class Scheduler:
             if last in (getattr(params, "stop_token_ids", None) or ()):
                 request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
-        if request.num_output_tokens >= self._max_tokens(request) or request.num_tokens >= self.config.max_model_len:
+        max_tokens = self._max_tokens(request)
+        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.config.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

@@ -1,4 +1,9 @@
+import random
+
 import pytest
+from hypothesis import HealthCheck, event, settings, target
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -333,13 +338,6 @@ def test_config_validation(overrides, field):
 
 
 # -- stateful: random traffic against a tiny cache -------------------------------------------
-
-import random  # noqa: E402
-
-from hypothesis import HealthCheck, event, settings, target  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
-
 
 class SchedulerMachine(RuleBasedStateMachine):
     """Adds, steps (with random sampled tokens), aborts and forced preemptions (a tiny cache,
