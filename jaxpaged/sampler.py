@@ -183,7 +183,8 @@ class SamplingRow:
     ``seed`` is required: the engine uses ``sampling_params.seed`` when given (plus the
     completion's index for n > 1, so siblings differ) and otherwise draws one at arrival.
     ``token_ids`` is the prompt followed by the outputs so far; it is only copied when the batch
-    uses penalties, but its length always gives the output position.
+    uses penalties, but its length always gives the output position. A NumPy array makes that
+    copy a memcpy; a Python list costs about 30 ns a token (256 rows of 3,000 tokens: ~28 ms).
     """
 
     sampling_params: SamplingParams
