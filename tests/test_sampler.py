@@ -153,6 +153,10 @@ def test_penalties_match_reference() -> None:
     assert not md.no_penalties and md.token_ids.shape == (4, L)
     got = jax.jit(apply_penalties)(jnp.asarray(logits), md)
     np.testing.assert_allclose(got, penalties_reference(logits, rows), rtol=1e-6, atol=1e-6)
+    # NumPy histories (the fast path for the engine) build the same metadata.
+    as_arrays = [SamplingRow(r.sampling_params, r.seed, np.asarray(r.token_ids, np.int32), r.num_prompt_tokens)
+                 for r in rows]
+    np.testing.assert_array_equal(build_sampling_metadata(as_arrays, 4, V, L).token_ids, md.token_ids)
     # Penalties apply to greedy rows too.
     greedy = [row(temperature=0.0, tokens=r.token_ids, prompt_len=r.num_prompt_tokens,
                   repetition_penalty=r.sampling_params.repetition_penalty,
