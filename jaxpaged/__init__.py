@@ -1,11 +1,28 @@
-"""jaxpaged: vLLM's PagedAttention and continuous batching in JAX."""
+"""jaxpaged: vLLM's PagedAttention and continuous batching in JAX.
 
-from jaxpaged.engine import LLMEngine
-from jaxpaged.engine_config import EngineConfig
-from jaxpaged.llm import LLM
-from jaxpaged.outputs import CompletionOutput, RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+Exports resolve lazily, so importing a host-side module (`jaxpaged.scheduler`, ...) never
+pulls in jax.
+"""
+
+import importlib
+
+from jaxpaged import logger as _logger
+
+_logger.configure()
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput"]
+_EXPORTS = {
+    "LLM": "jaxpaged.llm",
+    "LLMEngine": "jaxpaged.engine",
+    "EngineConfig": "jaxpaged.engine_config",
+    "SamplingParams": "jaxpaged.sampling_params",
+    "RequestOutput": "jaxpaged.outputs",
+    "CompletionOutput": "jaxpaged.outputs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxpaged' has no attribute {name!r}")
