@@ -60,9 +60,9 @@ class KVCacheBlock:
 
 @dataclass(slots=True)
 class PrefixCacheStats:
-    """Counted in tokens, once per request admission (vLLM's convention)."""
+    """Counted in tokens, once per admission (a resume after preemption counts again)."""
 
-    queries: int = 0  # prompt tokens of admitted requests that could read the cache
+    queries: int = 0  # tokens of admitted requests that could read the cache
     hits: int = 0  # of which found in the cache
 
     @property
