@@ -57,7 +57,8 @@ def time_jax(step, x0, shared=(), sets=((),), reps: int = 5, min_calls: int = 8)
 
     def chain(x, shared, sets):
         for i in range(calls):
-            x = step(x, *shared, *sets[i % len(sets)])
+            # The barrier keeps XLA from fusing consecutive elementwise calls into one pass.
+            x = jax.lax.optimization_barrier(step(x, *shared, *sets[i % len(sets)]))
         return x
 
     multi = jax.jit(chain)
@@ -153,10 +154,17 @@ def make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets, seed=0):
 
 DECODE_VARIANTS = {
     "bn64_w4_s2": dict(block_n=64, num_warps=4, num_stages=2),
-    "bn128_w4_s3": dict(block_n=128, num_warps=4, num_stages=3),
-    "bn64_w4_s4": dict(block_n=64, num_warps=4, num_stages=4),
+    "bn128_w4_s2": dict(block_n=128, num_warps=4, num_stages=2),
     "bn128_w8_s2": dict(block_n=128, num_warps=8, num_stages=2),
-    "bn32_w4_s4": dict(block_n=32, num_warps=4, num_stages=4),
+    "bn64_w4_s3": dict(block_n=64, num_warps=4, num_stages=3),
+    "bn256_w8_s2": dict(block_n=256, num_warps=8, num_stages=2),
+    "bn64_w4_s2_sp1": dict(block_n=64, num_warps=4, num_stages=2, num_splits=1),
+    "bn64_w4_s2_sp2": dict(block_n=64, num_warps=4, num_stages=2, num_splits=2),
+    "bn64_w4_s2_sp4": dict(block_n=64, num_warps=4, num_stages=2, num_splits=4),
+    "bn128_w4_s2_sp1": dict(block_n=128, num_warps=4, num_stages=2, num_splits=1),
+    "bn128_w4_s2_sp4": dict(block_n=128, num_warps=4, num_stages=2, num_splits=4),
+    "bn64_w4_s2_sp64": dict(block_n=64, num_warps=4, num_stages=2, num_splits=64),
+    "bn32_w4_s2_sp128": dict(block_n=32, num_warps=4, num_stages=2, num_splits=128),
 }
 
 
@@ -196,7 +204,8 @@ def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_re
         k_splits = min(16, ctx // BLOCK)
         peer = functools.partial(jax_paged.paged_attention, k_splits=k_splits)
         report("jax_paged_attention", time_jax(lambda q, kc, vc, ln, t: peer(q, kc, vc, t, ln), qs[0], (k_t, v_t, lens), sets))
-        peer_out = peer(qs[0], k_t, v_t, tables[0], lens)
+        # jax's kernel applies no softmax scale: give it the pre-scaled query for the error check.
+        peer_out = peer(qs[0] * (1 / math.sqrt(HEAD_DIM)), k_t, v_t, tables[0], lens)
         if ours is not None:
             row["err_vs_jax"] = rel_err(ours, peer_out)
     except Exception as e:
@@ -219,11 +228,13 @@ def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_re
 # ---------------------------------------------------------------- prefill
 
 PREFILL_VARIANTS = {
-    "m128_n64_w8_s2": dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
-    "m128_n64_w8_s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "m128_n128_w8_s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+    "m128_n128_w8_s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    "m128_n64_w4_s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
     "m64_n64_w4_s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    "m128_n32_w4_s3": dict(block_m=128, block_n=32, num_warps=4, num_stages=3),
+    "m64_n128_w4_s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "m128_n64_w8_s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
 }
 
 
@@ -388,6 +399,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="key configurations only")
     parser.add_argument("--out", default=None, help="extra directory for the reports (e.g. $OUT)")
     parser.add_argument("--sections", default="ceilings,decode,prefill,write")
+    parser.add_argument("--decode-variants", default="bn64_w4_s2,bn128_w4_s2", help="outside the key configurations")
+    parser.add_argument("--prefill-variants", default=",".join(PREFILL_VARIANTS))
     args = parser.parse_args()
     sections = args.sections.split(",")
     out_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] + ([args.out] if args.out else [])
@@ -407,7 +420,8 @@ def main() -> None:
                 for ctx in (512, 2048, 8192):
                     if args.quick and (batch, ctx, nq) not in key_configs:
                         continue
-                    variants = DECODE_VARIANTS if (batch, ctx, nq) in key_configs else dict(list(DECODE_VARIANTS.items())[:2])
+                    names = DECODE_VARIANTS if (batch, ctx, nq) in key_configs else args.decode_variants.split(",")
+                    variants = {n: DECODE_VARIANTS[n] for n in names}
                     key = f"{batch}_{ctx}_{nq}_8"
                     t0 = time.time()
                     row = bench_decode(batch, ctx, nq, 8, copy_bw, variants)
@@ -424,7 +438,8 @@ def main() -> None:
                 if args.quick and (num_seqs, seq_len) != (1, 4096):
                     continue
                 key = f"{num_seqs}_{seq_len}_{nq}_8"
-                row = bench_prefill(num_seqs, seq_len, nq, 8, peak, PREFILL_VARIANTS)
+                variants = {n: PREFILL_VARIANTS[n] for n in args.prefill_variants.split(",")}
+                row = bench_prefill(num_seqs, seq_len, nq, 8, peak, variants)
                 results["prefill"][key] = row
                 best = row.get(row.get("ours_best") or "", {})
                 log(f"prefill {key}: ours {best.get('TFLOPs', 0):.0f} TFLOP/s [{row.get('ours_best')}], "

@@ -6,7 +6,7 @@ Design (after vLLM's triton_unified_attention and tpu-inference's ragged paged a
 - Work is cut into q-blocks of ``block_q`` consecutive tokens of one sequence. A q-block times the
   Gp (G padded to a power of two) query heads sharing a kv head is one ``block_m = block_q * Gp``
   row tile, so each K/V tile loaded from the cache serves the whole GQA group.
-- grid (q-blocks, K kv heads). The q-block -> (sequence, first token) map is a few tiny XLA ops
+- grid (K kv heads, q-blocks). The q-block -> (sequence, first token) map is a few tiny XLA ops
   over ``cu_q_lens`` (XLA dedupes them across layers); there are ``cdiv(T, block_q) + S`` program
   slots, which always leaves enough spare slots to zero-fill the padding rows past
   ``cu_q_lens[S]``, so every output row is written by exactly one program.
@@ -47,7 +47,7 @@ def _ragged_kernel(
     block_m: int,
     block_n: int,
 ):
-    p, kh = pl.program_id(0), pl.program_id(1)
+    kh, p = pl.program_id(0), pl.program_id(1)
     head_dim = q_ref.shape[-1]
     block_q = block_m // group_pad
     q_start = meta_ref[_Q_START * num_programs + p]
@@ -112,12 +112,14 @@ def _program_metadata(
 ) -> jax.Array:
     """i32[5 * num_programs]: q_start, q_end, pos0, kv_len, seq of every program slot.
 
-    Slots past the last real q-block zero-fill the padding rows [cu_q_lens[S], T).
+    Slots past the last real q-block zero-fill the padding rows [cu_q_lens[S], T). Slots are
+    numbered backwards so that the first to launch are the late q-blocks of the last sequences,
+    which see the most keys: long programs first keeps the causal tail of the launch short.
     """
     num_seqs = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q))])
-    slot = jnp.arange(num_programs, dtype=jnp.int32)
+    slot = num_programs - 1 - jnp.arange(num_programs, dtype=jnp.int32)
     seq = jnp.searchsorted(cu_blocks[1:], slot, side="right").astype(jnp.int32)
     real = seq < num_seqs
     seq_c = jnp.minimum(seq, num_seqs - 1)
@@ -199,7 +201,9 @@ def ragged_paged_attention_tuned(
     )
     out = pl.pallas_call(
         kernel,
-        grid=(num_programs, num_kv_heads),
+        # CUDA starts blocks x-fastest: all kv heads of one q-block together, q-blocks in slot
+        # order, and slots run from the costliest q-block (see _program_metadata).
+        grid=(num_kv_heads, num_programs),
         out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_use_interpret(interpret),
