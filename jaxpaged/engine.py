@@ -279,14 +279,18 @@ class LLMEngine:
             tracked.num_cached_tokens = request.num_cached_tokens
         tracked.metrics.last_token_time = now
         completion.token_ids.append(new_token)
-        if result is not None and request.request_id in result.logprobs:
+        if tracked.params.logprobs is not None and result is not None \
+                and request.request_id in result.logprobs:
             lp, rank, top_ids, top_lps = result.logprobs[request.request_id]
             completion.logprobs.append(make_logprobs_dict(
                 new_token, lp, rank, top_ids, top_lps, tracked.params.logprobs,
                 self._decode_one))
             completion.cumulative_logprob += lp
         detok = tracked.detokenizers[index]
-        stop_str = detok.update([new_token]) if detok is not None else None
+        # A stop token (EOS or a stop id) ends the text without its own characters.
+        stopped_on_token = request.status == RequestStatus.FINISHED_STOPPED
+        stop_str = (detok.update([new_token], stop_terminated=stopped_on_token)
+                    if detok is not None else None)
         if stop_str is not None and not request.is_finished:
             self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
         if stop_str is not None:

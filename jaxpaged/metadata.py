@@ -12,8 +12,8 @@ import dataclasses
 import jax
 import numpy as np
 
-PAD_SLOT_ID = -1
-NULL_BLOCK_ID = 0
+from jaxpaged.block_manager import NULL_BLOCK_ID
+from jaxpaged.buckets import PAD_SLOT_ID
 
 
 @jax.tree_util.register_dataclass

@@ -88,6 +88,7 @@ class ModelRunner:
         self.seq_buckets = make_buckets(max_num_seqs, min(MIN_SEQ_BUCKET, max_num_seqs))
         self.max_num_seqs = max_num_seqs
         self.vocab_size = cfg.vocab_size
+        self.num_logprobs = min(MAX_LOGPROBS, cfg.vocab_size)  # top-N width of prompt logprobs
         self._compiles_at_warmup: int | None = None
 
     # -- shapes --------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class ModelRunner:
             count += 1
             if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
                 jax.block_until_ready(_jit_prompt_logprobs(
-                    logits, np.zeros(shape.num_logits, np.int32), num=MAX_LOGPROBS))
+                    logits, np.zeros(shape.num_logits, np.int32), num=self.num_logprobs))
                 jax.block_until_ready(_jit_take_rows(logits, np.zeros(shape.num_seqs, np.int32)))
                 count += 2
         for S in self.seq_buckets:
@@ -204,4 +205,4 @@ class ModelRunner:
                 next_ids[rows_] = np.asarray(prompt)[pos[rows_] + 1]
                 positions[r.request_id] = rows_
             lo += len(r.token_ids)
-        return _jit_prompt_logprobs(logits, next_ids, num=MAX_LOGPROBS), positions
+        return _jit_prompt_logprobs(logits, next_ids, num=self.num_logprobs), positions

@@ -25,6 +25,13 @@ RAW = [
     "The mitochondria is",
     "Here is a short story about a robot who learns to paint. It begins in a quiet workshop on "
     "the edge of a city, where an old inventor keeps a room full of half-finished machines.",
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined a screw press, movable metal type, oil-based ink and paper into a "
+    "system that could produce books far faster than scribes. Within fifty years presses had "
+    "spread to more than two hundred cities across Europe, and the number of books in "
+    "circulation grew from thousands to millions. Scholars could now compare identical copies "
+    "of a text, errors could be corrected in later editions, and ideas travelled faster than "
+    "ever before. The most important consequence of this change was",
 ]
 CHAT = [
     "What is the capital of France?",

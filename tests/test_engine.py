@@ -1,0 +1,179 @@
+"""End to end on SmolLM2: the engine's greedy tokens equal transformers' under every
+scheduling regime (batched, one at a time, preemption, chunked prefill, prefix-cache hits),
+and sampling, logprobs, stops and bad requests behave as in vLLM."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jaxpaged import LLM, SamplingParams
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
+ROWS = GOLDEN["rows"]
+PROMPTS = [r["prompt_token_ids"] for r in ROWS]
+EXPECTED = [r["output_token_ids"] for r in ROWS]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=GOLDEN["meta"]["max_new_tokens"])
+
+
+def make_llm(**kwargs) -> LLM:
+    kwargs.setdefault("warmup", False)
+    kwargs.setdefault("max_model_len", 256)
+    kwargs.setdefault("dtype", "float32")
+    return LLM(**kwargs)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def kv_blocks_in_use(llm: LLM) -> int:
+    """Blocks held by requests (freed blocks kept for the prefix cache count as free)."""
+    bm = llm.llm_engine.scheduler.block_manager
+    return llm.llm_engine.num_kv_blocks - 1 - bm.num_free_blocks
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return make_llm(max_num_seqs=16, max_num_batched_tokens=256, warmup=True)
+
+
+def test_at_least_16_mixed_prompts(llm):
+    assert len(PROMPTS) >= 16 and max(map(len, PROMPTS)) >= 100 and min(map(len, PROMPTS)) <= 5
+
+
+def test_all_at_once_matches_transformers_without_compiling(llm):
+    compiled_before = llm.llm_engine.runner.num_compiles_since_warmup
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert token_ids(outputs) == EXPECTED
+    assert compiled_before == 0 and llm.llm_engine.runner.num_compiles_since_warmup == 0
+    assert kv_blocks_in_use(llm) == 0
+
+
+def test_one_at_a_time_matches_transformers(llm):
+    got = [token_ids(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in PROMPTS[:6]]
+    assert got == EXPECTED[:6]
+
+
+def test_preemption_under_a_tiny_cache_matches_transformers():
+    llm = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
+                   enable_prefix_caching=False)
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert token_ids(outputs) == EXPECTED
+    assert kv_blocks_in_use(llm) == 0
+
+
+def test_chunked_prefill_matches_transformers():
+    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16)
+    longest = max(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
+    picks = [longest, 0, 8, 9]
+    outputs = llm.generate([PROMPTS[i] for i in picks], GREEDY, use_tqdm=False)
+    assert len(PROMPTS[longest]) > 16 * 4  # the prompt really is split into many chunks
+    assert token_ids(outputs) == [EXPECTED[i] for i in picks]
+
+
+def test_shared_system_prompt_hits_the_prefix_cache(llm):
+    chat = [i for i, r in enumerate(ROWS) if r["kind"] == "chat"]
+    stats_before = llm.llm_engine.scheduler.get_stats()
+    first = llm.generate([PROMPTS[chat[0]]], GREEDY, use_tqdm=False)
+    rest = llm.generate([PROMPTS[i] for i in chat[1:]], GREEDY, use_tqdm=False)
+    stats = llm.llm_engine.scheduler.get_stats()
+    assert stats.prefix_cache_hits > stats_before.prefix_cache_hits
+    assert all(o.num_cached_tokens > 0 for o in rest)
+    assert token_ids(first + rest) == [EXPECTED[i] for i in chat]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24)
+    alone = llm.generate([PROMPTS[9]], params, use_tqdm=False)[0].outputs[0].token_ids
+    batch = llm.generate(PROMPTS[:12], [GREEDY] * 9 + [params] + [GREEDY] * 2, use_tqdm=False)
+    assert batch[9].outputs[0].token_ids == alone
+    assert alone != EXPECTED[9][:len(alone)]  # it really sampled
+
+
+def test_n_3_gives_three_distinct_completions(llm):
+    out = llm.generate([PROMPTS[1]], SamplingParams(n=3, temperature=1.0, seed=7,
+                                                     max_tokens=16), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 16 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    assert kv_blocks_in_use(llm) == 0
+
+
+def test_logprobs_match_log_softmax_of_transformers_logits(llm, hf_smollm2):
+    prompt = PROMPTS[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logprobs=5,
+                                                prompt_logprobs=3), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    full = prompt + comp.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_smollm2(torch.tensor([full])).logits[0].float(), -1).numpy()
+    for i, (tok, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert set(lp) >= set(np.argsort(-row)[:5].tolist())
+        for t, entry in lp.items():
+            assert entry.logprob == pytest.approx(row[t], abs=1e-3)
+    assert comp.cumulative_logprob == pytest.approx(
+        sum(ref[len(prompt) - 1 + i, t] for i, t in enumerate(comp.token_ids)), abs=1e-2)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert out.prompt_logprobs[i][prompt[i]].logprob == pytest.approx(
+            ref[i - 1, prompt[i]], abs=1e-3)
+
+
+def test_stop_strings_and_stop_ids_finish_with_the_right_reason(llm):
+    tok = llm.get_tokenizer()
+    text = tok.decode(EXPECTED[0])  # " Paris.\n\nThe answer is: ..."
+    stop_str = text[3:9]  # spans token boundaries
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=32,
+                                                    stop=[stop_str]), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert (comp.finish_reason, comp.stop_reason) == ("stop", stop_str)
+    assert comp.text == text[:3]
+    stop_id = EXPECTED[1][5]
+    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=32,
+                                                    stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert (comp.finish_reason, comp.stop_reason) == ("stop", stop_id)
+    assert comp.token_ids == EXPECTED[1][:EXPECTED[1].index(stop_id) + 1]
+    out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=5),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 5
+
+
+def test_bad_requests_fail_alone_and_the_batch_completes(llm):
+    vocab = llm.llm_engine.model.config.vocab_size
+    prompts = [PROMPTS[0], list(range(1, 300)), [], [5, vocab + 3], PROMPTS[1], PROMPTS[3]]
+    params = [GREEDY] * 5 + [{"temperature": -1.0}]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    reasons = [o.outputs[0].finish_reason for o in outputs]
+    assert reasons[1:4] == ["error"] * 3 and reasons[5] == "error"
+    assert "max_model_len" in outputs[1].error or "256" in outputs[1].error
+    assert "empty" in outputs[2].error
+    assert "vocabulary" in outputs[3].error
+    assert "temperature" in outputs[5].error
+    assert token_ids([outputs[0], outputs[4]]) == [EXPECTED[0], EXPECTED[1]]
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_streaming_engine_abort_frees_blocks(llm):
+    engine = llm.llm_engine
+    engine.add_request("a", PROMPTS[8], SamplingParams(temperature=0, max_tokens=32))
+    engine.add_request("b", PROMPTS[9], SamplingParams(temperature=0, max_tokens=32))
+    seen = []
+    for _ in range(3):
+        seen += engine.step()
+    engine.abort_request("a")
+    finals = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                finals[o.request_id] = o
+    assert finals["a"].outputs[0].finish_reason == "abort"
+    assert finals["b"].outputs[0].token_ids == EXPECTED[9]
+    assert any(o.request_id == "b" and not o.finished for o in seen)
+    assert kv_blocks_in_use(llm) == 0
+    engine.scheduler.block_manager.check_invariants([])
