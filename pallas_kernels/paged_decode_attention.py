@@ -25,9 +25,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 LOG2E = math.log2(math.e)
-# Programs we want in flight on an H100 (132 SMs, a few CTAs each) before splitting the KV length.
-_TARGET_PROGRAMS = 132 * 4
-_MIN_SPLIT_TOKENS = 256
+# Measured on the H100 (benchmarks/NOTES_kernels.md): with 256 or more (sequence, kv head)
+# programs one launch keeps the GPU busy and splitting only adds the merge; below that, split
+# the KV length until about 512 programs run, each with at least 128 keys.
+_SPLIT_BELOW_PROGRAMS = 256
+_TARGET_PROGRAMS = 512
+_MIN_SPLIT_TOKENS = 128
 
 
 def _next_pow2(x: int) -> int:
@@ -133,9 +136,9 @@ def _merge_splits(parts: jax.Array, lse: jax.Array, dtype: jnp.dtype) -> jax.Arr
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n: int) -> int:
-    """Enough KV splits that S * K * splits programs fill the GPU, none shorter than a few tiles."""
+    """KV splits per (sequence, kv head) so that small batches still fill the GPU."""
     programs = num_seqs * num_kv_heads
-    if programs >= _TARGET_PROGRAMS:
+    if programs >= _SPLIT_BELOW_PROGRAMS:
         return 1
     most = max(1, max_tokens // max(_MIN_SPLIT_TOKENS, block_n))
     return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), most))
