@@ -72,6 +72,8 @@ class ModelConfig:
         D, F, N, K, H = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
                          self.num_key_value_heads, self.head_dim)
         layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D
+        layer += (N + 2 * K) * H if self.attention_bias else 0
+        layer += 2 * H if self.qk_norm else 0
         embed = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embed + D
 
