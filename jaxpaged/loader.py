@@ -151,10 +151,15 @@ def _load_gguf(path: Path, dtype: jnp.dtype, name: str) -> LoadedModel:
     return LoadedModel(name, config, graphdef, params, tokenizer, dtype)
 
 
-def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> Any:
+def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> Any | None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for tokenizers it cannot rebuild
+        logger.warning("%s: no usable tokenizer in the file (%s); only token-id prompts will "
+                       "work", path, e)
+        return None
     # transformers reports the wrong EOS for some GGUF files; the file's metadata is the truth.
     if meta.get("eos_token_id") is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(meta["eos_token_id"]))
@@ -163,14 +168,14 @@ def _gguf_tokenizer(path: Path, meta: dict[str, Any]) -> Any:
     return tokenizer
 
 
-def _cached_tokenizer(path: Path) -> Any:
+def _cached_tokenizer(path: Path) -> Any | None:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path)) if path.is_dir() else None
 
 
 def _save_entry(entry: Path, config: ModelConfig, flat: dict[tuple[str, ...], np.ndarray],
-                tokenizer: Any) -> None:
+                tokenizer: Any | None) -> None:
     """Write the cache entry atomically enough: `complete` is written last."""
     import orbax.checkpoint as ocp
 
@@ -182,7 +187,8 @@ def _save_entry(entry: Path, config: ModelConfig, flat: dict[tuple[str, ...], np
         tree = {"/".join(k): v for k, v in flat.items()}
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save((entry / "params").absolute(), tree)
-        tokenizer.save_pretrained(str(entry / "tokenizer"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(entry / "tokenizer"))
         (entry / "complete").write_text("ok")
     except OSError as e:  # a read-only home must not stop the load itself
         logger.warning("could not cache converted weights in %s: %s", entry, e)
