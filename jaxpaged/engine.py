@@ -145,6 +145,12 @@ class LLMEngine:
                              f"{type(params).__name__}")
         params.verify(self.model.config.vocab_size)
         text, ids = self._tokenize(prompt)
+        extra_eos = [t for t in self.model.config.eos_token_ids[1:]
+                     if t not in params.stop_token_ids]
+        if extra_eos and not params.ignore_eos:
+            # Models with several EOS ids (Llama 3) stop on all of them, as vLLM does, by
+            # treating the others as stop token ids.
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_eos)
         now = time.time() if arrival_time is None else arrival_time
         seeds = [(params.seed + i) if params.seed is not None else self._rng.getrandbits(32)
                  for i in range(params.n)]
