@@ -177,3 +177,29 @@ def test_streaming_engine_abort_frees_blocks(llm):
     assert any(o.request_id == "b" and not o.finished for o in seen)
     assert kv_blocks_in_use(llm) == 0
     engine.scheduler.block_manager.check_invariants([])
+
+
+def test_pallas_kernels_in_the_engine_match_transformers():
+    """The GPU attention path (interpreted on the CPU) inside the engine: decode-only steps use
+    the decode kernel, mixed steps the ragged kernel, writes go through the KV-write kernel."""
+    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
+                   max_num_seqs=4, max_num_batched_tokens=64)
+    picks = [0, 9, 3]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
+    assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
+
+
+def test_models_with_several_eos_ids_stop_on_each():
+    llm = make_llm(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+    engine = llm.llm_engine
+    engine.model.config = __import__("dataclasses").replace(engine.model.config,
+                                                             eos_token_ids=(2, 7, 9))
+    engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=4, stop_token_ids=[7]))
+    engine.add_request("y", PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    requests = engine.scheduler.requests
+    assert requests["x#0"].sampling_params.stop_token_ids == [7, 9]
+    assert requests["y#0"].sampling_params.stop_token_ids == []
+    engine.abort_request(["x", "y"])
+    while engine.has_unfinished_requests():
+        engine.step()
