@@ -47,7 +47,7 @@ def log(msg: str) -> None:
     LOG.append(msg)
 
 
-def time_jax(step, x0, shared=(), sets=((),), reps: int = 5, min_calls: int = 8) -> float:
+def time_jax(step, x0, shared=(), sets=((),), reps: int = 10, min_calls: int = 8) -> float:
     """Median seconds per call of ``x = step(x, *shared, *sets[i])``, queued back to back in one jit.
 
     Feeding each output into the next call keeps XLA from merging identical calls, and rotating
@@ -63,8 +63,14 @@ def time_jax(step, x0, shared=(), sets=((),), reps: int = 5, min_calls: int = 8)
 
     multi = jax.jit(chain)
     jax.block_until_ready(multi(x0, shared, sets))
-    times = []
-    for _ in range(reps):
+    # Short kernels leave the GPU idle between compiles: run ~0.1 s first so clocks settle,
+    # then take the median over at least `reps` repetitions and ~0.1 s.
+    t_end = time.perf_counter() + 0.1
+    while time.perf_counter() < t_end:
+        jax.block_until_ready(multi(x0, shared, sets))
+    times: list[float] = []
+    t_end = time.perf_counter() + 0.1
+    while len(times) < reps or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         jax.block_until_ready(multi(x0, shared, sets))
         times.append((time.perf_counter() - t0) / calls)
@@ -74,8 +80,10 @@ def time_jax(step, x0, shared=(), sets=((),), reps: int = 5, min_calls: int = 8)
 def time_torch(fn, reps: int = 20) -> float:
     import torch
 
-    fn()
-    torch.cuda.synchronize()
+    t_end = time.perf_counter() + 0.1  # warm up clocks, as in time_jax
+    while time.perf_counter() < t_end:
+        fn()
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):

@@ -120,7 +120,9 @@ def _program_metadata(
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q))])
     slot = num_programs - 1 - jnp.arange(num_programs, dtype=jnp.int32)
-    seq = jnp.searchsorted(cu_blocks[1:], slot, side="right").astype(jnp.int32)
+    # compare_all is one fused op; the default binary search is an XLA while loop, which on the GPU
+    # costs a host round trip per step (measured: 8 x 512-token prefill ran 2x slower).
+    seq = jnp.searchsorted(cu_blocks[1:], slot, side="right", method="compare_all").astype(jnp.int32)
     real = seq < num_seqs
     seq_c = jnp.minimum(seq, num_seqs - 1)
     first = (slot - cu_blocks[seq_c]) * block_q  # offset of the q-block inside its sequence
@@ -258,7 +260,8 @@ def ragged_paged_attention_reference(
     if num_tokens == 0:
         return q
     t = jnp.arange(num_tokens)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)  # [T]
+    seq = jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all") - 1
+    seq = jnp.clip(seq, 0, num_seqs - 1)  # [T]
     real = t < cu_q_lens[num_seqs]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     q_pos = kv_lens[seq] - q_lens[seq] + (t - cu_q_lens[seq])  # [T]
