@@ -19,11 +19,16 @@ import os
 import time
 from typing import TypeVar
 
-import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+
+try:
+    import uvicorn
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+except ImportError as e:  # `make run` installs the engine only
+    raise ImportError(f"jaxpaged serve needs the 'serve' extra: pip install -e '.[serve]' "
+                      f"({e})") from e
 
 from jaxpaged.engine import LLMEngine
 from jaxpaged.engine_config import EngineConfig

@@ -49,14 +49,15 @@ class OpenAIServing:
             raise APIError(f"The model `{model}` does not exist; this server serves "
                            f"`{self.served_model_name}`", param="model", code="model_not_found")
 
-    def _check_ids(self, ids: list[int], max_tokens: int | None) -> int:
-        """Returns max_tokens resolved against the room the prompt leaves."""
+    def _check_ids(self, ids: list[int], max_tokens: int | None, prompt: str = "prompt") -> int:
+        """Returns max_tokens resolved against the room the prompt leaves. `prompt` names the
+        field the prompt came from, for the error."""
         if not ids:
-            raise APIError("prompt is empty: it must have at least one token", param="prompt")
+            raise APIError("prompt is empty: it must have at least one token", param=prompt)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(f"prompt token ids {bad[:8]} are outside the vocabulary "
-                           f"[0, {self.vocab_size})", param="prompt")
+                           f"[0, {self.vocab_size})", param=prompt)
         room = self.max_model_len - len(ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             wanted = len(ids) + (max_tokens or 1)
@@ -64,7 +65,7 @@ class OpenAIServing:
                            f"However, you requested {wanted} tokens ({len(ids)} in the prompt, "
                            f"{max_tokens or 1} for the completion). Please reduce the length of "
                            f"the prompt or of max_tokens.", param="max_tokens" if room >= 1
-                           else "prompt", code="context_length_exceeded")
+                           else prompt, code="context_length_exceeded")
         return room if max_tokens is None else max_tokens
 
     def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -152,7 +153,7 @@ class OpenAIServing:
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         response_id = random_id("chatcmpl")
         requests = [EngineRequest(response_id, ids, req.sampling_params(
-            self._check_ids(ids, max_tokens), num_logprobs))]
+            self._check_ids(ids, max_tokens, prompt="messages"), num_logprobs))]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             header = response_header("chat.completion.chunk", response_id,
