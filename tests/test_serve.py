@@ -4,6 +4,7 @@ server (uvicorn in a background thread, on a free port) gets the same greedy tex
 clients that hang up free their KV blocks; bad requests get OpenAI's 400/401 error bodies and
 the server keeps serving."""
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -16,8 +17,8 @@ import openai
 import pytest
 import uvicorn
 
-from jaxpaged import LLM, LLMEngine, SamplingParams
-from jaxpaged.serve import build_app
+from jaxpaged import LLM, LLMEngine, SamplingParams, bench_serving
+from jaxpaged.serve import add_cli_args, build_app, engine_config_from_args
 
 API_KEY = "sk-test"
 MAX_TOKENS = 8
@@ -254,3 +255,33 @@ def test_api_key_models_and_health(server, client):
                  "vllm:time_per_output_token_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_bucket"):
         assert name in text
+
+
+# -- command lines -------------------------------------------------------------------------
+
+def test_bench_serving_reports_latencies_and_throughput(server, tmp_path, capsys):
+    commands = argparse.ArgumentParser().add_subparsers()
+    bench_serving.add_parser(commands)  # as `jaxpaged-bench serving` mounts it
+    parser = commands.choices["serving"]
+    for rate, endpoint in (("inf", "/v1/completions"), ("50", "/v1/chat/completions")):
+        args = parser.parse_args(["--url", server.url, "--api-key", API_KEY, "--num-prompts",
+                                  "6", "--output-len", "4", "--request-rate", rate,
+                                  "--endpoint", endpoint, "--result-json",
+                                  str(tmp_path / "result.json")])
+        summary = args.func(args)
+        assert (summary["completed"], summary["failed"]) == (6, 0), summary["first_error"]
+        assert summary["total_output_tokens"] == 6 * 4  # ignore_eos: every answer is full
+        assert 0 < summary["median_ttft_ms"] <= summary["median_e2el_ms"]
+        assert summary["p99_tpot_ms"] > 0 and summary["output_throughput"] > 0
+        assert json.loads((tmp_path / "result.json").read_text())["completed"] == 6
+    assert "Serving Benchmark Result" in capsys.readouterr().out
+
+
+def test_serve_flags_map_to_engine_config():
+    args = add_cli_args(argparse.ArgumentParser()).parse_args(
+        ["--max-model-len", "512", "--max-num-seqs", "8", "--no-warmup",
+         "--no-enable-prefix-caching", "--port", "9000", "--api-key", "k"])
+    config = engine_config_from_args(args)
+    assert (config.max_model_len, config.max_num_seqs, config.warmup,
+            config.enable_prefix_caching) == (512, 8, False, False)
+    assert (args.port, args.api_key, args.host) == (9000, "k", "127.0.0.1")
