@@ -13,6 +13,7 @@ Invariants:
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from jaxpaged.attention import KVCache
 from jaxpaged.buckets import bucket_for, make_buckets
-from jaxpaged.loader import LoadedModel
+from jaxpaged.loader import LoadedModel, cache_dir
 from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward
 from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
@@ -73,10 +74,21 @@ _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
 _jit_take_rows = jax.jit(lambda x, rows: x[rows])
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled bucket programs on disk, so a second start-up's warm-up mostly loads them.
+    Off with JAXPAGED_COMPILATION_CACHE=0; a cache dir the user set for jax is left alone."""
+    if os.environ.get("JAXPAGED_COMPILATION_CACHE", "1") == "0" or \
+            jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  attention_impl: str):
+        enable_compilation_cache()
         cfg = loaded.config
         self.loaded, self.impl = loaded, attention_impl
         self.block_size, self.max_model_len = block_size, max_model_len
