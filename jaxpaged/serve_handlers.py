@@ -25,6 +25,7 @@ from jaxpaged.openai_protocol import (APIError, ChatCompletionRequest, Completio
                                       chat_logprobs, completion_logprobs, random_id,
                                       response_header, usage)
 from jaxpaged.outputs import CompletionOutput, RequestOutput
+from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.serve_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
 
 # Status nginx uses for "client closed the request"; nobody reads it, but logs do.
@@ -68,6 +69,16 @@ class OpenAIServing:
                            else prompt, code="context_length_exceeded")
         return room if max_tokens is None else max_tokens
 
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, ids: list[int],
+                max_tokens: int | None, logprobs: int | None,
+                prompt: str = "prompt") -> SamplingParams:
+        params = req.sampling_params(self._check_ids(ids, max_tokens, prompt), logprobs)
+        try:
+            params.verify(self.vocab_size)  # the engine would, but after the 200 of a stream
+        except ValueError as e:
+            raise APIError(str(e), param="stop_token_ids") from e
+        return params
+
     def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
@@ -85,8 +96,9 @@ class OpenAIServing:
             raise APIError("prompt is empty", param="prompt")
         ids = [self._tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
         response_id = random_id("cmpl")
-        requests = [EngineRequest(f"{response_id}-{i}", p, req.sampling_params(
-            self._check_ids(p, req.max_tokens), req.logprobs)) for i, p in enumerate(ids)]
+        requests = [EngineRequest(f"{response_id}-{i}", p,
+                                  self._params(req, p, req.max_tokens, req.logprobs))
+                    for i, p in enumerate(ids)]
         header = response_header("text_completion", response_id, self.served_model_name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -152,8 +164,8 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens or req.max_tokens
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         response_id = random_id("chatcmpl")
-        requests = [EngineRequest(response_id, ids, req.sampling_params(
-            self._check_ids(ids, max_tokens, prompt="messages"), num_logprobs))]
+        requests = [EngineRequest(response_id, ids, self._params(req, ids, max_tokens,
+                                                                 num_logprobs, "messages"))]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             header = response_header("chat.completion.chunk", response_id,

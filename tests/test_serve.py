@@ -159,7 +159,7 @@ async def _stream_text(client: openai.AsyncOpenAI, model: str, prompt: str,
                        hang_up_after: int | None = None) -> str:
     stream = await client.completions.create(model=model, prompt=prompt, stream=True,
                                              max_tokens=MAX_TOKENS if hang_up_after is None
-                                             else 200, temperature=0, extra_body={
+                                             else 48, temperature=0, extra_body={
                                                  "ignore_eos": hang_up_after is not None})
     text, chunks = "", 0
     async for chunk in stream:
@@ -214,6 +214,8 @@ BAD_REQUESTS = {
                                "max_tokens"),
     "out-of-vocab ids": ("/v1/completions", '{"prompt": [1, 99999999]}', "prompt"),
     "empty prompt": ("/v1/completions", '{"prompt": ""}', "prompt"),
+    "out-of-vocab stop id": ("/v1/completions", '{"prompt": "hi", "stream": true, '
+                             '"stop_token_ids": [99999999]}', "stop_token_ids"),
     "no messages": ("/v1/chat/completions", '{"messages": []}', "messages"),
     "bad role": ("/v1/chat/completions", '{"messages": [{"role": "robot", "content": "x"}]}',
                  "messages"),
