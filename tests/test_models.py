@@ -97,9 +97,10 @@ FAMILIES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
 @pytest.mark.parametrize("family,extra", FAMILIES, ids=["llama", "llama3-rope-tied", "mistral",
                                                         "qwen2", "qwen3"])
-def test_tiny_family_model_matches_transformers(family, extra, tmp_path):
+def test_tiny_family_model_matches_transformers(family, extra, impl, tmp_path):
     from jaxpaged.loader import load_model
 
     hf = _tiny_hf_model(family, tmp_path, **extra)
@@ -107,6 +108,6 @@ def test_tiny_family_model_matches_transformers(family, extra, tmp_path):
     assert ours.config.family == family
     ids = list(np.random.default_rng(1).integers(0, 160, size=70))
     ref = hf_logits(hf, ids)
-    runner = PagedRunner(ours, num_seqs=1, max_len=96, block_size=16, seed=2)
+    runner = PagedRunner(ours, num_seqs=1, max_len=96, block_size=16, seed=2, impl=impl)
     got = [runner.step({0: ids[:33]})[0]] + [runner.step({0: [t]})[0] for t in ids[33:]]
     assert rel_err(np.concatenate(got), ref) <= 1e-4
