@@ -1,0 +1,274 @@
+"""`batching`: the experiment of Anyscale's continuous-batching study, on one engine.
+
+1000 prompts of 512 tokens; output lengths from an exponential distribution of mean 128,
+capped at 32, 128, 512 or 1536 (one row per cap). Three schedulers share the same engine,
+kernels and KV memory (the engine's `num_kv_blocks`):
+
+  static   a batch is admitted only when the previous one has finished entirely;
+  reserve  continuous batching without paging: a request is admitted only when a contiguous
+           region of prompt + max_tokens KV slots is free;
+  paged    the engine's own paged continuous batching.
+
+How `static` and `reserve` are built on the paged engine: the bench keeps the queue and hands
+a request to the engine only when its admission policy allows; the engine then admits it at
+once. Memory is accounted, outside the engine, as a first-fit allocator of contiguous block
+ranges over the same number of blocks the engine has (`ContiguousAllocator`): each admitted
+request reserves `ceil((prompt + max_tokens) / block_size)` consecutive blocks until it
+finishes, so external fragmentation (free blocks in holes too small for the next request)
+limits admission as it would without paging. Since a request never holds more paged blocks
+than its region, the engine underneath never runs short. `max_tokens` is the cap: a scheduler
+without paging must reserve for the longest output it may have to produce. The sampled length
+stands in for where the model would emit EOS: the engine is told to stop there (dummy
+weights cannot be made to emit EOS on cue), and only `paged` benefits from not knowing it.
+`static` uses the same reservation (it is request-level static batching on our engine:
+finished rows leave the batch instead of computing padding, so it is kinder than HF's).
+
+KV waste, per scheduler, summed over engine steps: (reserved - used) / reserved, where used
+is each live request's computed tokens and reserved is its region (static, reserve) or its
+paged blocks (paged).
+"""
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jaxpaged.bench_common import (capped_exponential, env_info, format_table,
+                                   random_workload, slug, write_json)
+
+SCHEDULERS = ("static", "reserve", "paged")
+
+
+@dataclass
+class ContiguousAllocator:
+    """First-fit allocation of contiguous block ranges in [0, num_blocks)."""
+
+    num_blocks: int
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (start, length)
+
+    def allocate(self, request_id: str, length: int) -> bool:
+        """Reserve `length` consecutive blocks at the lowest address that fits; False (and
+        nothing changed) when no hole is large enough."""
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        start = 0
+        for lo, n in sorted(self.regions.values()):
+            if lo - start >= length:
+                break
+            start = max(start, lo + n)
+        if start + length > self.num_blocks:
+            return False
+        self.regions[request_id] = (start, length)
+        return True
+
+    def free(self, request_id: str) -> None:
+        del self.regions[request_id]
+
+    @property
+    def reserved_blocks(self) -> int:
+        return sum(n for _, n in self.regions.values())
+
+
+@dataclass
+class KVWaste:
+    """(reserved - used) / reserved, summed over steps."""
+
+    reserved: int = 0
+    used: int = 0
+
+    def add(self, reserved: int, used: int) -> None:
+        if used > reserved:
+            raise ValueError(f"used {used} tokens exceed the {reserved} reserved")
+        self.reserved += reserved
+        self.used += used
+
+    @property
+    def fraction(self) -> float:
+        return (self.reserved - self.used) / self.reserved if self.reserved else 0.0
+
+
+@dataclass
+class RunStats:
+    scheduler: str
+    cap: int
+    elapsed_s: float = 0.0
+    output_tokens: int = 0
+    num_steps: int = 0
+    batch_sum: int = 0
+    max_batch: int = 0
+    waste: KVWaste = field(default_factory=KVWaste)
+    num_preemptions: int = 0
+
+    def row(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler, "cap": self.cap, "elapsed_s": self.elapsed_s,
+                "output_tokens": self.output_tokens,
+                "output_tokens_per_s": self.output_tokens / self.elapsed_s,
+                "mean_batch": self.batch_sum / max(self.num_steps, 1),
+                "max_batch": self.max_batch, "num_steps": self.num_steps,
+                "kv_waste": self.waste.fraction, "num_preemptions": self.num_preemptions}
+
+
+def region_blocks(prompt_len: int, max_tokens: int, block_size: int) -> int:
+    return math.ceil((prompt_len + max_tokens) / block_size)
+
+
+def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens: list[int],
+                  cap: int) -> RunStats:
+    """Serve every request under scheduler `name`; the engine must be idle on entry."""
+    from jaxpaged import SamplingParams
+
+    sched, B = engine.scheduler, engine.config.block_size
+    alloc = ContiguousAllocator(engine.num_kv_blocks - 1)
+    stats = RunStats(name, cap)
+    queue = [(f"{name}-{cap}-{i}", p, n) for i, (p, n) in enumerate(zip(prompts, output_lens))]
+    queue.reverse()  # pop() from the end = FIFO
+    live: set[str] = set()
+    preemptions0 = sched.num_preemptions
+
+    def admit() -> None:
+        while queue and len(live) < engine.max_num_seqs:
+            rid, prompt, n = queue[-1]
+            if name != "paged" and not alloc.allocate(rid, region_blocks(len(prompt), cap, B)):
+                break
+            queue.pop()
+            live.add(rid)
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True,
+                                                           temperature=0.0))
+
+    bar = tqdm(total=len(queue), desc=f"{name:>7} cap {cap}", leave=False)
+    t0 = time.perf_counter()
+    while queue or live:
+        if name == "paged":
+            admit()  # everything: the engine's scheduler decides
+        elif name == "reserve" or not live:  # static: only between batches
+            admit()
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                alloc.regions.pop(out.request_id, None)
+                stats.output_tokens += len(out.outputs[0].token_ids)
+                bar.update(1)
+        _account(stats, sched, alloc, B, name)
+    stats.elapsed_s = time.perf_counter() - t0
+    bar.close()
+    stats.num_preemptions = sched.num_preemptions - preemptions0
+    return stats
+
+
+def _account(stats: RunStats, sched: Any, alloc: ContiguousAllocator, B: int,
+             name: str) -> None:
+    running = sched.running
+    stats.num_steps += 1
+    stats.batch_sum += len(running)
+    stats.max_batch = max(stats.max_batch, len(running))
+    if name == "paged":
+        stats.waste.add(sum(len(r.block_ids) for r in running) * B,
+                        sum(r.num_computed_tokens for r in running))
+        return
+    used = 0
+    for rid in alloc.regions:
+        request = sched.requests.get(f"{rid}#0")  # the engine's child id of a single sample
+        used += request.num_computed_tokens if request is not None else 0
+    stats.waste.add(alloc.reserved_blocks * B, used)
+
+
+def run_batching(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxpaged.bench_throughput import build_llm, engine_summary, model_config
+
+    config = model_config(args)
+    info = env_info()
+    # Random prompts never share blocks; without the prefix cache the block accounting of
+    # all three schedulers is the same simple one.
+    args.enable_prefix_caching = False
+    llm = build_llm(args)
+    engine = llm.llm_engine
+    need = args.input_len + max(args.caps)
+    if need > engine.max_model_len:
+        raise ValueError(f"--input-len + the largest cap = {need} exceeds max_model_len="
+                         f"{engine.max_model_len}; pass --max-model-len {need} or more")
+    prompts = random_workload(args.num_prompts, args.input_len, 1, 0.0, config.vocab_size,
+                              args.seed).prompts
+    rows = []
+    for cap in args.caps:
+        lens = capped_exponential(args.num_prompts, args.mean_output_len, cap, args.seed)
+        for name in args.schedulers:
+            stats = run_scheduler(engine, name, prompts, lens, cap)
+            row = stats.row() | {"mean_output_len": sum(lens) / len(lens)}
+            rows.append(row)
+            tqdm.write(f"cap {cap:>5} {name:>7}: {row['output_tokens_per_s']:,.0f} output tok/s,"
+                       f" mean batch {row['mean_batch']:.1f}, KV waste {row['kv_waste']:.1%}")
+    return {"benchmark": "batching", **info, "model": args.model or "SmolLM2-135M-Instruct",
+            "load_format": args.load_format, "args": vars(args), "engine": engine_summary(llm),
+            "kv_capacity_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
+            "rows": rows, "paged_over_reserve": _ratios(rows, "paged", "reserve"),
+            "paged_over_static": _ratios(rows, "paged", "static"),
+            "compiles_after_warmup": engine.runner.num_compiles_since_warmup}
+
+
+def _ratios(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
+    by = {(r["cap"], r["scheduler"]): r["output_tokens_per_s"] for r in rows}
+    return {str(cap): by[cap, a] / by[cap, b] for cap, s in by if s == a and (cap, b) in by}
+
+
+def batching_table(r: dict[str, Any]) -> str:
+    caps = sorted({row["cap"] for row in r["rows"]})
+    names = [s for s in SCHEDULERS if any(row["scheduler"] == s for row in r["rows"])]
+    by = {(row["cap"], row["scheduler"]): row for row in r["rows"]}
+    headers = ["cap", "mean out"] + [f"{s} tok/s (batch)" for s in names] + \
+        [f"{s} KV waste" for s in names] + ["paged / reserve"]
+    rows = []
+    for cap in caps:
+        first = by[cap, names[0]]
+        cells = [cap, f"{first['mean_output_len']:.0f}"]
+        cells += [f"{by[cap, s]['output_tokens_per_s']:,.0f} ({by[cap, s]['mean_batch']:.0f})"
+                  for s in names]
+        cells += [f"{by[cap, s]['kv_waste']:.1%}" for s in names]
+        ratio = r["paged_over_reserve"].get(str(cap))
+        cells.append(f"{ratio:.2f}x" if ratio else "-")
+        rows.append(cells)
+    return format_table(headers, rows)
+
+
+def plot(r: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caps = sorted({row["cap"] for row in r["rows"]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in SCHEDULERS:
+        rows = sorted((row for row in r["rows"] if row["scheduler"] == name),
+                      key=lambda row: row["cap"])
+        if not rows:
+            continue
+        x = [row["cap"] for row in rows]
+        ax1.plot(x, [row["output_tokens_per_s"] for row in rows], "o-", label=name)
+        ax2.plot(x, [row["mean_batch"] for row in rows], "o-", label=name)
+    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean running batch")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(caps, [str(c) for c in caps])
+        ax.set_xlabel("output-length cap (max_tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{r['model']} on {r['card']}: {r['args']['num_prompts']} prompts of "
+                 f"{r['args']['input_len']} tokens, KV {r['kv_capacity_tokens']:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    r = run_batching(args)
+    name = f"batching_{slug(str(r['model']))}_{slug(r['card'])}"
+    path = write_json(r, args.json, name + ".json")
+    png = args.plot or (os.path.splitext(path)[0] + ".png" if path else name + ".png")
+    plot(r, png)
+    print("\n" + batching_table(r))
+    print(f"\nplot: {png}" + (f"\nwrote {path}" if path else ""))
+    return r
