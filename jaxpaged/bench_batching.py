@@ -141,7 +141,7 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
 
     bar = tqdm(total=len(queue), desc=f"{name:>7} cap {cap}", leave=False)
     t0 = time.perf_counter()
-    while queue or live:
+    while queue or live or engine.has_unfinished_requests():  # the last finishes are reported
         if name == "paged":
             admit()  # everything: the engine's scheduler decides
         elif name == "reserve" or not live:  # static: only between batches

@@ -21,17 +21,22 @@ import time
 from typing import Any
 
 from jaxpaged.bench_common import Workload
+from jaxpaged.config import PRESETS, ModelConfig
 
 HF_MODES = ("generate", "generate_batch")
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def hf_config_dict(model: str) -> dict[str, Any]:
-    """A transformers config for one of jaxpaged's dummy presets."""
-    from jaxpaged.config import PRESETS
+def dummy_model_config(model: str | None) -> ModelConfig:
+    """The architecture behind `--load-format dummy`: a preset or a directory's config.json."""
+    if model is not None and os.path.isdir(model):
+        return ModelConfig.from_json_file(os.path.join(model, "config.json"))
+    return PRESETS[model or "smollm2-135m"]
 
-    c = PRESETS[model]
+
+def hf_config_dict(c: ModelConfig) -> dict[str, Any]:
+    """A transformers config (`AutoConfig.for_model` arguments) of the same architecture."""
     d = dict(model_type=_MODEL_TYPES[c.family], vocab_size=c.vocab_size,
              hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
              num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -57,7 +62,7 @@ def load_hf_model(model: str | None, load_format: str, dtype: str, device: str) 
                    "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     if load_format == "dummy":
-        d = hf_config_dict(model or "smollm2-135m")
+        d = hf_config_dict(dummy_model_config(model))
         config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
         with torch.device(device):  # random init on the card: seconds, not minutes, for 8B
             hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

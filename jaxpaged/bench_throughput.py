@@ -175,6 +175,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
 def throughput_table(r: dict[str, Any]) -> str:
     rows = [("jaxpaged", r["requests_per_s"], r["output_tokens_per_s"],
              r["total_tokens_per_s"], r["elapsed_s"], "1.0")]
+    if "error" in r.get("hf", {}):
+        rows.append(("HF peers", None, None, None, None, r["hf"]["error"][:60]))
     for mode in ("generate", "generate_batch"):
         peer = r.get("hf", {}).get(mode)
         if peer is None:

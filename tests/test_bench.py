@@ -1,0 +1,208 @@
+"""jaxpaged-bench: argument parsing, the pure parts (length samplers, contiguous allocator, KV
+waste accounting, tables) and tiny end-to-end runs on a 2-layer dummy model. No timings are
+asserted: benchmarks measure, tests check that what they report is well-formed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpaged import bench
+from jaxpaged.bench_batching import (ContiguousAllocator, KVWaste, region_blocks,
+                                     run_scheduler)
+from jaxpaged.bench_common import (capped_exponential, format_table, length_range,
+                                   percentiles, random_workload)
+
+TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True}
+TINY_ENGINE = ["--load-format", "dummy", "--max-num-seqs", "4", "--max-num-batched-tokens",
+               "16", "--max-model-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny")
+    (path / "config.json").write_text(json.dumps(TINY))
+    return str(path)
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def parse(*argv: str):
+    args = bench.build_parser().parse_args(argv)
+    bench.validate(args)
+    return args
+
+
+def test_throughput_defaults_follow_vllm():
+    args = parse("throughput", "--model", "llama-3.2-1b", "--load-format", "dummy")
+    assert (args.input_len, args.output_len, args.num_prompts) == (512, 256, 512)
+    assert args.dataset == "random" and args.range_ratio == 0.0 and not args.ignore_eos
+    assert args.compare is None and args.roofline and args.enable_prefix_caching
+
+
+def test_engine_flags_and_compare():
+    args = parse("throughput", "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+                 "--num-kv-blocks", "100", "--dtype", "bfloat16", "--block-size", "32",
+                 "--compare", "hf", "--hf-modes", "generate", "--no-enable-prefix-caching")
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.num_kv_blocks) == (256, 8192, 100)
+    assert args.dtype == "bfloat16" and args.block_size == 32 and not args.enable_prefix_caching
+    assert args.compare == "hf" and args.hf_modes == ["generate"]
+
+
+def test_dummy_without_model_means_smollm2_shapes():
+    assert parse("latency", "--load-format", "dummy").model == "smollm2-135m"
+
+
+def test_batching_lists():
+    args = parse("batching", "--caps", "32,1536", "--schedulers", "paged,reserve")
+    assert args.caps == [32, 1536] and args.schedulers == ["paged", "reserve"]
+    assert parse("batching").caps == [32, 128, 512, 1536]
+
+
+@pytest.mark.parametrize("argv", [
+    ("throughput", "--num-prompts", "0"),
+    ("throughput", "--range-ratio", "1.5"),
+    ("throughput", "--hf-modes", "generate,vllm"),
+    ("throughput", "--compare", "vllm"),
+    ("batching", "--caps", "32,x"),
+    ("batching", "--schedulers", "fifo"),
+    ("latency", "--temperature", "-1"),
+])
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_serving_is_mounted_only_when_its_module_exists(monkeypatch):
+    monkeypatch.setattr(bench, "_serving_module", lambda: None)
+    sub = next(a for a in bench.build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"throughput", "latency", "batching"}
+
+
+# -- workloads and statistics ------------------------------------------------------------------
+
+
+def test_length_range_is_vllms():
+    assert length_range(562, 0.822) == (100, 1024)
+    assert length_range(256, 0.0) == (256, 256)
+    with pytest.raises(ValueError, match="range-ratio"):
+        length_range(10, 1.0)
+
+
+def test_random_workload_lengths_and_tokens():
+    w = random_workload(200, 100, 50, 0.5, vocab_size=512, seed=1)
+    assert all(50 <= len(p) <= 150 for p in w.prompts)
+    assert all(25 <= n <= 75 for n in w.output_lens)
+    assert all(0 <= t < 512 for p in w.prompts for t in p)
+    assert w == random_workload(200, 100, 50, 0.5, vocab_size=512, seed=1)
+    assert w.head(3).prompts == w.prompts[:3]
+
+
+def test_capped_exponential():
+    lens = capped_exponential(20000, 128, 32, seed=0)
+    assert min(lens) >= 1 and max(lens) == 32
+    # ceil(x) >= 32 iff x > 31: the cap holds P(X > 31) = exp(-31/128) of the draws.
+    assert np.mean(np.array(lens) == 32) == pytest.approx(np.exp(-31 / 128), abs=0.02)
+    uncapped = capped_exponential(20000, 128, 10**9, seed=0)
+    assert np.mean(uncapped) == pytest.approx(128.5, rel=0.03)  # ceil adds half a token
+    assert lens == capped_exponential(20000, 128, 32, seed=0)
+    # The same seed draws the same lengths: a larger cap only clips fewer of them.
+    assert np.array_equal(np.minimum(uncapped, 32), lens)
+    with pytest.raises(ValueError):
+        capped_exponential(10, 0, 32, seed=0)
+
+
+def test_percentiles_and_table():
+    p = percentiles([1.0, 2.0, 3.0, 4.0])
+    assert p["p50"] == 2.5 and p["mean"] == 2.5 and p["p99"] <= 4.0
+    table = format_table(["a", "b"], [(1, 2.5), ("x", None)])
+    assert table.splitlines()[0].startswith("| a") and "| -" in table.splitlines()[3]
+
+
+# -- the no-paging allocator and the waste accounting -------------------------------------------
+
+
+def test_contiguous_allocator_first_fit_and_fragmentation():
+    alloc = ContiguousAllocator(12)
+    assert alloc.allocate("a", 4) and alloc.allocate("b", 4) and alloc.allocate("c", 4)
+    assert not alloc.allocate("d", 1)
+    alloc.free("b")
+    assert not alloc.allocate("d", 5)  # 4 free blocks, but not contiguous enough
+    assert alloc.allocate("e", 3) and alloc.regions["e"] == (4, 3)
+    alloc.free("a")
+    assert alloc.allocate("f", 4) and alloc.regions["f"] == (0, 4)
+    assert alloc.reserved_blocks == 11 and not alloc.allocate("g", 2)
+    with pytest.raises(ValueError):
+        alloc.allocate("h", 0)
+
+
+def test_kv_waste():
+    waste = KVWaste()
+    assert waste.fraction == 0.0
+    waste.add(reserved=100, used=90)
+    waste.add(reserved=100, used=70)
+    assert waste.fraction == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        waste.add(reserved=10, used=11)
+    assert region_blocks(512, 1536, 16) == 128 and region_blocks(512, 1, 16) == 33
+
+
+# -- end to end on a 2-layer model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model):
+    from jaxpaged import LLM
+
+    return LLM(tiny_model, load_format="dummy", max_num_seqs=4, max_num_batched_tokens=16,
+               max_model_len=64, num_kv_blocks=9, enable_prefix_caching=False)
+
+
+@pytest.mark.parametrize("name", ["static", "reserve", "paged"])
+def test_schedulers_serve_every_request(tiny_llm, name):
+    engine = tiny_llm.llm_engine
+    prompts = random_workload(10, 12, 1, 0.0, 512, seed=0).prompts
+    lens = capped_exponential(10, 6, 16, seed=0)
+    stats = run_scheduler(engine, name, prompts, lens, cap=16)
+    assert stats.output_tokens == sum(lens)
+    assert not engine.has_unfinished_requests()
+    assert 1 <= stats.max_batch <= 4 and 0.0 < stats.waste.fraction < 1.0
+    if name != "paged":  # 8 blocks hold 4 regions of ceil((12 + 16) / 16) = 2 blocks
+        assert stats.max_batch <= 4 and stats.num_preemptions == 0
+    assert engine.scheduler.block_manager.num_free_blocks == engine.num_kv_blocks - 1
+
+
+def test_reservation_limits_the_batch_and_paging_does_not(tiny_llm):
+    engine = tiny_llm.llm_engine
+    prompts = random_workload(8, 12, 1, 0.0, 512, seed=1).prompts
+    lens = [8] * 8
+    # cap 52: each region is ceil(64 / 16) = 4 of the 8 blocks, so at most 2 run at once;
+    # paged, a request holds ceil(19 / 16) = 2 blocks.
+    reserve = run_scheduler(engine, "reserve", prompts, lens, cap=52)
+    paged = run_scheduler(engine, "paged", prompts, lens, cap=52)
+    assert reserve.max_batch == 2 and paged.max_batch > 2
+    assert paged.waste.fraction < reserve.waste.fraction
+
+
+def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    bench.main(["throughput", "--model", tiny_model, *TINY_ENGINE, "--num-prompts", "5",
+                "--input-len", "10", "--output-len", "4", "--ignore-eos", "--copy-bytes",
+                "1000000", "--json", str(out)])
+    r = json.loads(out.read_text())
+    for key in ("card", "jax_version", "git_revision", "requests_per_s", "output_tokens_per_s",
+                "total_tokens_per_s", "num_preemptions", "peak_kv_cache_usage"):
+        assert key in r, key
+    assert r["output_tokens"] == 5 * 4 and r["num_requests"] == 5
+    assert r["compiles_after_warmup"] == 0
+    assert r["engine"]["warmup_programs"] > 0 and r["engine"]["warmup_s"] > 0
+    assert 0 < r["peak_kv_cache_usage"] <= 1
+    sd = r["steady_decode"]
+    assert sd["num_seqs"] == 4 and sd["num_steps"] >= 1
+    assert sd["roofline"]["weight_bytes"] > 0 and sd["roofline"]["step_over_roofline"] > 0
+    assert "output tok/s" in capsys.readouterr().out
