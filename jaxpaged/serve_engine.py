@@ -124,10 +124,12 @@ class AsyncLLMEngine:
                 idle = not self.engine.has_unfinished_requests()
                 if not self._handle_commands(block=idle):
                     break
+                # Stats after the commands too: a request just added shows as waiting at
+                # once, not only after the (possibly long) step that schedules it.
+                self._publish_stats()
                 if self.engine.has_unfinished_requests():
                     self._dispatch(self.engine.step())
-                    if self._on_stats is not None:
-                        self._on_stats(self.engine.get_stats())
+                    self._publish_stats()
         except Exception as e:  # a bug in the engine: fail every waiting client, loudly
             logger.exception("engine loop died")
             self.error = e
@@ -136,6 +138,10 @@ class AsyncLLMEngine:
             self._streams.clear()
         finally:
             self._fail_pending()
+
+    def _publish_stats(self) -> None:
+        if self._on_stats is not None:
+            self._on_stats(self.engine.get_stats())
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when idle); False on "stop"."""

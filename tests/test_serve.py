@@ -82,16 +82,19 @@ def metric(server: Server, name: str, labels: str = "") -> float:
     raise AssertionError(f"{name} {labels} not in /metrics:\n{text}")
 
 
-def wait_until_idle(server: Server, timeout: float = 30.0) -> None:
+def wait_for(what: str, read, want, timeout: float = 30.0) -> None:
+    """Polls `read()` until it returns `want` (the engine thread applies aborts between steps)."""
     deadline = time.monotonic() + timeout
-    while True:
-        busy = [metric(server, name) for name in
-                ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:kv_cache_usage_perc")]
-        if busy == [0, 0, 0]:
-            return
-        assert time.monotonic() < deadline, f"not idle: running, waiting, kv usage = {busy}"
+    while (got := read()) != want:
+        assert time.monotonic() < deadline, f"{what}: got {got}, want {want}"
         time.sleep(0.1)
+
+
+def wait_until_idle(server: Server) -> None:
+    """No request running or waiting and no KV block held: every abort freed its blocks."""
+    wait_for("running, waiting, KV-cache usage", lambda: [metric(server, name) for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")],
+        [0, 0, 0])
 
 
 # -- correctness against LLM.generate ------------------------------------------------------
@@ -187,10 +190,20 @@ def test_64_concurrent_streams_then_16_hang_ups_free_their_blocks(llm, server):
     got = asyncio.run(_many_clients(server, hang_ups))
     assert [g for i, g in enumerate(got) if i not in hang_ups] == \
         [e for i, e in enumerate(expected) if i not in hang_ups]
+    wait_for("aborted requests", lambda: _aborts(server) - aborts_before, len(hang_ups))
     wait_until_idle(server)
-    assert _aborts(server) - aborts_before == len(hang_ups)
     assert metric(server, "vllm:time_to_first_token_seconds_count") >= 128
     assert metric(server, "vllm:e2e_request_latency_seconds_count") >= 128
+
+
+def test_non_streaming_client_that_hangs_up_is_aborted(server):
+    aborts_before = _aborts(server)
+    body = {"prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1),
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    wait_for("aborted requests", lambda: _aborts(server) - aborts_before, 1)
+    wait_until_idle(server)
 
 
 def _aborts(server: Server) -> float:
