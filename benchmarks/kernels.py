@@ -143,18 +143,18 @@ def matmul_peak() -> dict:
 # ---------------------------------------------------------------- decode
 
 
-def make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets, seed=0):
+def make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets, seed=0, head_dim: int = HEAD_DIM):
     """One page pool holding num_sets disjoint, shuffled block-table sets (for L2 rotation)."""
     pages_per_seq = ctx // BLOCK
     num_pages = 1 + num_sets * batch * pages_per_seq
     key = jax.random.key(seed)
-    shape = (num_pages, BLOCK, num_kv_heads, HEAD_DIM)
+    shape = (num_pages, BLOCK, num_kv_heads, head_dim)
     k_cache = jax.random.normal(key, shape, DTYPE)
     v_cache = jax.random.normal(jax.random.fold_in(key, 1), shape, DTYPE)
     perm = np.random.default_rng(seed).permutation(np.arange(1, num_pages)).astype(np.int32)
     tables = [jnp.asarray(perm[i * batch * pages_per_seq : (i + 1) * batch * pages_per_seq].reshape(batch, -1))
               for i in range(num_sets)]
-    qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, num_heads, HEAD_DIM), DTYPE)
+    qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, num_heads, head_dim), DTYPE)
           for i in range(num_sets)]
     lens = jnp.full((batch,), ctx, jnp.int32)
     return k_cache, v_cache, tables, qs, lens
@@ -177,14 +177,14 @@ DECODE_VARIANTS = {
 }
 
 
-def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_ref=True) -> dict:
-    kv_bytes = 2 * batch * ctx * num_kv_heads * HEAD_DIM * 2
-    qo_bytes = 2 * batch * num_heads * HEAD_DIM * 2
+def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_ref=True, head_dim: int = HEAD_DIM) -> dict:
+    kv_bytes = 2 * batch * ctx * num_kv_heads * head_dim * 2
+    qo_bytes = 2 * batch * num_heads * head_dim * 2
     total = kv_bytes + qo_bytes
     if 2 * kv_bytes > 40e9:
         return {"skipped": f"KV {kv_bytes / 1e9:.1f} GB too large"}
     num_sets = int(min(16, max(1, math.ceil(4 * L2_BYTES / kv_bytes))))
-    k_cache, v_cache, tables, qs, lens = make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets)
+    k_cache, v_cache, tables, qs, lens = make_decode_inputs(batch, ctx, num_heads, num_kv_heads, num_sets, head_dim=head_dim)
     row = {"kv_bytes": kv_bytes, "bytes": total, "sets": num_sets}
     sets = tuple((t,) for t in tables)
 
@@ -214,7 +214,7 @@ def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_re
         peer = functools.partial(jax_paged.paged_attention, k_splits=k_splits)
         report("jax_paged_attention", time_jax(lambda q, kc, vc, ln, t: peer(q, kc, vc, t, ln), qs[0], (k_t, v_t, lens), sets))
         # jax's kernel applies no softmax scale: give it the pre-scaled query for the error check.
-        peer_out = peer(qs[0] * (1 / math.sqrt(HEAD_DIM)), k_t, v_t, tables[0], lens)
+        peer_out = peer(qs[0] * (1 / math.sqrt(head_dim)), k_t, v_t, tables[0], lens)
         if ours is not None:
             row["err_vs_jax"] = rel_err(ours, peer_out)
     except Exception as e:
@@ -248,22 +248,22 @@ PREFILL_VARIANTS = {
 }
 
 
-def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants) -> dict:
+def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants, head_dim: int = HEAD_DIM) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     tokens = num_seqs * seq_len
-    flops = 2 * num_heads * HEAD_DIM * seq_len * (seq_len + 1) * num_seqs  # causal QK^T and PV
+    flops = 2 * num_heads * head_dim * seq_len * (seq_len + 1) * num_seqs  # causal QK^T and PV
     key = jax.random.key(1)
-    q = jax.random.normal(key, (tokens, num_heads, HEAD_DIM), DTYPE)
-    k = jax.random.normal(jax.random.fold_in(key, 1), (tokens, num_kv_heads, HEAD_DIM), DTYPE)
-    v = jax.random.normal(jax.random.fold_in(key, 2), (tokens, num_kv_heads, HEAD_DIM), DTYPE)
+    q = jax.random.normal(key, (tokens, num_heads, head_dim), DTYPE)
+    k = jax.random.normal(jax.random.fold_in(key, 1), (tokens, num_kv_heads, head_dim), DTYPE)
+    v = jax.random.normal(jax.random.fold_in(key, 2), (tokens, num_kv_heads, head_dim), DTYPE)
     pages = seq_len // BLOCK
     perm = np.random.default_rng(0).permutation(np.arange(1, 1 + num_seqs * pages)).astype(np.int32)
     block_tables = jnp.asarray(perm.reshape(num_seqs, pages))
     slots = (jnp.asarray(perm).reshape(num_seqs, pages)[:, :, None] * BLOCK + jnp.arange(BLOCK)).reshape(-1)
-    cache_shape = (1 + num_seqs * pages, BLOCK, num_kv_heads, HEAD_DIM)
+    cache_shape = (1 + num_seqs * pages, BLOCK, num_kv_heads, head_dim)
     k_cache, v_cache = write_kv_cache_reference(
         k, v, jnp.zeros(cache_shape, DTYPE), jnp.zeros(cache_shape, DTYPE), slots.astype(jnp.int32)
     )
@@ -285,7 +285,7 @@ def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants) ->
 
     def to_torch(x, heads):  # [T, heads, H] -> [S, heads, L, H]
         t = torch.from_dlpack(x.astype(jnp.float32)).to(torch.bfloat16)
-        return t.reshape(num_seqs, seq_len, heads, HEAD_DIM).transpose(1, 2).contiguous()
+        return t.reshape(num_seqs, seq_len, heads, head_dim).transpose(1, 2).contiguous()
 
     group = num_heads // num_kv_heads
     tq = to_torch(q, num_heads)
@@ -294,7 +294,7 @@ def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants) ->
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)  # noqa: E731
         report("torch_sdpa_flash", time_torch(sdpa))
-        ref = sdpa().transpose(1, 2).reshape(tokens, num_heads, HEAD_DIM).float().cpu().numpy()
+        ref = sdpa().transpose(1, 2).reshape(tokens, num_heads, head_dim).float().cpu().numpy()
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             report("torch_sdpa_cudnn", time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)))
@@ -306,10 +306,12 @@ def bench_prefill(num_seqs, seq_len, num_heads, num_kv_heads, peak, variants) ->
             from jax.experimental.pallas.ops.gpu import attention_mgpu
         config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
         # Its bf16 path failed to lower here (a bf16/f16 copy mismatch): run it in f16, same FLOPs.
-        as_bl = lambda x: x.reshape(num_seqs, seq_len, *x.shape[1:]).astype(jnp.float16)  # noqa: E731
-        mg = lambda qq, kk, vv: attention_mgpu.attention(as_bl(qq), as_bl(kk), as_bl(vv), config).reshape(qq.shape).astype(qq.dtype)  # noqa: E731
-        report("jax_mosaic_fa3", time_jax(mg, q, (k, v), min_calls=4))
-        row["err_jax_mosaic_fa3_vs_torch"] = rel_err(mg(q, k, v), ref)
+        qh, kh, vh = (x.reshape(num_seqs, seq_len, *x.shape[1:]).astype(jnp.float16) for x in (q, k, v))
+        mg = functools.partial(attention_mgpu.attention, config=config)
+        report("jax_mosaic_fa3", time_jax(mg, qh, (kh, vh), min_calls=4))
+        # Like jax's paged_attention it applies no softmax scale: pre-scale q for the error check.
+        scaled = (qh * (1 / math.sqrt(head_dim))).astype(jnp.float16)
+        row["err_jax_mosaic_fa3_vs_torch"] = rel_err(mg(scaled, kh, vh).reshape(q.shape), ref)
     except Exception as e:
         row["jax_mosaic_fa3"] = {"error": repr(e)[:300]}
     for vname, out in outs.items():
@@ -424,6 +426,19 @@ def to_markdown(results: dict) -> str:
         ratio = f"{fl['us'] / ours['us']:.2f}x" if "us" in ours and "us" in fl else "-"
         s, length, nq, nkv = key.split("_")
         lines.append(f"| {s}x{length} | {nq}/{nkv} | {row.get('ours_best')} | {cell(ours)} | {cell(fl)} | {cell(cu)} | {cell(mg)} | {ratio} |")
+    if results.get("smollm2_decode"):
+        lines += ["", "## SmolLM2 shapes (9 query / 3 kv heads, head dim 64, block 16, bf16)", ""]
+        lines.append("| decode batch x ctx | ours default | jax paged_attention | XLA reference |")
+        lines.append("|---|---|---|---|")
+        for key, row in results["smollm2_decode"].items():
+            cell = lambda d: f"{d['TBps']:.2f} TB/s ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
+            b, ctx = key.split("_")[:2]
+            lines.append(f"| {b} x {ctx} | {cell(row.get('ours_default', {}))} | {cell(row.get('jax_paged_attention', {}))} | {cell(row.get('xla_reference', {}))} |")
+        lines += ["", "| prefill seqs x len | ours default | torch SDPA flash | jax Mosaic FA3 |", "|---|---|---|---|"]
+        for key, row in results.get("smollm2_prefill", {}).items():
+            cell = lambda d: f"{d['TFLOPs']:.0f} TFLOP/s ({d['us']:.0f}us)" if "TFLOPs" in d else "-"  # noqa: E731
+            s_, length = key.split("_")[:2]
+            lines.append(f"| {s_} x {length} | {cell(row.get('ours_default', {}))} | {cell(row.get('torch_sdpa_flash', {}))} | {cell(row.get('jax_mosaic_fa3', {}))} |")
     lines += ["", "## KV write (donated caches), microseconds", ""]
     lines.append("Per step of a lax.scan carrying the donated caches (per separate jitted call in brackets).")
     lines.append("")
@@ -455,7 +470,7 @@ def main() -> None:
     if args.merge and os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
-        for section in ("copy", "matmul", "decode", "prefill", "write"):
+        for section in ("copy", "matmul", "decode", "prefill", "write", "smollm2_decode", "smollm2_prefill"):
             if section in old:
                 results[section] = old[section]
     log(f"card: {results['card']}")
@@ -499,6 +514,23 @@ def main() -> None:
                     f"flash {row['torch_sdpa_flash']['TFLOPs']:.0f}, errs "
                     f"{ {k: round(v, 4) for k, v in row.items() if k.startswith('err_')} }")
                 write_reports(results, out_dirs)
+    if "smollm2" in sections:  # the default model's attention: 9 query / 3 kv heads, head dim 64
+        for batch in (1, 8, 64, 256):
+            for ctx in (512, 2048):
+                key = f"{batch}_{ctx}_9_3_h64"
+                row = bench_decode(batch, ctx, 9, 3, copy_bw, {n: DECODE_VARIANTS[n] for n in args.decode_variants.split(",")}, head_dim=64)
+                results.setdefault("smollm2_decode", {})[key] = row
+                best = row.get(row.get("ours_best", ""), {})
+                log(f"smollm2 decode {key}: ours {best.get('TBps', 0):.2f} TB/s ({best.get('of_copy', 0):.0%}) [{row.get('ours_best')}], "
+                    f"jax {row.get('jax_paged_attention', {}).get('TBps', 0):.2f}, err_ref {row.get('err_vs_ref')}")
+                write_reports(results, out_dirs)
+        for num_seqs, seq_len in ((1, 2048), (8, 512)):
+            key = f"{num_seqs}_{seq_len}_9_3_h64"
+            row = bench_prefill(num_seqs, seq_len, 9, 3, peak, {"default": {}}, head_dim=64)
+            results.setdefault("smollm2_prefill", {})[key] = row
+            log(f"smollm2 prefill {key}: ours {row['ours_default'].get('TFLOPs', 0):.0f} TFLOP/s, "
+                f"flash {row['torch_sdpa_flash']['TFLOPs']:.0f}, err {row.get('err_default_vs_torch')}")
+            write_reports(results, out_dirs)
     if "write" in sections:
         for tokens in (64, 4096):
             for gb in (1, 8):
