@@ -80,6 +80,9 @@ class OpenAIServing:
         return params
 
     def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer (dummy weights): give the prompt as a "
+                           "list of token ids", param="prompt")
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     # -- /v1/completions -------------------------------------------------------------------
@@ -130,10 +133,10 @@ class OpenAIServing:
         async for out in self.engine.generate(requests):
             p = index_of[out.request_id]
             for c in out.outputs:
-                chars, tokens, _ = sent.get((p, c.index), (0, 0, False))
-                if not _has_news(c, sent.get((p, c.index), (0, 0, False)),
-                                 req.logprobs is not None):
+                prev = sent.get((p, c.index), (0, 0, False))
+                if not _has_news(c, prev, req.logprobs is not None):
                     continue
+                chars, tokens, _ = prev
                 choice = self._completion_choice(c, p * req.n + c.index, req.logprobs, tokens,
                                                  chars)
                 sent[(p, c.index)] = (len(c.text), len(c.token_ids), c.finished())
@@ -156,7 +159,7 @@ class OpenAIServing:
             text = self.tokenizer.apply_chat_template(
                 [m.to_template() for m in req.messages],
                 add_generation_prompt=req.add_generation_prompt, tokenize=False)
-        except TemplateError as e:
+        except (TemplateError, ValueError) as e:
             raise APIError(f"the chat template rejected the messages: {e}",
                            param="messages") from e
         # The template already holds the special tokens (as in LLM.chat).
@@ -190,9 +193,10 @@ class OpenAIServing:
         final = None
         async for out in self.engine.generate(requests):
             for c in out.outputs:
-                chars, tokens, _ = sent.get(c.index, (0, 0, False))
-                if not _has_news(c, sent.get(c.index, (0, 0, False)), num_logprobs is not None):
+                prev = sent.get(c.index, (0, 0, False))
+                if not _has_news(c, prev, num_logprobs is not None):
                     continue
+                chars, tokens, _ = prev
                 sent[c.index] = (len(c.text), len(c.token_ids), c.finished())
                 yield {**header, "choices": [{
                     "index": c.index, "delta": {"content": c.text[chars:]},
