@@ -117,17 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_batching_args(sub.add_parser(
         "batching", help="static vs reserve-max_tokens vs paged continuous batching"))
     serving = _serving_module()
-    if serving is not None:
+    if isinstance(serving, str):  # present but not importable: say why when it is asked for
+        sub.add_parser("serving", help=f"unavailable: {serving}", add_help=False)
+    elif serving is not None:
         serving.add_parser(sub)
     return parser
 
 
 def _serving_module():
-    """jaxpaged.bench_serving (another engineer's) is mounted as `serving` when present."""
+    """jaxpaged.bench_serving (another engineer's), mounted as `serving` when present: the
+    module, None when it does not exist, or why it failed to import (a missing extra)."""
     try:
         return importlib.import_module("jaxpaged.bench_serving")
-    except ImportError:
-        return None
+    except ModuleNotFoundError as e:
+        if e.name == "jaxpaged.bench_serving":
+            return None
+        return f"{e} (pip install -e '.[serve]')"
+    except ImportError as e:
+        return str(e)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -173,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         bb.main(args)
     else:
-        _serving_module().run(args)
+        serving = _serving_module()
+        if isinstance(serving, str):
+            parser.error(f"serving is unavailable: {serving}")
+        serving.run(args)
 
 
 if __name__ == "__main__":

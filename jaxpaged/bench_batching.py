@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +177,10 @@ def _account(stats: RunStats, sched: Any, alloc: ContiguousAllocator, B: int,
     stats.waste.add(alloc.reserved_blocks * B, used)
 
 
-def run_batching(args: argparse.Namespace) -> dict[str, Any]:
+def run_batching(args: argparse.Namespace,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every cap under every scheduler on one engine; `on_row` gets the partial result after
+    each run (so a run cut short by a time limit still leaves its rows)."""
     from jaxpaged.bench_throughput import build_llm, engine_summary, model_config
 
     config = model_config(args)
@@ -192,21 +196,25 @@ def run_batching(args: argparse.Namespace) -> dict[str, Any]:
                          f"{engine.max_model_len}; pass --max-model-len {need} or more")
     prompts = random_workload(args.num_prompts, args.input_len, 1, 0.0, config.vocab_size,
                               args.seed).prompts
-    rows = []
+    r: dict[str, Any] = {
+        "benchmark": "batching", **info, "model": args.model or "SmolLM2-135M-Instruct",
+        "load_format": args.load_format, "args": vars(args), "engine": engine_summary(llm),
+        "kv_capacity_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
+        "rows": []}
     for cap in args.caps:
         lens = capped_exponential(args.num_prompts, args.mean_output_len, cap, args.seed)
         for name in args.schedulers:
             stats = run_scheduler(engine, name, prompts, lens, cap)
             row = stats.row() | {"mean_output_len": sum(lens) / len(lens)}
-            rows.append(row)
+            r["rows"].append(row)
+            r["paged_over_reserve"] = _ratios(r["rows"], "paged", "reserve")
+            r["paged_over_static"] = _ratios(r["rows"], "paged", "static")
+            r["compiles_after_warmup"] = engine.runner.num_compiles_since_warmup
             tqdm.write(f"cap {cap:>5} {name:>7}: {row['output_tokens_per_s']:,.0f} output tok/s,"
                        f" mean batch {row['mean_batch']:.1f}, KV waste {row['kv_waste']:.1%}")
-    return {"benchmark": "batching", **info, "model": args.model or "SmolLM2-135M-Instruct",
-            "load_format": args.load_format, "args": vars(args), "engine": engine_summary(llm),
-            "kv_capacity_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
-            "rows": rows, "paged_over_reserve": _ratios(rows, "paged", "reserve"),
-            "paged_over_static": _ratios(rows, "paged", "static"),
-            "compiles_after_warmup": engine.runner.num_compiles_since_warmup}
+            if on_row is not None:
+                on_row(r)
+    return r
 
 
 def _ratios(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
@@ -264,9 +272,12 @@ def plot(r: dict[str, Any], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    r = run_batching(args)
+    def save(r: dict[str, Any]) -> str | None:
+        return write_json(r, args.json, f"batching_{slug(str(r['model']))}_{slug(r['card'])}.json")
+
+    r = run_batching(args, on_row=save)
     name = f"batching_{slug(str(r['model']))}_{slug(r['card'])}"
-    path = write_json(r, args.json, name + ".json")
+    path = save(r)
     png = args.plot or (os.path.splitext(path)[0] + ".png" if path else name + ".png")
     plot(r, png)
     print("\n" + batching_table(r))

@@ -97,9 +97,10 @@ def _sync(device: str) -> None:
 
 
 def run_static(hf: Any, work: Workload, batch_size: int, temperature: float, device: str,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, tokens: list[list[int]] | None = None) -> dict[str, Any]:
     """`generate` on left-padded batches of `batch_size`, in order, each run to its longest
-    requested output (min_new_tokens = max_new_tokens: EOS ignored)."""
+    requested output (min_new_tokens = max_new_tokens: EOS ignored). A `tokens` list receives
+    each request's output tokens (its requested length)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -115,8 +116,9 @@ def run_static(hf: Any, work: Workload, batch_size: int, temperature: float, dev
     t0 = time.perf_counter()
     with torch.no_grad():
         ids, mask = batch_inputs(work.prompts[:2])
-        hf.generate(ids, attention_mask=mask, pad_token_id=pad,
-                    generation_config=_gen_config(4, temperature, min_new_tokens=4))
+        hf.generate(ids, attention_mask=mask,
+                    generation_config=_gen_config(4, temperature, min_new_tokens=4,
+                                                  pad_token_id=pad))
     _sync(device)
     warmup = time.perf_counter() - t0
     computed = 0
@@ -127,10 +129,15 @@ def run_static(hf: Any, work: Workload, batch_size: int, temperature: float, dev
             prompts = work.prompts[lo:lo + batch_size]
             max_new = max(work.output_lens[lo:lo + batch_size])
             ids, mask = batch_inputs(prompts)
-            out = hf.generate(ids, attention_mask=mask, pad_token_id=pad,
+            out = hf.generate(ids, attention_mask=mask,
                               generation_config=_gen_config(max_new, temperature,
-                                                            min_new_tokens=max_new))
+                                                            min_new_tokens=max_new,
+                                                            pad_token_id=pad))
             computed += out.shape[0] * (out.shape[1] - ids.shape[1])
+            if tokens is not None:
+                width = ids.shape[1]
+                tokens += [row[width:width + n].tolist()
+                           for row, n in zip(out, work.output_lens[lo:lo + batch_size])]
             bar.update(len(prompts))
     _sync(device)
     elapsed = time.perf_counter() - t0

@@ -84,6 +84,13 @@ def test_serving_is_mounted_only_when_its_module_exists(monkeypatch):
     assert set(sub.choices) == {"throughput", "latency", "batching"}
 
 
+def test_serving_that_cannot_import_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_serving_module", lambda: "No module named 'httpx'")
+    with pytest.raises(SystemExit):
+        bench.main(["serving"])
+    assert "httpx" in capsys.readouterr().err
+
+
 # -- workloads and statistics ------------------------------------------------------------------
 
 
@@ -122,6 +129,21 @@ def test_percentiles_and_table():
     assert p["p50"] == 2.5 and p["mean"] == 2.5 and p["p99"] <= 4.0
     table = format_table(["a", "b"], [(1, 2.5), ("x", None)])
     assert table.splitlines()[0].startswith("| a") and "| -" in table.splitlines()[3]
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-3.2-1b", "qwen3-0.6b"])
+def test_hf_peer_has_the_presets_architecture(preset):
+    import torch
+    import transformers
+
+    from jaxpaged.bench_hf import dummy_model_config, hf_config_dict
+    from jaxpaged.config import PRESETS
+
+    d = hf_config_dict(dummy_model_config(preset))
+    config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in hf.parameters()) == PRESETS[preset].num_params
 
 
 # -- the no-paging allocator and the waste accounting -------------------------------------------
