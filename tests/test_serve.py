@@ -19,6 +19,7 @@ import uvicorn
 
 from jaxpaged import LLM, LLMEngine, SamplingParams, bench_serving
 from jaxpaged.serve import add_cli_args, build_app, engine_config_from_args
+from jaxpaged.serve_engine import AsyncLLMEngine, EngineDeadError, EngineRequest
 
 API_KEY = "sk-test"
 MAX_TOKENS = 8
@@ -300,3 +301,37 @@ def test_serve_flags_map_to_engine_config():
     assert (config.max_model_len, config.max_num_seqs, config.warmup,
             config.enable_prefix_caching) == (512, 8, False, False)
     assert (args.port, args.api_key, args.host) == (9000, "k", "127.0.0.1")
+
+
+class _CrashingEngine:
+    """Stands in for LLMEngine: accepts a request, then its step fails (an engine bug)."""
+
+    def __init__(self):
+        self.pending = False
+
+    def add_request(self, *args, **kwargs) -> None:
+        self.pending = True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.pending
+
+    def step(self):
+        raise RuntimeError("boom")
+
+    def abort_request(self, request_ids) -> None:
+        pass
+
+
+def test_an_engine_crash_fails_waiting_clients_and_health():
+    engine = AsyncLLMEngine(_CrashingEngine())
+    engine.start()
+
+    async def consume() -> None:
+        async for _ in engine.generate([EngineRequest("r", [1, 2], GREEDY)]):
+            pass
+
+    with pytest.raises(EngineDeadError, match="boom"):
+        asyncio.run(asyncio.wait_for(consume(), timeout=30))
+    assert not engine.is_healthy and isinstance(engine.error, RuntimeError)
+    with pytest.raises(EngineDeadError):  # later requests are refused at once
+        asyncio.run(asyncio.wait_for(consume(), timeout=30))
