@@ -115,6 +115,12 @@ def test_completions_match_llm_generate(llm, server, client):
         chunks = list(stream)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
         assert chunks[-1].usage.completion_tokens == len(want.outputs[0].token_ids)
+    raw = httpx.post(server.url + "/v1/completions", timeout=60,
+                     headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={"prompt": PROMPTS[0], "max_tokens": 2, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     # Several prompts in one request: one choice each, in order.
     batch = client.completions.create(model=server.model, prompt=PROMPTS,
                                       max_tokens=MAX_TOKENS, temperature=0)
