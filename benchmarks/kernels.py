@@ -174,6 +174,11 @@ DECODE_VARIANTS = {
     "bn128_w4_s2_sp4": dict(block_n=128, num_warps=4, num_stages=2, num_splits=4),
     "bn64_w4_s2_sp64": dict(block_n=64, num_warps=4, num_stages=2, num_splits=64),
     "bn32_w4_s2_sp128": dict(block_n=32, num_warps=4, num_stages=2, num_splits=128),
+    "bn128_w4_s3": dict(block_n=128, num_warps=4, num_stages=3),
+    "bn128_w2_s2": dict(block_n=128, num_warps=2, num_stages=2),
+    "bn256_w4_s2": dict(block_n=256, num_warps=4, num_stages=2),
+    "bn128_w4_s2_sp8": dict(block_n=128, num_warps=4, num_stages=2, num_splits=8),
+    "bn128_w4_s2_sp16": dict(block_n=128, num_warps=4, num_stages=2, num_splits=16),
 }
 
 
@@ -245,6 +250,12 @@ PREFILL_VARIANTS = {
     "m64_n128_w4_s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
     "m64_n64_w4_s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
     "m128_n64_w8_s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    "m32_n64_w4_s3": dict(block_m=32, block_n=64, num_warps=4, num_stages=3),
+    "m128_n128_w4_s2": dict(block_m=128, block_n=128, num_warps=4, num_stages=2),
+    "m32_n128_w4_s3": dict(block_m=32, block_n=128, num_warps=4, num_stages=3),
+    "m64_n128_w4_s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
+    "m16_n64_w2_s3": dict(block_m=16, block_n=64, num_warps=2, num_stages=3),
+    "m32_n64_w2_s3": dict(block_m=32, block_n=64, num_warps=2, num_stages=3),
 }
 
 
@@ -428,17 +439,19 @@ def to_markdown(results: dict) -> str:
         lines.append(f"| {s}x{length} | {nq}/{nkv} | {row.get('ours_best')} | {cell(ours)} | {cell(fl)} | {cell(cu)} | {cell(mg)} | {ratio} |")
     if results.get("smollm2_decode"):
         lines += ["", "## SmolLM2 shapes (9 query / 3 kv heads, head dim 64, block 16, bf16)", ""]
-        lines.append("| decode batch x ctx | ours default | jax paged_attention | XLA reference |")
-        lines.append("|---|---|---|---|")
+        lines.append("| decode batch x ctx | ours default | ours best | jax paged_attention | XLA reference |")
+        lines.append("|---|---|---|---|---|")
         for key, row in results["smollm2_decode"].items():
             cell = lambda d: f"{d['TBps']:.2f} TB/s ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
             b, ctx = key.split("_")[:2]
-            lines.append(f"| {b} x {ctx} | {cell(row.get('ours_default', {}))} | {cell(row.get('jax_paged_attention', {}))} | {cell(row.get('xla_reference', {}))} |")
-        lines += ["", "| prefill seqs x len | ours default | torch SDPA flash | jax Mosaic FA3 |", "|---|---|---|---|"]
+            best = f"{cell(row.get(row.get('ours_best', ''), {}))} {row.get('ours_best', '')[5:]}"
+            lines.append(f"| {b} x {ctx} | {cell(row.get('ours_default', {}))} | {best} | {cell(row.get('jax_paged_attention', {}))} | {cell(row.get('xla_reference', {}))} |")
+        lines += ["", "| prefill seqs x len | ours default | ours best | torch SDPA flash | jax Mosaic FA3 |", "|---|---|---|---|---|"]
         for key, row in results.get("smollm2_prefill", {}).items():
             cell = lambda d: f"{d['TFLOPs']:.0f} TFLOP/s ({d['us']:.0f}us)" if "TFLOPs" in d else "-"  # noqa: E731
             s_, length = key.split("_")[:2]
-            lines.append(f"| {s_} x {length} | {cell(row.get('ours_default', {}))} | {cell(row.get('torch_sdpa_flash', {}))} | {cell(row.get('jax_mosaic_fa3', {}))} |")
+            best = f"{cell(row.get(row.get('ours_best') or '', {}))} {(row.get('ours_best') or '')[5:]}"
+            lines.append(f"| {s_} x {length} | {cell(row.get('ours_default', {}))} | {best} | {cell(row.get('torch_sdpa_flash', {}))} | {cell(row.get('jax_mosaic_fa3', {}))} |")
     lines += ["", "## KV write (donated caches), microseconds", ""]
     lines.append("Per step of a lax.scan carrying the donated caches (per separate jitted call in brackets).")
     lines.append("")
@@ -460,6 +473,8 @@ def main() -> None:
     parser.add_argument("--sections", default="ceilings,decode,prefill,write")
     parser.add_argument("--decode-variants", default="default,bn128_w4_s2", help="outside the key configurations")
     parser.add_argument("--prefill-variants", default="default,m128_n128_w8_s2,m64_n64_w4_s3")
+    parser.add_argument("--smollm2-decode-variants", default="default,bn128_w4_s2")
+    parser.add_argument("--smollm2-prefill-variants", default="default")
     args = parser.parse_args()
     sections = args.sections.split(",")
     out_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] + ([args.out] if args.out else [])
@@ -518,7 +533,8 @@ def main() -> None:
         for batch in (1, 8, 64, 256):
             for ctx in (512, 2048):
                 key = f"{batch}_{ctx}_9_3_h64"
-                row = bench_decode(batch, ctx, 9, 3, copy_bw, {n: DECODE_VARIANTS[n] for n in args.decode_variants.split(",")}, head_dim=64)
+                names = args.smollm2_decode_variants.split(",")
+                row = bench_decode(batch, ctx, 9, 3, copy_bw, {n: DECODE_VARIANTS[n] for n in names}, head_dim=64)
                 results.setdefault("smollm2_decode", {})[key] = row
                 best = row.get(row.get("ours_best", ""), {})
                 log(f"smollm2 decode {key}: ours {best.get('TBps', 0):.2f} TB/s ({best.get('of_copy', 0):.0%}) [{row.get('ours_best')}], "
@@ -526,9 +542,11 @@ def main() -> None:
                 write_reports(results, out_dirs)
         for num_seqs, seq_len in ((1, 2048), (8, 512)):
             key = f"{num_seqs}_{seq_len}_9_3_h64"
-            row = bench_prefill(num_seqs, seq_len, 9, 3, peak, {"default": {}}, head_dim=64)
+            names = args.smollm2_prefill_variants.split(",")
+            row = bench_prefill(num_seqs, seq_len, 9, 3, peak, {n: PREFILL_VARIANTS[n] for n in names}, head_dim=64)
             results.setdefault("smollm2_prefill", {})[key] = row
-            log(f"smollm2 prefill {key}: ours {row['ours_default'].get('TFLOPs', 0):.0f} TFLOP/s, "
+            best = row.get(row.get("ours_best") or "", {})
+            log(f"smollm2 prefill {key}: ours {best.get('TFLOPs', 0):.0f} TFLOP/s [{row.get('ours_best')}], "
                 f"flash {row['torch_sdpa_flash']['TFLOPs']:.0f}, err {row.get('err_default_vs_torch')}")
             write_reports(results, out_dirs)
     if "write" in sections:
