@@ -92,6 +92,8 @@ class AsyncLLMEngine:
         try:
             while unfinished:
                 latest = await self._next_batch(stream.queue)
+                if latest is None:
+                    continue
                 for output in latest:
                     if output.finished:
                         unfinished.discard(output.request_id)
@@ -100,9 +102,16 @@ class AsyncLLMEngine:
             if unfinished:
                 self.abort(list(unfinished))
 
-    @staticmethod
-    async def _next_batch(q: asyncio.Queue) -> list[RequestOutput]:
-        items = [await q.get()]
+    async def _next_batch(self, q: asyncio.Queue) -> list[RequestOutput] | None:
+        """The newest output of each request that has news; None after a quiet second."""
+        try:
+            # Never wait unboundedly: a loop that died or stopped before it saw our "add"
+            # would otherwise leave this client hanging.
+            items = [await asyncio.wait_for(q.get(), timeout=1.0)]
+        except TimeoutError:
+            if not self.is_healthy:
+                raise EngineDeadError(f"the engine loop is not running: {self.error!r}")
+            return None
         while not q.empty():
             items.append(q.get_nowait())
         for item in items:
