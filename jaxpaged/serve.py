@@ -182,10 +182,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def run_server(args: argparse.Namespace) -> None:
     try:
-        config = engine_config_from_args(args)
-    except ValueError as e:
+        engine = LLMEngine(engine_config_from_args(args))
+    except (ValueError, OSError) as e:  # a bad flag or model path: one line, no traceback
         raise SystemExit(f"jaxpaged serve: {e}") from e
-    engine = LLMEngine(config)
     app = build_app(engine, args.served_model_name or args.model, args.api_key)
     logger.info("serving %s on http://%s:%d", args.served_model_name or args.model
                 or engine.model.name, args.host, args.port)
