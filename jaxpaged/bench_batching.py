@@ -20,8 +20,9 @@ than its region, the engine underneath never runs short. `max_tokens` is the cap
 without paging must reserve for the longest output it may have to produce. The sampled length
 stands in for where the model would emit EOS: the engine is told to stop there (dummy
 weights cannot be made to emit EOS on cue), and only `paged` benefits from not knowing it.
-`static` uses the same reservation (it is request-level static batching on our engine:
-finished rows leave the batch instead of computing padding, so it is kinder than HF's).
+`static` uses the same reservation, held by the whole batch until its last request ends (as
+a padded static batch holds its KV); its finished rows leave the engine's batch instead of
+computing padding, so its compute is kinder than HF's.
 
 KV waste, per scheduler, summed over engine steps: (reserved - used) / reserved, where used
 is each live request's computed tokens and reserved is its region (static, reserve) or its
@@ -150,10 +151,13 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
         for out in engine.step():
             if out.finished:
                 live.discard(out.request_id)
-                alloc.regions.pop(out.request_id, None)
+                if name != "static":  # a static batch holds its memory until it ends
+                    alloc.regions.pop(out.request_id, None)
                 stats.output_tokens += len(out.outputs[0].token_ids)
                 bar.update(1)
         _account(stats, sched, alloc, B, name)
+        if not live:
+            alloc.regions.clear()
     stats.elapsed_s = time.perf_counter() - t0
     bar.close()
     stats.num_preemptions = sched.num_preemptions - preemptions0
