@@ -6,7 +6,8 @@
 # Needs python3 with jax[cuda], torch and transformers (no network, no pip: jaxpaged is
 # imported from the tree through PYTHONPATH). Every phase writes its JSON into $OUT with a
 # benchmarks/results-style name (<benchmark>_<model>_<card>.json); the console goes to
-# $OUT/run_h100.log. At most 6 files come back, under the device tool's limit of 8.
+# $OUT/run_h100.log, and $OUT/summary.md holds issue 5's targets, met or not. At most 7
+# files come back, under the device tool's limit of 8.
 #
 # Phases (estimated H100 time, mostly warm-up compiles; ~13 minutes all together, so split
 # them over two or three calls of at most 10 minutes with the SKIP_* variables):
@@ -82,5 +83,10 @@ phase batching SKIP_BATCHING "${BENCH[@]}" batching --model llama-3.2-1b --load-
   "${GPU_ENGINE[@]}" --num-kv-blocks "$BATCHING_KV_BLOCKS" --num-prompts "$BATCHING_PROMPTS" \
   --input-len 512 --mean-output-len 128 --caps "$BATCHING_CAPS" --json "$OUT/"
 
+shopt -s nullglob
+results=("$OUT"/throughput_*.json "$OUT"/batching_*.json)
+if ((${#results[@]})); then
+  "${BENCH[@]}" summary "${results[@]}" --out "$OUT/summary.md" 2>&1 | tee -a "$LOG"
+fi
 echo "=== done; files in $OUT:" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"

@@ -4,6 +4,7 @@
         --input-len 512 --output-len 256 --ignore-eos --compare hf --json results/
     jaxpaged-bench latency --model llama-3.2-1b --load-format dummy --batch-size 8
     jaxpaged-bench batching --model llama-3.2-1b --load-format dummy --caps 32,128,512,1536
+    jaxpaged-bench summary results/*.json        (issue 5's targets, met or not)
     jaxpaged-bench serving ...   (when jaxpaged.bench_serving is present)
 
 Each subcommand prints a short table last and, with --json PATH (a file, or a directory for
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_latency_args(sub.add_parser("latency", help="vLLM's benchmark_latency"))
     add_batching_args(sub.add_parser(
         "batching", help="static vs reserve-max_tokens vs paged continuous batching"))
+    summary = sub.add_parser("summary", help="issue 5's targets against result JSON files")
+    summary.add_argument("files", nargs="+", metavar="FILE.json")
+    summary.add_argument("--out", default=None, metavar="MD", help="also write it here")
     serving = _serving_module()
     if isinstance(serving, str):  # present but not importable: say why when it is asked for
         sub.add_parser("serving", help=f"unavailable: {serving}", add_help=False)
@@ -179,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from jaxpaged import bench_batching as bb
 
         bb.main(args)
+    elif args.command == "summary":
+        from jaxpaged.bench_summary import summarize
+
+        text = summarize(args.files)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
     else:
         serving = _serving_module()
         if isinstance(serving, str):

@@ -228,3 +228,26 @@ def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
     assert sd["num_seqs"] == 4 and sd["num_steps"] >= 1
     assert sd["roofline"]["weight_bytes"] > 0 and sd["roofline"]["step_over_roofline"] > 0
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_summary_checks_the_targets(tmp_path, capsys):
+    r = {"benchmark": "throughput", "card": "H100", "jax_version": "0.11.2",
+         "git_revision": "abc", "model": "llama-3.2-1b", "num_requests": 512,
+         "output_tokens_per_s": 40000.0,
+         "ratios": {"vs_hf_generate": 41.0, "vs_hf_generate_batch": 19.0},
+         "steady_decode": {"roofline": {"num_seqs": 256, "step_over_roofline": 1.2}},
+         "compiles_after_warmup": 0, "engine": {"warmup_s": 150.0}}
+    b = {"benchmark": "batching", "card": "H100", "model": "llama-3.2-1b",
+         "rows": [{"cap": 1536, "scheduler": "paged", "kv_waste": 0.01}],
+         "paged_over_reserve": {"1536": 2.5}, "compiles_after_warmup": 0}
+    paths = []
+    for name, data in (("t.json", r), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(data))
+        paths.append(str(tmp_path / name))
+    bench.main(["summary", *paths, "--out", str(tmp_path / "s.md")])
+    lines = {line.split("|")[2].strip(): line.split("|")[5].strip()
+             for line in (tmp_path / "s.md").read_text().splitlines()[4:]}
+    assert lines["speed-up hf_generate"] == "yes" and lines["speed-up hf_generate_batch"] == "NO"
+    assert lines["decode step / roofline at batch 256"] == "yes"
+    assert lines["warm-up"] == "NO" and lines["paged / reserve at cap 1536"] == "yes"
+    assert lines["paged KV waste at cap 1536"] == "yes"
