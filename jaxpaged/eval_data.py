@@ -38,10 +38,15 @@ class InputError(ValueError):
 
 
 def json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages about input files."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-             float: "number", type(None): "null"}
+    """The JSON name of a parsed value's type with its article ("an array"), for messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def show(value: object) -> str:
+    """A value from an input file as the user wrote it (JSON), shortened for a message."""
+    return _clip(json.dumps(value, ensure_ascii=False))
 
 
 def row_key(row_id: RowId | None, line: int) -> str:
@@ -110,7 +115,7 @@ def _parse_object(where: str, text: str) -> dict[str, Any]:
         raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): "
                          f"{_clip(text)}") from None
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object like {{\"id\": ..., ...}}, got a "
+        raise InputError(f"{where}: expected a JSON object like {{\"id\": ..., ...}}, got "
                          f"{json_type(obj)}: {_clip(text)}")
     return obj
 
@@ -124,8 +129,8 @@ def _check_id(where: str, obj: dict[str, Any]) -> RowId:
         raise InputError(f"{where}: missing \"id\" (a string or an integer)")
     value = obj["id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InputError(f"{where}: \"id\" must be a string or an integer, got {value!r} "
-                         f"(a {json_type(value)})")
+        raise InputError(f"{where}: \"id\" must be a string or an integer, got {show(value)} "
+                         f"({json_type(value)})")
     if isinstance(value, str) and not value:
         raise InputError(f"{where}: \"id\" must not be an empty string")
     return value
@@ -134,18 +139,18 @@ def _check_id(where: str, obj: dict[str, Any]) -> RowId:
 def _check_fields(where: str, obj: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = [k for k in obj if k not in allowed]
     if unknown:
-        raise InputError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise InputError(f"{where}: unknown field {show(unknown[0])}; allowed: {', '.join(allowed)}")
 
 
 def _check_messages(where: str, messages: object) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: \"messages\" must be a non-empty array of "
-                         f"{{\"role\": ..., \"content\": ...}} objects, got {messages!r}")
+                         f"{{\"role\": ..., \"content\": ...}} objects, got {show(messages)}")
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str)):
             raise InputError(f"{where}: messages[{i}] must be an object with string \"role\" "
-                             f"and \"content\", got {m!r}")
+                             f"and \"content\", got {show(m)}")
     return messages
 
 
@@ -163,7 +168,7 @@ def parse_generate_row(where: str, line: int, text: str,
     if "prompt" in obj:
         prompt = obj["prompt"]
         if not isinstance(prompt, str) or not prompt:
-            raise InputError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r}")
+            raise InputError(f"{where}: \"prompt\" must be a non-empty string, got {show(prompt)}")
     else:
         messages = _check_messages(where, obj["messages"])
     overrides = {k: v for k, v in obj.items() if k in SAMPLING_FIELDS}
@@ -186,7 +191,7 @@ def read_generate_rows(path: Path, base_params: dict[str, Any], skip_invalid: bo
         try:
             row = parse_generate_row(where, line, text, base_params)
             if row.key in first_line:
-                raise InputError(f"{where}: id {row.id!r} is repeated (first on line "
+                raise InputError(f"{where}: id {show(row.id)} is repeated (first on line "
                                  f"{first_line[row.key]}); ids must be unique")
         except InputError as e:
             if not skip_invalid:
@@ -216,12 +221,12 @@ def parse_loglikelihood_row(where: str, line: int, text: str) -> LoglikelihoodRo
     context = obj.get("context")
     if not isinstance(context, str):
         raise InputError(f"{where}: \"context\" must be a string (it may be empty), got "
-                         f"{context!r}")
+                         f"{show(context)}")
     conts = obj.get("continuations")
     if not (isinstance(conts, list) and conts
             and all(isinstance(c, str) and c for c in conts)):
         raise InputError(f"{where}: \"continuations\" must be a non-empty array of non-empty "
-                         f"strings, got {conts!r}")
+                         f"strings, got {show(conts)}")
     answer = obj.get("answer")
     if answer is not None:
         if isinstance(answer, str) and answer in conts:
@@ -229,7 +234,7 @@ def parse_loglikelihood_row(where: str, line: int, text: str) -> LoglikelihoodRo
         elif isinstance(answer, bool) or not isinstance(answer, int) \
                 or not 0 <= answer < len(conts):
             raise InputError(f"{where}: \"answer\" must be an index in [0, {len(conts)}) or one "
-                             f"of the continuations, got {answer!r}")
+                             f"of the continuations, got {show(answer)}")
     return LoglikelihoodRow(line, row_id, context, conts, answer, obj.get("metadata"))
 
 
@@ -239,7 +244,7 @@ def read_loglikelihood_rows(path: Path) -> list[LoglikelihoodRow]:
         row = parse_loglikelihood_row(f"{path}:{line}", line, text)
         key = row_key(row.id, line)
         if key in first_line:
-            raise InputError(f"{path}:{line}: id {row.id!r} is repeated (first on line "
+            raise InputError(f"{path}:{line}: id {show(row.id)} is repeated (first on line "
                              f"{first_line[key]}); ids must be unique")
         first_line[key] = line
         rows.append(row)

@@ -46,6 +46,7 @@ def run_prompts(engine: LLMEngine, prompts: Sequence[list[int]], use_tqdm: bool 
                 desc: str = "scoring") -> list[RequestOutput]:
     """Score token-id prompts through the engine's scheduler; outputs in input order."""
     ids = [f"eval-score-{next(_request_ids)}" for _ in prompts]
+    mine = set(ids)  # the engine may be running other requests too
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, _SCORE_PARAMS)
     done: dict[str, RequestOutput] = {}
@@ -55,7 +56,7 @@ def run_prompts(engine: LLMEngine, prompts: Sequence[list[int]], use_tqdm: bool 
         try:
             while len(done) < len(ids):
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in mine:
                         done[out.request_id] = out
                         tokens += len(out.prompt_token_ids or [])
                         bar.update(1)
@@ -103,7 +104,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 @dataclasses.dataclass(frozen=True)
 class ContinuationScore:
-    logprob: float  # sum over the continuation's tokens
+    logprob: float | None  # sum over the continuation's tokens; None when it could not be scored
     num_tokens: int
     is_greedy: bool  # every continuation token was the argmax
     error: str | None = None
@@ -112,35 +113,34 @@ class ContinuationScore:
 def score_continuations(engine: LLMEngine, pairs: Sequence[tuple[str, str]],
                         use_tqdm: bool = True) -> list[ContinuationScore]:
     """log p(continuation | context) for each (context, continuation) pair, batched."""
+    if engine.tokenizer is None:
+        raise InputError("this model has no tokenizer, so it cannot score text")
     max_len = engine.max_model_len
-    prompts, firsts, errors = [], [], {}
+    jobs: dict[int, tuple[list[int], int]] = {}  # pair index -> (prompt, first scored position)
+    scores: dict[int, ContinuationScore] = {}
     for i, (context, continuation) in enumerate(pairs):
         ctx, cont = encode_pair(engine.tokenizer, context, continuation)
         if not cont:
-            errors[i] = f"continuation {continuation!r} has no tokens beyond the context's"
+            scores[i] = ContinuationScore(None, 0, False, f"continuation {continuation!r} has "
+                                                          f"no tokens beyond the context's")
         elif len(cont) >= max_len:
-            errors[i] = (f"continuation of {len(cont)} tokens leaves no room for context in "
-                         f"max_model_len={max_len}")
+            scores[i] = ContinuationScore(None, 0, False, (
+                f"continuation of {len(cont)} tokens leaves no room for context in "
+                f"max_model_len={max_len}"))
         else:
             # Too long a context loses its oldest tokens, as lm-evaluation-harness truncates.
             ctx = ctx[-(max_len - len(cont)):]
-            prompts.append(ctx + cont)
-            firsts.append(len(ctx))
-    outputs = iter(run_prompts(engine, prompts, use_tqdm, desc="loglikelihood"))
-    scores = []
-    for i in range(len(pairs)):
-        if i in errors:
-            scores.append(ContinuationScore(math.nan, 0, False, errors[i]))
-            continue
-        out = next(outputs)
-        first = firsts.pop(0)
+            jobs[i] = (ctx + cont, len(ctx))
+    outputs = run_prompts(engine, [prompt for prompt, _ in jobs.values()], use_tqdm,
+                          desc="loglikelihood")
+    for (i, (_, first)), out in zip(jobs.items(), outputs):
         if out.error is not None:
-            scores.append(ContinuationScore(math.nan, 0, False, out.error))
+            scores[i] = ContinuationScore(None, 0, False, out.error)
             continue
         tokens = token_scores(out, first)
-        scores.append(ContinuationScore(math.fsum(t.logprob for t in tokens), len(tokens),
-                                        all(t.is_greedy for t in tokens)))
-    return scores
+        scores[i] = ContinuationScore(math.fsum(t.logprob for t in tokens), len(tokens),
+                                      all(t.is_greedy for t in tokens))
+    return [scores[i] for i in range(len(pairs))]
 
 
 def loglikelihood(engine: LLMEngine, rows: Sequence[LoglikelihoodRow], use_tqdm: bool = True
