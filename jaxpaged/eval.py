@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jaxpaged.eval_data import InputError, read_loglikelihood_rows, read_text
+from jaxpaged.eval_data import (InputError, check_output_path, read_loglikelihood_rows,
+                                read_text)
 from jaxpaged.eval_generate import plan_generate, print_summary, run_generate
 from jaxpaged.sampling_params import SamplingParams
 
@@ -79,7 +80,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxpaged-eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="jaxpaged-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model = _model_flags()
@@ -164,6 +165,8 @@ def cmd_loglikelihood(args: argparse.Namespace) -> int:
     from jaxpaged.eval_score import accuracy_summary, loglikelihood
 
     rows = read_loglikelihood_rows(args.input)
+    if args.output is not None:
+        check_output_path(args.output)
     results = loglikelihood(make_engine(args), rows, use_tqdm=not args.no_progress)
     if args.output is not None:
         _write_atomically(args.output, "".join(
@@ -177,6 +180,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from jaxpaged.eval_score import perplexity, tokenize_text
 
     text = read_text(args.input)
+    if args.output is not None:
+        check_output_path(args.output)
     engine = make_engine(args)
     window = args.window or engine.max_model_len
     stride = args.stride or max(1, window // 2)

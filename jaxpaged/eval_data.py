@@ -264,6 +264,14 @@ def read_text(path: Path) -> str:
     return text
 
 
+def check_output_path(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if results could not be written to `path`."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise InputError(f"{flag} {path}: the directory {path.parent} does not exist")
+
+
 def recover_output(path: Path) -> tuple[set[str], int]:
     """Keys of the complete rows already in a results file, and the number of bytes of a
     partial last line that was cut off (0 if none). A missing file has no rows.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tqdm.auto import tqdm
 
 from jaxpaged.eval_data import (GenerateRow, InputError, InvalidRow, ResultWriter,
-                                read_generate_rows, recover_output)
+                                check_output_path, read_generate_rows, recover_output)
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import SamplingParams
 
@@ -49,6 +49,7 @@ def plan_generate(input_path: Path, output: Path, base_params: dict[str, Any],
     """Validate every input row, then recover the output file; InputError on bad input."""
     if output.exists() and output.resolve() == input_path.resolve():
         raise InputError(f"--output {output} is the --input file; give a separate results file")
+    check_output_path(output)
     rows, invalid = read_generate_rows(input_path, base_params, skip_invalid)
     done, dropped = recover_output(output)
     return GeneratePlan(output, [r for r in rows if r.key not in done],
@@ -115,45 +116,71 @@ class GenerateStats:
 def run_generate(engine: LLMEngine | None, plan: GeneratePlan, base_params: dict[str, Any], *,
                  chat: bool = False, seed: int = 0, use_tqdm: bool = True) -> GenerateStats:
     """Run the plan's rows, appending each result to `plan.output` as it finishes (`engine`
-    may be None when the plan has only invalid rows to record). A KeyboardInterrupt aborts what is left and returns with `interrupted` set; every row
-    written so far is complete."""
-    stats = GenerateStats()
-    start = time.perf_counter()
+    may be None when the plan has only invalid rows to record). A KeyboardInterrupt aborts
+    what is left and returns with `interrupted` set; every row written so far is complete."""
     with ResultWriter(plan.output) as writer, tqdm(
             total=plan.num_pending, desc="generate", unit="req", disable=not use_tqdm,
             dynamic_ncols=True) as bar:
-
-        def emit(result: dict[str, Any]) -> None:
-            writer.write(result)
-            stats.add(result)
-            bar.update(1)
-            rate = stats.output_tokens / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{rate:.1f} out tok/s")
-
+        run = _GenerateRun(engine, writer, bar, base_params, chat, seed)
         for bad in plan.invalid:
-            emit(error_row(bad.id, bad.line, bad.error))
-        running: dict[str, GenerateRow] = {}
+            run.emit(error_row(bad.id, bad.line, bad.error))
+        run.run(plan.rows)
+    run.stats.elapsed = time.perf_counter() - run.start
+    return run.stats
+
+
+class _GenerateRun:
+    """One generate pass: rows go into the engine a few at a time, results come out."""
+
+    def __init__(self, engine: LLMEngine | None, writer: ResultWriter, bar: tqdm,
+                 base_params: dict[str, Any], chat: bool, seed: int):
+        self.engine, self.writer, self.bar = engine, writer, bar
+        self.base_params, self.chat, self.seed = base_params, chat, seed
+        self.stats = GenerateStats()
+        self.start = time.perf_counter()
+        self.running: dict[str, GenerateRow] = {}
+
+    def emit(self, result: dict[str, Any]) -> None:
+        self.writer.write(result)
+        self.stats.add(result)
+        self.bar.update(1)
+        rate = self.stats.output_tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.1f} out tok/s")
+
+    def run(self, rows: list[GenerateRow]) -> None:
+        # Rows wait here rather than in the scheduler's queue: a big file is not tokenized up
+        # front, and the first results come out at once. Twice max_num_seqs keeps every
+        # sequence slot busy as rows finish.
+        waiting = iter(rows)
+        limit = 2 * self.engine.max_num_seqs if rows else 0
         try:
-            for row in plan.rows:
-                request_id = f"eval-gen-{next(_request_ids)}"
-                try:
-                    prompt = chat_prompt(engine, row.messages or [
-                        {"role": "user", "content": row.prompt}]) \
-                        if chat or row.messages else row.prompt
-                    engine.add_request(request_id, prompt, row_params(row, base_params, seed))
-                except ValueError as e:
-                    emit(error_row(row.id, row.line, str(e)))
-                    continue
-                running[request_id] = row
-            while running:
-                for out in engine.step():
-                    if out.finished and out.request_id in running:
-                        emit(result_row(running.pop(out.request_id), out))
+            while True:
+                while len(self.running) < limit and (row := next(waiting, None)) is not None:
+                    self.submit(row)
+                if not self.running:
+                    break
+                for out in self.engine.step():
+                    if out.finished and out.request_id in self.running:
+                        self.emit(result_row(self.running.pop(out.request_id), out))
         except KeyboardInterrupt:
-            engine.abort_request(list(running))
-            stats.interrupted = True
-    stats.elapsed = time.perf_counter() - start
-    return stats
+            self.engine.abort_request(list(self.running))
+            self.stats.interrupted = True
+
+    def submit(self, row: GenerateRow) -> None:
+        """Add the row's request to the engine, or write its error row if it is refused."""
+        request_id = f"eval-gen-{next(_request_ids)}"
+        try:
+            if self.chat or row.messages:
+                prompt = chat_prompt(self.engine, row.messages or [
+                    {"role": "user", "content": row.prompt}])
+            else:
+                prompt = row.prompt
+            self.engine.add_request(request_id, prompt,
+                                    row_params(row, self.base_params, self.seed))
+        except ValueError as e:
+            self.emit(error_row(row.id, row.line, str(e)))
+            return
+        self.running[request_id] = row
 
 
 def print_summary(plan: GeneratePlan, stats: GenerateStats, file: TextIO = sys.stdout) -> None:

@@ -210,6 +210,18 @@ def test_generate_records_bad_rows_and_honours_row_overrides(engine, tmp_path):
     assert plan_generate(inp, out, base, skip_invalid=True).num_pending == 0
 
 
+def test_rows_the_engine_refuses_become_error_rows_and_the_rest_still_run(engine, tmp_path):
+    # More refused rows than the in-flight window (2 * max_num_seqs) ahead of a good one.
+    rows = [{"id": i, "prompt": "Hi", "stop_token_ids": [10**6]} for i in range(9)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows + [{"id": 9, "prompt": "Hi"}])
+    base = {"temperature": 0.0, "max_tokens": 2}
+    stats = run_generate(engine, plan_generate(inp, tmp_path / "out.jsonl", base, False), base,
+                         use_tqdm=False)
+    assert stats.finish_reasons == {"error": 9, "length": 1}
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all("stop_token_ids" in r["error"] for r in results if r["id"] != 9)
+
+
 def test_sampled_row_text_depends_on_its_id_not_on_its_batch(engine, tmp_path):
     base = {"temperature": 1.0, "max_tokens": 6}
     rows = [{"id": i, "prompt": p} for i, p in enumerate(["Once upon a time", "Dogs are",
@@ -263,6 +275,8 @@ def test_bad_flags_and_files_exit_2(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["generate", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["generate", "--input", str(inp), "--output", str(tmp_path / "no" / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     out.write_text('{"id": 1, "text": "a"}\nnot json\n{"id": 2, "text": "b"}\n')
     assert main(["generate", "--input", str(inp), "--output", str(out)]) == 2
     assert "out.jsonl:2: not a result row" in capsys.readouterr().err
