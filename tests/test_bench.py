@@ -10,8 +10,8 @@ import pytest
 from jaxpaged import bench
 from jaxpaged.bench_batching import (ContiguousAllocator, KVWaste, region_blocks,
                                      run_scheduler)
-from jaxpaged.bench_common import (capped_exponential, format_table, length_range,
-                                   percentiles, random_workload)
+from jaxpaged.bench_common import (capped_exponential, format_table, jsonl_workload,
+                                   length_range, percentiles, random_workload)
 
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -108,6 +108,16 @@ def test_random_workload_lengths_and_tokens():
     assert all(0 <= t < 512 for p in w.prompts for t in p)
     assert w == random_workload(200, 100, 50, 0.5, vocab_size=512, seed=1)
     assert w.head(3).prompts == w.prompts[:3]
+
+
+def test_jsonl_workload(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt_token_ids": [5, 6, 7], "output_len": 3}\n\n'
+                    '{"prompt": "hi there"}\n{"prompt_token_ids": [9]}\n')
+    w = jsonl_workload(str(path), 2, 8, tokenize=lambda text: [len(text)])
+    assert w.prompts == [[5, 6, 7], [8]] and w.output_lens == [3, 8]
+    with pytest.raises(ValueError, match="tokenizer"):
+        jsonl_workload(str(path), 3, 8, tokenize=None)
 
 
 def test_capped_exponential():
