@@ -24,9 +24,10 @@ from typing import Any
 from jaxpaged.sampling_params import SamplingParams
 
 RowId = str | int
-# Fields a row may override, by SamplingParams' names. `n` is left out: a result row holds one
-# completion, so n > 1 is n separate rows.
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "n")
+# Fields a row may override, by SamplingParams' names. Left out: `n`, since a result row holds
+# one completion (n > 1 is n rows), and the logprobs fields, which results do not carry.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
+                        if f.name not in ("n", "logprobs", "prompt_logprobs"))
 GENERATE_FIELDS = ("id", "prompt", "messages", "metadata")
 LOGLIKELIHOOD_FIELDS = ("id", "context", "continuations", "answer", "metadata")
 # Every result row starts with its id, so a torn last line is recognisably one of ours.
@@ -90,11 +91,9 @@ class LoglikelihoodRow:
     metadata: Any = None
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each non-blank line; InputError for an unreadable,
-    non-UTF-8 or empty file."""
+def _read_input(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"--input {path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -102,7 +101,14 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
             from None
     except OSError as e:
         raise InputError(f"--input {path}: cannot read it ({e.strerror})") from None
-    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each non-blank line; InputError for an unreadable,
+    non-UTF-8 or empty file."""
+    # Split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() breaks.
+    lines = [(i, line) for i, line in enumerate(_read_input(path).split("\n"), 1)
+             if line.strip()]
     if not lines:
         raise InputError(f"--input {path}: the file is empty; expected one JSON object per line")
     return iter(lines)
@@ -139,7 +145,8 @@ def _check_id(where: str, obj: dict[str, Any]) -> RowId:
 def _check_fields(where: str, obj: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = [k for k in obj if k not in allowed]
     if unknown:
-        raise InputError(f"{where}: unknown field {show(unknown[0])}; allowed: {', '.join(allowed)}")
+        raise InputError(f"{where}: unknown field {show(unknown[0])}; allowed: "
+                         f"{', '.join(allowed)}")
 
 
 def _check_messages(where: str, messages: object) -> list[dict[str, str]]:
@@ -168,7 +175,8 @@ def parse_generate_row(where: str, line: int, text: str,
     if "prompt" in obj:
         prompt = obj["prompt"]
         if not isinstance(prompt, str) or not prompt:
-            raise InputError(f"{where}: \"prompt\" must be a non-empty string, got {show(prompt)}")
+            raise InputError(f"{where}: \"prompt\" must be a non-empty string, got "
+                             f"{show(prompt)}")
     else:
         messages = _check_messages(where, obj["messages"])
     overrides = {k: v for k, v in obj.items() if k in SAMPLING_FIELDS}
@@ -196,7 +204,10 @@ def read_generate_rows(path: Path, base_params: dict[str, Any], skip_invalid: bo
         except InputError as e:
             if not skip_invalid:
                 raise
-            invalid.append(InvalidRow(line, _usable_id(text, first_line), str(e)))
+            bad = InvalidRow(line, _usable_id(text, first_line), str(e))
+            if bad.id is not None:  # its error row holds the id now; a later use repeats it
+                first_line[bad.key] = line
+            invalid.append(bad)
             continue
         first_line[row.key] = line
         rows.append(row)
@@ -252,13 +263,7 @@ def read_loglikelihood_rows(path: Path) -> list[LoglikelihoodRow]:
 
 
 def read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--input {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"--input {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
-            from None
+    text = _read_input(path)
     if not text.strip():
         raise InputError(f"--input {path}: the file is empty; expected some text to score")
     return text

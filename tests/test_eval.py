@@ -190,15 +190,16 @@ def test_generate_records_bad_rows_and_honours_row_overrides(engine, tmp_path):
          "metadata": {"tag": "chat"}},
         {"id": 0, "prompt": "a repeated id"},
         {"id": "long", "prompt": "word " * 300},
-        {"id": 3, "prompt": "Hello", "temperature": 9.0}])
+        {"id": 3, "prompt": "Hello", "temperature": 9.0},
+        {"id": 3, "prompt": "Hello again"}])
     out = tmp_path / "out.jsonl"
     base = {"temperature": 0.0, "max_tokens": 8}
     plan = plan_generate(inp, out, base, skip_invalid=True)
     assert [r.id for r in plan.rows] == [0, 2, "long"]
-    assert [(r.line, r.id) for r in plan.invalid] == [(2, None), (4, None), (6, 3)]
+    assert [(r.line, r.id) for r in plan.invalid] == [(2, None), (4, None), (6, 3), (7, None)]
     stats = run_generate(engine, plan, base, use_tqdm=False)
     results = {(r["id"], r.get("line")): r for r in map(json.loads, out.read_text().splitlines())}
-    assert stats.written == len(results) == 6 and not stats.interrupted
+    assert stats.written == len(results) == 7 and not stats.interrupted
     assert results[(0, None)]["num_output_tokens"] == 3
     assert results[(0, None)]["finish_reason"] == "length"
     assert results[(2, None)]["metadata"] == {"tag": "chat"}
@@ -207,6 +208,7 @@ def test_generate_records_bad_rows_and_honours_row_overrides(engine, tmp_path):
     assert "not valid JSON" in results[(None, 2)]["error"]
     assert "repeated" in results[(None, 4)]["error"]
     assert "temperature" in results[(3, 6)]["error"]
+    assert "repeated (first on line 6)" in results[(None, 7)]["error"]
     assert plan_generate(inp, out, base, skip_invalid=True).num_pending == 0
 
 
