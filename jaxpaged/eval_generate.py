@@ -2,8 +2,9 @@
 result the moment its request finishes, so an interrupted run resumes where it stopped.
 
 The plan (input rows minus those already in the results file) is made before the model is
-loaded: bad input fails fast, and a finished run re-run costs nothing. Rows are added to the
-engine all at once and the scheduler batches them; results are written in finishing order.
+loaded: bad input fails fast, and a finished run re-run costs nothing. Rows enter the engine a
+few more than it has sequence slots for, the scheduler batches them, and results are written in
+finishing order.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def row_params(row: GenerateRow, base_params: dict[str, Any], seed: int) -> Samp
     --seed and its id, so its text does not depend on which rows ran alongside it or on where
     an interrupted run resumed."""
     values = {**base_params, **row.overrides}
-    if values.get("seed") is None:
+    if values.get("seed") in (None, -1):  # -1 is vLLM's "no seed"
         values["seed"] = zlib.crc32(f"{seed}:{row.key}".encode()) & 0x7FFFFFFF
     return SamplingParams(**values)
 

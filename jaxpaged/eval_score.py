@@ -44,25 +44,30 @@ class TokenScore:
 
 def run_prompts(engine: LLMEngine, prompts: Sequence[list[int]], use_tqdm: bool = True,
                 desc: str = "scoring") -> list[RequestOutput]:
-    """Score token-id prompts through the engine's scheduler; outputs in input order."""
+    """Score token-id prompts through the engine's scheduler; outputs in input order. Prompts
+    enter the engine 2 * max_num_seqs at a time, enough to keep every sequence slot busy."""
     ids = [f"eval-score-{next(_request_ids)}" for _ in prompts]
-    mine = set(ids)  # the engine may be running other requests too
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, _SCORE_PARAMS)
+    waiting = iter(zip(ids, prompts))
+    running: set[str] = set()  # the engine may be running other requests too
     done: dict[str, RequestOutput] = {}
     start, tokens = time.perf_counter(), 0
     with tqdm(total=len(ids), desc=desc, unit="seq", disable=not use_tqdm,
               dynamic_ncols=True) as bar:
         try:
             while len(done) < len(ids):
+                while len(running) < 2 * engine.max_num_seqs and \
+                        (job := next(waiting, None)) is not None:
+                    engine.add_request(job[0], job[1], _SCORE_PARAMS)
+                    running.add(job[0])
                 for out in engine.step():
-                    if out.finished and out.request_id in mine:
+                    if out.finished and out.request_id in running:
+                        running.remove(out.request_id)
                         done[out.request_id] = out
                         tokens += len(out.prompt_token_ids or [])
                         bar.update(1)
                         bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s")
         except BaseException:
-            engine.abort_request([r for r in ids if r not in done])
+            engine.abort_request(list(running))
             raise
     return [done[r] for r in ids]
 
