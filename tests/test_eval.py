@@ -9,7 +9,6 @@ shapes.
 import contextlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
