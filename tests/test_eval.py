@@ -288,6 +288,17 @@ def test_bad_flags_and_files_exit_2(tmp_path, capsys):
     assert 'mc.jsonl:1: "answer" must be an index in [0, 1)' in capsys.readouterr().err
 
 
+def test_bad_input_fails_before_jax_is_imported(tmp_path):
+    (tmp_path / "in.jsonl").write_text("")
+    code = ("import sys; from jaxpaged.eval import main; "
+            f"rc = main(['generate', '--input', {str(tmp_path / 'in.jsonl')!r}, '--output', "
+            f"{str(tmp_path / 'out.jsonl')!r}]); print(rc, 'jax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "the file is empty" in result.stderr and not (tmp_path / "out.jsonl").exists()
+
+
 def test_recover_output_cuts_only_a_torn_last_line(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": 1, "text": "a"}\n{"id": "x", "te')
