@@ -37,7 +37,7 @@ class GeneratePlan:
     rows: list[GenerateRow]  # still to run
     invalid: list[InvalidRow]  # still to record (under --skip-invalid)
     num_input_rows: int
-    num_done: int  # rows already in the output
+    num_done: int  # input rows already in the output
     num_dropped_bytes: int  # of a partial last line cut off the output
 
     @property
@@ -53,9 +53,11 @@ def plan_generate(input_path: Path, output: Path, base_params: dict[str, Any],
     check_output_path(output)
     rows, invalid = read_generate_rows(input_path, base_params, skip_invalid)
     done, dropped = recover_output(output)
-    return GeneratePlan(output, [r for r in rows if r.key not in done],
-                        [r for r in invalid if r.key not in done], len(rows) + len(invalid),
-                        len(done), dropped)
+    todo = [r for r in rows if r.key not in done]
+    todo_invalid = [r for r in invalid if r.key not in done]
+    num_input = len(rows) + len(invalid)
+    return GeneratePlan(output, todo, todo_invalid, num_input,
+                        num_input - len(todo) - len(todo_invalid), dropped)
 
 
 def row_params(row: GenerateRow, base_params: dict[str, Any], seed: int) -> SamplingParams:
