@@ -182,6 +182,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.input)
     if args.output is not None:
         check_output_path(args.output)
+    # What the flags alone decide fails before the model loads.
+    if args.window and args.stride and args.stride > args.window:
+        raise InputError(f"--stride must be in [1, --window={args.window}], got {args.stride}")
+    if args.window and args.max_model_len and args.window > args.max_model_len:
+        raise InputError(f"--window={args.window} exceeds --max-model-len={args.max_model_len}")
     engine = make_engine(args)
     window = args.window or engine.max_model_len
     stride = args.stride or max(1, window // 2)

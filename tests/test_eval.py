@@ -286,6 +286,10 @@ def test_bad_flags_and_files_exit_2(tmp_path, capsys):
                                               "answer": 3}])
     assert main(["loglikelihood", "--input", str(mc)]) == 2
     assert 'mc.jsonl:1: "answer" must be an index in [0, 1)' in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text("Some text.")
+    assert main(["perplexity", "--input", str(text), "--window", "8", "--stride", "9"]) == 2
+    assert "--stride must be in [1, --window=8], got 9" in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_jax_is_imported(tmp_path):
