@@ -137,11 +137,22 @@ def _program_metadata(
     return jnp.concatenate(meta).astype(jnp.int32)
 
 
-def default_block_m(num_tokens: int, num_seqs: int, group_pad: int) -> int:
-    """128-row tiles for prefill; small tiles when most sequences bring one token (decode-like)."""
-    if num_tokens >= 8 * num_seqs:
-        return max(128, group_pad)
-    return max(16, group_pad)
+def default_tiles(num_tokens: int, num_seqs: int, group_pad: int, head_dim: int) -> tuple[int, int, int]:
+    """(block_m, block_n, num_stages) from static shapes, fitted to H100 sweeps (NOTES_kernels.md).
+
+    Tokens per q-block: 32 when the average chunk is long (>= 4096 tokens: more reuse of each
+    K/V tile), else 16 (more programs for short chunks and few kv heads); one token per q-block
+    when most sequences bring a single token (decode-like). 128-key tiles (2 stages, to fit
+    shared memory) pay off only for head dim <= 64 and chunks >= 2048 tokens.
+    """
+    avg_q_len = num_tokens / max(num_seqs, 1)
+    if avg_q_len < 8:
+        return max(16, group_pad), 64, 3
+    block_q = 32 if avg_q_len >= 4096 else 16
+    block_m = max(group_pad, min(128, max(16, group_pad * block_q)))
+    if head_dim <= 64 and avg_q_len >= 2048:
+        return block_m, 128, 2
+    return block_m, 64, 3
 
 
 @functools.partial(
@@ -159,9 +170,9 @@ def ragged_paged_attention_tuned(
     sm_scale: float | None = None,
     interpret: bool = False,
     block_m: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,  # 128x64 tiles, 4 warps, 3 stages: fastest measured on the H100 (NOTES)
-    num_stages: int = 3,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """``ragged_paged_attention`` with its tile and launch parameters exposed (for benchmarks)."""
     _check_shapes(q, k_cache, v_cache, block_tables)
@@ -175,8 +186,10 @@ def ragged_paged_attention_tuned(
         )
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
-    if block_m is None:
-        block_m = default_block_m(num_tokens, num_seqs, group_pad)
+    default_m, default_n, default_stages = default_tiles(num_tokens, num_seqs, group_pad, head_dim)
+    block_m = default_m if block_m is None else block_m
+    block_n = default_n if block_n is None else block_n
+    num_stages = default_stages if num_stages is None else num_stages
     if block_m < 16 or block_m % group_pad or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two >= max(16, {group_pad})")
     if sm_scale is None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_tuned
+from pallas_kernels.ragged_paged_attention import default_tiles, ragged_paged_attention_tuned
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}  # ||out - ref|| / ||ref||
 
@@ -110,6 +110,15 @@ def test_sm_scale_and_explicit_interpret():
     out = ragged_paged_attention(q, k_cache, v_cache, block_tables, kv, cu, sm_scale=0.3, interpret=True)
     ref = ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, kv, cu, sm_scale=0.3)
     assert_close(out, ref, jnp.float32)
+
+
+@pytest.mark.parametrize("group_pad", [1, 2, 4, 8, 16, 32, 256])
+@pytest.mark.parametrize("num_tokens,num_seqs", [(1, 1), (40, 7), (2048, 1), (4096, 8), (8192, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_tiles_are_valid(group_pad, num_tokens, num_seqs, head_dim):
+    block_m, block_n, num_stages = default_tiles(num_tokens, num_seqs, group_pad, head_dim)
+    assert block_m >= max(16, group_pad) and block_m & (block_m - 1) == 0 and block_m % group_pad == 0
+    assert block_n in (64, 128) and num_stages in (2, 3)
 
 
 @st.composite
