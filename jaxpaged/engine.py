@@ -54,6 +54,7 @@ class _Tracked:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     num_cached_tokens: int = 0
     error: str | None = None  # why a child was rejected (finish_reason "error")
+    final_only: bool = False  # report only when finished (vLLM's RequestOutputKind.FINAL_ONLY)
 
     @property
     def finished(self) -> bool:
@@ -134,9 +135,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     sampling_params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, output_kind: str = "cumulative") -> None:
         """Queue a request. Raises ValueError, naming what is wrong, for a bad prompt or bad
-        sampling parameters; nothing is queued then."""
+        sampling parameters; nothing is queued then. `output_kind` "cumulative" reports the
+        request from every step that changes it; "final_only" only once it has finished."""
+        if output_kind not in ("cumulative", "final_only"):
+            raise ValueError(f"output_kind={output_kind!r}; allowed: cumulative, final_only")
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
@@ -161,7 +165,8 @@ class LLMEngine:
              for i in range(params.n)],
             [self._detokenizer(ids, params) for _ in range(params.n)],
             RequestMetrics(arrival_time=now, last_token_time=now),
-            [None] if params.prompt_logprobs is not None else None)
+            [None] if params.prompt_logprobs is not None else None,
+            final_only=output_kind == "final_only")
         self._tracked[request_id] = tracked
         for i, child in enumerate(tracked.child_ids):
             self._child_to_parent[child] = (request_id, i)
@@ -232,7 +237,8 @@ class LLMEngine:
         for request in changed:
             self._apply_request(request, result, now)
         return [self._make_output(rid, now) for rid in sorted(touched, key=self._order)
-                if rid in self._tracked]
+                if rid in self._tracked and (self._tracked[rid].finished
+                                             or not self._tracked[rid].final_only)]
 
     def _order(self, request_id: str) -> float:
         return self._tracked[request_id].metrics.arrival_time if request_id in self._tracked else 0

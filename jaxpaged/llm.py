@@ -61,7 +61,8 @@ class LLM:
             try:
                 if isinstance(params, dict):
                     params = SamplingParams(**params)
-                self.llm_engine.add_request(request_id, prompt, params)
+                self.llm_engine.add_request(request_id, prompt, params,
+                                            output_kind="final_only")
             except (ValueError, TypeError) as e:
                 now = time.time()
                 results[request_id] = RequestOutput.from_error(

@@ -54,7 +54,10 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[np.ndarray, ...]]
 
 
-def _step(graphdef, params, kv_cache, input_ids, positions, md, impl):
+def _step(graphdef, params_def, params_leaves, kv_cache, input_ids, positions, md, impl):
+    # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
+    # milliseconds a step, a list of arrays costs microseconds.
+    params = jax.tree.unflatten(params_def, params_leaves)
     return forward(graphdef, params, kv_cache, input_ids, positions, md, impl)
 
 
@@ -68,7 +71,8 @@ def _count_compiles(event: str, duration: float, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-_jit_forward = jax.jit(_step, static_argnames=("graphdef", "impl"), donate_argnums=(2,))
+_jit_forward = jax.jit(_step, static_argnames=("graphdef", "params_def", "impl"),
+                       donate_argnums=(3,))
 _jit_sample = jax.jit(sample)
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
 _jit_take_rows = jax.jit(lambda x, rows: x[rows])
@@ -91,6 +95,7 @@ class ModelRunner:
         enable_compilation_cache()
         cfg = loaded.config
         self.loaded, self.impl = loaded, attention_impl
+        self._params_leaves, self._params_def = jax.tree.flatten(loaded.params)
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_cache = KVCache.zeros(cfg.num_hidden_layers, num_blocks, block_size,
@@ -150,7 +155,8 @@ class ModelRunner:
         return _compile_count[0] - self._compiles_at_warmup
 
     def _run_forward(self, ids, pos, md):
-        return _jit_forward(self.loaded.graphdef, self.loaded.params, self.kv_cache, ids, pos,
+        return _jit_forward(self.loaded.graphdef, self._params_def, self._params_leaves,
+                            self.kv_cache, ids, pos,
                             md, self.impl)
 
     # -- one step ------------------------------------------------------------------------
