@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 
 import jax
@@ -123,16 +124,39 @@ class ModelRunner:
 
     # -- warm-up -------------------------------------------------------------------------
 
+    def _empty_step(self, shape: BucketShape):
+        return build_step_inputs([], [], [], self.block_size, num_tokens=shape.num_tokens,
+                                 num_seqs=shape.num_seqs,
+                                 max_blocks_per_seq=self.max_blocks_per_seq, logits_indices=[],
+                                 num_logits=shape.num_logits, decode_only=shape.decode_only)
+
+    def _precompile(self) -> None:
+        """Compile the forward of every bucket concurrently: XLA compiles outside the GIL, so
+        the threads divide warm-up time by the cores available. The sequential pass in
+        `warmup` then finds each program already compiled."""
+        def compile_one(shape: BucketShape) -> None:
+            ids, pos, md = self._empty_step(shape)
+            _jit_forward.lower(self.loaded.graphdef, self._params_def, self._params_leaves,
+                               self.kv_cache, ids, pos, md, self.impl).compile()
+
+        def compile_sampler(args: tuple) -> None:
+            logits, smd = args
+            _jit_sample.lower(logits, smd).compile()
+
+        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32), smd)
+                    for S in self.seq_buckets
+                    for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)]
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(compile_one, self.bucket_shapes()))
+            list(pool.map(compile_sampler, samplers))
+
     def warmup(self) -> tuple[int, float]:
         """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
         start, count = time.perf_counter(), 0
+        self._precompile()
         for shape in self.bucket_shapes():
-            ids, pos, md = build_step_inputs([], [], [], self.block_size,
-                                             num_tokens=shape.num_tokens,
-                                             num_seqs=shape.num_seqs,
-                                             max_blocks_per_seq=self.max_blocks_per_seq,
-                                             logits_indices=[], num_logits=shape.num_logits,
-                                             decode_only=shape.decode_only)
+            ids, pos, md = self._empty_step(shape)
             self.kv_cache, logits = self._run_forward(ids, pos, md)
             count += 1
             if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
