@@ -81,7 +81,7 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
 def test_serving_is_mounted_only_when_its_module_exists(monkeypatch):
     monkeypatch.setattr(bench, "_serving_module", lambda: None)
     sub = next(a for a in bench.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"throughput", "latency", "batching"}
+    assert set(sub.choices) == {"throughput", "latency", "batching", "summary"}
 
 
 def test_serving_that_cannot_import_says_why(monkeypatch, capsys):
