@@ -6,8 +6,8 @@
 # Needs python3 with jax[cuda], torch and transformers (no network, no pip: jaxpaged is
 # imported from the tree through PYTHONPATH). Every phase writes its JSON into $OUT with a
 # benchmarks/results-style name (<benchmark>_<model>_<card>.json); the console goes to
-# $OUT/run_h100.log, and $OUT/summary.md holds issue 5's targets, met or not. At most 7
-# files come back, under the device tool's limit of 8.
+# $OUT/run_h100.log, and $OUT/summary.md holds issue 5's targets, met or not. At most 8
+# files come back, the device tool's limit.
 #
 # Phases (estimated H100 time, mostly warm-up compiles; ~13 minutes all together, so split
 # them over two or three calls of at most 10 minutes with the SKIP_* variables):
@@ -15,6 +15,7 @@
 #   SKIP_QWEN3=1     qwen3-0.6b, 256 prompts, input and output uniform in 100-1024 ~2-3 min
 #   SKIP_LLAMA8B=1   llama-3.1-8b, 512 prompts, 512 in, 256 out                    ~2-3 min
 #   SKIP_BATCHING=1  batching experiment on llama-3.2-1b (see below)               ~4-5 min
+#   SKIP_LATENCY=0   (opt-in) latency, llama-3.2-1b, batch 8, 32 in, 128 out     ~2 min
 # e.g. call 1: SKIP_QWEN3=1 SKIP_LLAMA8B=1 SKIP_BATCHING=1
 #      call 2: SKIP_LLAMA1B=1 SKIP_BATCHING=1
 #      call 3: SKIP_LLAMA1B=1 SKIP_QWEN3=1 SKIP_LLAMA8B=1
@@ -82,6 +83,10 @@ phase llama-3.1-8b SKIP_LLAMA8B "${BENCH[@]}" throughput --model llama-3.1-8b \
 phase batching SKIP_BATCHING "${BENCH[@]}" batching --model llama-3.2-1b --load-format dummy \
   "${GPU_ENGINE[@]}" --num-kv-blocks "$BATCHING_KV_BLOCKS" --num-prompts "$BATCHING_PROMPTS" \
   --input-len 512 --mean-output-len 128 --caps "$BATCHING_CAPS" --json "$OUT/"
+
+SKIP_LATENCY=${SKIP_LATENCY:-1}
+phase latency SKIP_LATENCY "${BENCH[@]}" latency --model llama-3.2-1b --load-format dummy \
+  "${GPU_ENGINE[@]}" --batch-size 8 --input-len 32 --output-len 128 --json "$OUT/"
 
 shopt -s nullglob
 results=("$OUT"/throughput_*.json "$OUT"/batching_*.json)

@@ -90,8 +90,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--input-len", type=_positive_int, default=32)
     p.add_argument("--output-len", type=_positive_int, default=128)
-    p.add_argument("--num-iters-warmup", type=int, default=2)
-    p.add_argument("--num-iters", type=_positive_int, default=10)
+    p.add_argument("--num-iters-warmup", type=int, default=10)
+    p.add_argument("--num-iters", type=_positive_int, default=30)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
 
 

@@ -4,7 +4,7 @@ own continuous batching with paged attention (`generate_batch`'s manager).
 
 The peers run in a child process (`python -m jaxpaged.bench_hf SPEC OUT`): JAX preallocates
 most of the GPU memory in the parent, and torch must have the card to itself. The child never
-imports jax. It runs before the parent touches the device, so the two never share the card.
+uses jax's devices, and it runs before the parent touches them, so the two never share the card.
 
 Counting: output tokens are the requested lengths (EOS is ignored on every side); the padded
 rows static batching computes beyond a request's length are its cost, not output. Warm-up (a
