@@ -92,8 +92,10 @@ def to_markdown(r: dict) -> str:
         f"On the CPU, jaxpaged's reference attention reads each sequence's whole block table, "
         f"so its cost follows max_model_len: sized to the workload (prompt + output = "
         f"{a['input_len'] + a['output_len']} tokens) it is the fair setting; the CPU defaults "
-        f"are shown too. The CPU is shared with other jobs: rates vary by tens of percent "
-        f"between runs.", "",
+        f"are shown too. The CPU is shared with other jobs (1-minute load average "
+        f"{r['load_average']['before'][0]:.1f} before, {r['load_average']['after'][0]:.1f} "
+        f"after, on {os.cpu_count()} cores): under load the rates, and transformers' most, "
+        f"drop severalfold.", "",
         format_table(["", "output tok/s", "seconds", "jaxpaged speed-up"], rows), "",
         f"Greedy completions identical to transformers': {r['identical_completions']} of "
         f"{r['compared_completions']}.", ""])
@@ -123,6 +125,7 @@ def main() -> None:
     import torch
     import transformers
 
+    load_before = os.getloadavg()
     work = random_workload(args.num_prompts, args.input_len, args.output_len, 0.0, 49152, 0)
     hf, hf_tokens = run_hf(args, work)
     ours, our_tokens = run_jaxpaged(work, max_num_seqs=args.max_num_seqs,
@@ -135,7 +138,8 @@ def main() -> None:
          "dtype": "float32", "args": vars(args), "jaxpaged": ours, "hf": hf,
          "ratio_vs_generate": ours["output_tokens_per_s"]
          / hf["generate"]["output_tokens_per_s"],
-         "identical_completions": same, "compared_completions": len(hf_tokens)}
+         "identical_completions": same, "compared_completions": len(hf_tokens),
+         "load_average": {"before": load_before, "after": os.getloadavg()}}
     if defaults is not None:
         r["jaxpaged_defaults"] = defaults
     if "generate_batch" in hf:
