@@ -179,6 +179,9 @@ DECODE_VARIANTS = {
     "bn256_w4_s2": dict(block_n=256, num_warps=4, num_stages=2),
     "bn128_w4_s2_sp8": dict(block_n=128, num_warps=4, num_stages=2, num_splits=8),
     "bn128_w4_s2_sp16": dict(block_n=128, num_warps=4, num_stages=2, num_splits=16),
+    "bn64_w4_s2_ef": dict(block_n=64, num_warps=4, num_stages=2, eviction_policy="evict_first"),
+    "bn128_w4_s2_ef": dict(block_n=128, num_warps=4, num_stages=2, eviction_policy="evict_first"),
+    "bn64_w4_s3_ef": dict(block_n=64, num_warps=4, num_stages=3, eviction_policy="evict_first"),
 }
 
 
@@ -480,6 +483,7 @@ def main() -> None:
     parser.add_argument("--decode-variants", default="default,bn128_w4_s2", help="outside the key configurations")
     parser.add_argument("--prefill-variants", default="default,m128_n128_w8_s2,m64_n64_w4_s3")
     parser.add_argument("--smollm2-decode-variants", default="default,bn128_w4_s2")
+    parser.add_argument("--key-decode-variants", default=",".join(DECODE_VARIANTS), help="at the target configurations")
     parser.add_argument("--smollm2-prefill-variants", default="default")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -509,7 +513,7 @@ def main() -> None:
                 for ctx in (512, 2048, 8192):
                     if args.quick and (batch, ctx, nq) not in key_configs:
                         continue
-                    names = DECODE_VARIANTS if (batch, ctx, nq) in key_configs else args.decode_variants.split(",")
+                    names = args.key_decode_variants.split(",") if (batch, ctx, nq) in key_configs else args.decode_variants.split(",")
                     variants = {n: DECODE_VARIANTS[n] for n in names}
                     key = f"{batch}_{ctx}_{nq}_8"
                     t0 = time.time()
