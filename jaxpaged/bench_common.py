@@ -160,30 +160,43 @@ class StepRecord:
     decode_only: bool  # every scheduled request fed exactly one token
     context_tokens: int  # KV positions read by attention, summed over scheduled requests
     kv_usage: float  # block-manager usage right after schedule() (the step's peak)
+    execute_seconds: float  # of which in runner.execute_model (inputs, device, one transfer)
 
 
 @dataclass
 class StepRecorder:
     """Times every `engine.step()` and notes what the scheduler planned for it.
 
-    Installs itself as instance attributes over `engine.step` and `engine.scheduler.schedule`
-    (the engine's own code is untouched; `LLM.generate` calls them through the instance), so
-    one `generate` call is measured as it runs. `uninstall()` restores them.
+    Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`
+    and `engine.runner.execute_model` (the engine's own code is untouched; `LLM.generate` calls
+    them through the instances), so one `generate` call is measured as it runs. The step time
+    minus the execute time is the host's scheduling and bookkeeping. `uninstall()` restores
+    them.
     """
 
     engine: Any
     steps: list[StepRecord] = field(default_factory=list)
     _plan: Any = None
+    _usage: float = 0.0
+    _execute: float = 0.0
 
     def __post_init__(self) -> None:
-        scheduler, engine = self.engine.scheduler, self.engine
-        schedule, step = scheduler.schedule, engine.step
+        scheduler, engine, runner = self.engine.scheduler, self.engine, self.engine.runner
+        schedule, step, execute = scheduler.schedule, engine.step, runner.execute_model
 
         def recorded_schedule():
             self._plan = schedule()
+            self._usage = scheduler.block_manager.usage
             return self._plan
 
+        def timed_execute(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = execute(*args, **kwargs)
+            self._execute += time.perf_counter() - t0
+            return out
+
         def timed_step():
+            self._execute = 0.0
             t0 = time.perf_counter()
             out = step()
             dt = time.perf_counter() - t0
@@ -193,15 +206,17 @@ class StepRecorder:
                 self.steps.append(StepRecord(
                     dt, len(reqs), plan.total_num_scheduled_tokens,
                     all(len(r.token_ids) == 1 for r in reqs),
-                    sum(r.start_pos + len(r.token_ids) for r in reqs),
-                    scheduler.block_manager.usage))
+                    sum(r.start_pos + len(r.token_ids) for r in reqs), self._usage,
+                    self._execute))
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
+        runner.execute_model = timed_execute
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule
         del self.engine.step
+        del self.engine.runner.execute_model
 
     @property
     def peak_kv_usage(self) -> float:

@@ -120,12 +120,14 @@ def steady_decode(recorder: StepRecorder, config: ModelConfig, itemsize: int,
     batch = max(s.num_seqs for s in decode)
     steps = recorder.decode_steps(batch)
     times = percentiles([s.seconds for s in steps])
+    execute = percentiles([s.execute_seconds for s in steps])
     context = round(sum(s.context_tokens for s in steps) / len(steps))
-    out = {"num_seqs": batch, "num_steps": len(steps), "step_s": times,
+    out = {"num_seqs": batch, "num_steps": len(steps), "step_s": times, "execute_s": execute,
            "num_decode_steps": len(decode), "mean_context_tokens": context}
     if copy is not None:
         out["roofline"] = roofline(times["p50"], batch, context, config, itemsize,
                                    copy["best_GBps"])
+        out["roofline"]["execute_over_roofline"] = execute["p50"] / out["roofline"]["roofline_s"]
     return out
 
 
@@ -200,13 +202,15 @@ def throughput_table(r: dict[str, Any]) -> str:
     if sd:
         line = (f"steady decode at batch {sd['num_seqs']} ({sd['num_steps']} steps, mean "
                 f"context {sd['mean_context_tokens']} tokens): p50 "
-                f"{sd['step_s']['p50'] * 1e3:.2f} ms/step")
+                f"{sd['step_s']['p50'] * 1e3:.2f} ms/step, of which execute_model "
+                f"{sd['execute_s']['p50'] * 1e3:.2f} ms")
         rl = sd.get("roofline")
         if rl:
             line += (f"; roofline {rl['roofline_s'] * 1e3:.2f} ms = ({rl['weight_bytes'] / 1e9:.2f}"
                      f" GB weights + {rl['kv_bytes'] / 1e9:.2f} GB KV) / "
                      f"{rl['copy_GBps']:.0f} GB/s copy; step / roofline = "
-                     f"{rl['step_over_roofline']:.2f}")
+                     f"{rl['step_over_roofline']:.2f} (execute_model / roofline = "
+                     f"{rl['execute_over_roofline']:.2f})")
         lines.append(line)
     return "\n".join(lines)
 

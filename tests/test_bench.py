@@ -10,8 +10,9 @@ import pytest
 from jaxpaged import bench
 from jaxpaged.bench_batching import (ContiguousAllocator, KVWaste, region_blocks,
                                      run_scheduler)
-from jaxpaged.bench_common import (capped_exponential, format_table, jsonl_workload,
-                                   length_range, percentiles, random_workload)
+from jaxpaged.bench_common import (StepRecorder, capped_exponential, format_table,
+                                   jsonl_workload, length_range, percentiles,
+                                   random_workload)
 
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -209,6 +210,26 @@ def test_schedulers_serve_every_request(tiny_llm, name):
     assert engine.scheduler.block_manager.num_free_blocks == engine.num_kv_blocks - 1
 
 
+def test_step_recorder_sees_every_step_and_uninstalls(tiny_llm):
+    from jaxpaged import SamplingParams
+
+    engine = tiny_llm.llm_engine
+    recorder = StepRecorder(engine)
+    prompts = random_workload(3, 20, 1, 0.0, 512, seed=2).prompts
+    tiny_llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    recorder.uninstall()
+    assert not {"step", "execute_model", "schedule"} & (
+        set(vars(engine)) | set(vars(engine.runner)) | set(vars(engine.scheduler)))
+    # Every prompt token and the 3 tokens fed back per request (the 4th is never fed).
+    assert sum(s.num_tokens for s in recorder.steps) == 60 + 3 * 3
+    decode = recorder.decode_steps()
+    assert decode and all(s.num_tokens == s.num_seqs <= 3 for s in decode)
+    assert max(s.context_tokens for s in decode) <= 3 * (20 + 3)
+    assert recorder.decode_steps(num_seqs=1) == [s for s in decode if s.num_seqs == 1]
+    assert 0 < recorder.peak_kv_usage <= 1
+    assert all(0 < s.execute_seconds <= s.seconds for s in recorder.steps)
+
+
 def test_reservation_limits_the_batch_and_paging_does_not(tiny_llm):
     engine = tiny_llm.llm_engine
     prompts = random_workload(8, 12, 1, 0.0, 512, seed=1).prompts
@@ -237,6 +258,7 @@ def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
     sd = r["steady_decode"]
     assert sd["num_seqs"] == 4 and sd["num_steps"] >= 1
     assert sd["roofline"]["weight_bytes"] > 0 and sd["roofline"]["step_over_roofline"] > 0
+    assert 0 < sd["execute_s"]["p50"] <= sd["step_s"]["p50"]  # execute is part of the step
     assert "output tok/s" in capsys.readouterr().out
 
 
