@@ -39,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from jaxpaged.bench_common import (capped_exponential, env_info, format_table,
+from jaxpaged.bench_common import (StepRecorder, capped_exponential, env_info, format_table,
                                    random_workload, slug, write_json)
 
 SCHEDULERS = ("static", "reserve", "paged")
@@ -104,6 +104,7 @@ class RunStats:
     max_batch: int = 0
     waste: KVWaste = field(default_factory=KVWaste)
     num_preemptions: int = 0
+    decode_batches: list[int] = field(default_factory=list)  # batch of each decode-only step
 
     def row(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "cap": self.cap, "elapsed_s": self.elapsed_s,
@@ -111,6 +112,8 @@ class RunStats:
                 "output_tokens_per_s": self.output_tokens / self.elapsed_s,
                 "mean_batch": self.batch_sum / max(self.num_steps, 1),
                 "max_batch": self.max_batch, "num_steps": self.num_steps,
+                "mean_decode_batch": (sum(self.decode_batches) / len(self.decode_batches)
+                                      if self.decode_batches else 0.0),
                 "kv_waste": self.waste.fraction, "num_preemptions": self.num_preemptions}
 
 
@@ -142,6 +145,7 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
                                                            temperature=0.0))
 
     bar = tqdm(total=len(queue), desc=f"{name:>7} cap {cap}", leave=False)
+    recorder = StepRecorder(engine)
     t0 = time.perf_counter()
     while queue or live or engine.has_unfinished_requests():  # the last finishes are reported
         if name == "paged":
@@ -159,7 +163,9 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
         if not live:
             alloc.regions.clear()
     stats.elapsed_s = time.perf_counter() - t0
+    recorder.uninstall()
     bar.close()
+    stats.decode_batches = [s.num_seqs for s in recorder.decode_steps()]
     stats.num_preemptions = sched.num_preemptions - preemptions0
     return stats
 
@@ -215,7 +221,8 @@ def run_batching(args: argparse.Namespace,
             r["paged_over_static"] = _ratios(r["rows"], "paged", "static")
             r["compiles_after_warmup"] = engine.runner.num_compiles_since_warmup
             tqdm.write(f"cap {cap:>5} {name:>7}: {row['output_tokens_per_s']:,.0f} output tok/s,"
-                       f" mean batch {row['mean_batch']:.1f}, KV waste {row['kv_waste']:.1%}")
+                       f" decode batch {row['mean_decode_batch']:.1f}, KV waste "
+                       f"{row['kv_waste']:.1%}")
             if on_row is not None:
                 on_row(r)
     return r
@@ -230,14 +237,14 @@ def batching_table(r: dict[str, Any]) -> str:
     caps = sorted({row["cap"] for row in r["rows"]})
     names = [s for s in SCHEDULERS if any(row["scheduler"] == s for row in r["rows"])]
     by = {(row["cap"], row["scheduler"]): row for row in r["rows"]}
-    headers = ["cap", "mean out"] + [f"{s} tok/s (batch)" for s in names] + \
+    headers = ["cap", "mean out"] + [f"{s} tok/s (decode batch)" for s in names] + \
         [f"{s} KV waste" for s in names] + ["paged / reserve"]
     rows = []
     for cap in caps:
         first = by[cap, names[0]]
         cells = [cap, f"{first['mean_output_len']:.0f}"]
-        cells += [f"{by[cap, s]['output_tokens_per_s']:,.0f} ({by[cap, s]['mean_batch']:.0f})"
-                  for s in names]
+        cells += [f"{by[cap, s]['output_tokens_per_s']:,.0f} "
+                  f"({by[cap, s]['mean_decode_batch']:.0f})" for s in names]
         cells += [f"{by[cap, s]['kv_waste']:.1%}" for s in names]
         ratio = r["paged_over_reserve"].get(str(cap))
         cells.append(f"{ratio:.2f}x" if ratio else "-")
@@ -260,8 +267,8 @@ def plot(r: dict[str, Any], path: str) -> None:
             continue
         x = [row["cap"] for row in rows]
         ax1.plot(x, [row["output_tokens_per_s"] for row in rows], "o-", label=name)
-        ax2.plot(x, [row["mean_batch"] for row in rows], "o-", label=name)
-    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean running batch")):
+        ax2.plot(x, [row["mean_decode_batch"] for row in rows], "o-", label=name)
+    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean batch of decode steps")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(caps, [str(c) for c in caps])
         ax.set_xlabel("output-length cap (max_tokens)")
