@@ -179,9 +179,6 @@ DECODE_VARIANTS = {
     "bn256_w4_s2": dict(block_n=256, num_warps=4, num_stages=2),
     "bn128_w4_s2_sp8": dict(block_n=128, num_warps=4, num_stages=2, num_splits=8),
     "bn128_w4_s2_sp16": dict(block_n=128, num_warps=4, num_stages=2, num_splits=16),
-    "bn64_w4_s2_ef": dict(block_n=64, num_warps=4, num_stages=2, eviction_policy="evict_first"),
-    "bn128_w4_s2_ef": dict(block_n=128, num_warps=4, num_stages=2, eviction_policy="evict_first"),
-    "bn64_w4_s3_ef": dict(block_n=64, num_warps=4, num_stages=3, eviction_policy="evict_first"),
 }
 
 

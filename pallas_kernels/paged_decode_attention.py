@@ -75,7 +75,6 @@ def _decode_kernel(
     max_blocks: int,
     block_n: int,
     split_tokens: int,
-    eviction_policy: str | None,
 ):
     s, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = q_ref.shape[-1]
@@ -98,9 +97,8 @@ def _decode_kernel(
         valid = pos < end
         page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
         rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
-        kv_mask = valid[:, None]
-        k = plt.load(k_ref.at[rows, cols], mask=kv_mask, other=0.0, eviction_policy=eviction_policy)  # [BN, H]
-        v = plt.load(v_ref.at[rows, cols], mask=kv_mask, other=0.0, eviction_policy=eviction_policy)
+        k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
+        v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [Gp, BN]
         m_new = jnp.maximum(m, scores.max(axis=1))
@@ -150,7 +148,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages", "eviction_policy"),
+    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages"),
 )
 def paged_decode_attention_tuned(
     q: jax.Array,
@@ -165,7 +163,6 @@ def paged_decode_attention_tuned(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    eviction_policy: str | None = None,  # e.g. "evict_first": K/V are read once per step
 ) -> jax.Array:
     """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
     _check_shapes(q, k_cache, v_cache, block_tables)
@@ -193,7 +190,6 @@ def paged_decode_attention_tuned(
         max_blocks=max_blocks,
         block_n=block_n,
         split_tokens=split_tokens,
-        eviction_policy=eviction_policy,
     )
     rows = num_seqs * num_heads
     if num_splits == 1:
