@@ -169,6 +169,13 @@ def paged_decode_attention_tuned(
     num_seqs, num_heads, head_dim = q.shape
     num_pages, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
+    if block_tables.shape[0] != num_seqs or kv_lens.shape != (num_seqs,):
+        # One query row per sequence: a token bucket larger than the sequence bucket would read
+        # block tables and lengths out of bounds.
+        raise ValueError(
+            f"decode needs q [S, N, H] with block_tables [S, max_blocks] and kv_lens [S]; got q "
+            f"{q.shape}, block_tables {block_tables.shape}, kv_lens {kv_lens.shape}"
+        )
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_pow2(group))
     if sm_scale is None:

@@ -122,6 +122,14 @@ def test_agrees_with_ragged_kernel_on_decodes():
     assert_close(ragged, out, jnp.float32)
 
 
+def test_rejects_more_query_rows_than_sequences():
+    rng = np.random.default_rng(6)
+    k_cache, v_cache, block_tables = make_paged_cache(rng, [20, 3], 16, 2, 64, jnp.float32)
+    q = jnp.zeros((3, 4, 64), jnp.float32)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables, jnp.asarray([20, 3], jnp.int32))
+
+
 @hypothesis.settings(max_examples=5, deadline=None, derandomize=True)
 @hypothesis.given(
     kv_lens=st.lists(st.integers(0, 70), min_size=1, max_size=4),
