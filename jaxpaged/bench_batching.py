@@ -148,10 +148,8 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
     recorder = StepRecorder(engine)
     t0 = time.perf_counter()
     while queue or live or engine.has_unfinished_requests():  # the last finishes are reported
-        if name == "paged":
-            admit()  # everything: the engine's scheduler decides
-        elif name == "reserve" or not live:  # static: only between batches
-            admit()
+        if name != "static" or not live:  # static admits only between batches
+            admit()  # paged: all the engine can hold; its own scheduler decides
         for out in engine.step():
             if out.finished:
                 live.discard(out.request_id)
@@ -182,7 +180,8 @@ def _account(stats: RunStats, sched: Any, alloc: ContiguousAllocator, B: int,
         return
     used = 0
     for rid in alloc.regions:
-        request = sched.requests.get(f"{rid}#0")  # the engine's child id of a single sample
+        # The engine's id of an n=1 request's only child (tests catch a change: used = 0).
+        request = sched.requests.get(f"{rid}#0")
         used += request.num_computed_tokens if request is not None else 0
     stats.waste.add(alloc.reserved_blocks * B, used)
 
