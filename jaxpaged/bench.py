@@ -13,6 +13,7 @@ an automatic name), writes every number with the card, jax version and git revis
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -150,6 +151,13 @@ def validate(args: argparse.Namespace) -> None:
             args.model = "smollm2-135m"
         if args.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.command == "throughput":
+        try:
+            cb = json.loads(args.hf_cb_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--hf-cb-config is not JSON ({e}): {args.hf_cb_config!r}")
+        if not isinstance(cb, dict):
+            raise ValueError(f"--hf-cb-config must be a JSON object, got {args.hf_cb_config!r}")
     if args.command == "throughput" and args.hf_modes:
         bad = set(args.hf_modes) - {"generate", "generate_batch"}
         if bad:

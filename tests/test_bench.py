@@ -69,6 +69,8 @@ def test_batching_lists():
     ("throughput", "--range-ratio", "1.5"),
     ("throughput", "--hf-modes", "generate,vllm"),
     ("throughput", "--compare", "vllm"),
+    ("throughput", "--hf-cb-config", "{block_size: 16}"),
+    ("throughput", "--hf-cb-config", "[16]"),
     ("batching", "--caps", "32,x"),
     ("batching", "--schedulers", "fifo"),
     ("latency", "--temperature", "-1"),
