@@ -104,7 +104,9 @@ class RunStats:
     max_batch: int = 0
     waste: KVWaste = field(default_factory=KVWaste)
     num_preemptions: int = 0
-    decode_batches: list[int] = field(default_factory=list)  # batch of each decode-only step
+    # Per step with any decoding request: how many decoded (continuous batching mixes
+    # prefill chunks into most steps, so decode-only steps alone would show only the tail).
+    decode_batches: list[int] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "cap": self.cap, "elapsed_s": self.elapsed_s,
@@ -163,7 +165,7 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
     stats.elapsed_s = time.perf_counter() - t0
     recorder.uninstall()
     bar.close()
-    stats.decode_batches = [s.num_seqs for s in recorder.decode_steps()]
+    stats.decode_batches = [s.num_decode_seqs for s in recorder.steps if s.num_decode_seqs]
     stats.num_preemptions = sched.num_preemptions - preemptions0
     return stats
 
@@ -267,7 +269,7 @@ def plot(r: dict[str, Any], path: str) -> None:
         x = [row["cap"] for row in rows]
         ax1.plot(x, [row["output_tokens_per_s"] for row in rows], "o-", label=name)
         ax2.plot(x, [row["mean_decode_batch"] for row in rows], "o-", label=name)
-    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean batch of decode steps")):
+    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean decoding batch per step")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(caps, [str(c) for c in caps])
         ax.set_xlabel("output-length cap (max_tokens)")

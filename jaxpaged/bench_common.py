@@ -158,6 +158,7 @@ class StepRecord:
     num_seqs: int  # requests scheduled
     num_tokens: int  # tokens scheduled
     decode_only: bool  # every scheduled request fed exactly one token
+    num_decode_seqs: int  # scheduled requests that fed one token (decoding, mixed steps too)
     context_tokens: int  # KV positions read by attention, summed over scheduled requests
     kv_usage: float  # block-manager usage right after schedule() (the step's peak)
     execute_seconds: float  # of which in runner.execute_model (inputs, device, one transfer)
@@ -203,9 +204,10 @@ class StepRecorder:
             plan, self._plan = self._plan, None
             if plan is not None and not plan.is_empty:
                 reqs = plan.scheduled_requests
+                num_decode = sum(len(r.token_ids) == 1 for r in reqs)
                 self.steps.append(StepRecord(
-                    dt, len(reqs), plan.total_num_scheduled_tokens,
-                    all(len(r.token_ids) == 1 for r in reqs),
+                    dt, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
+                    num_decode,
                     sum(r.start_pos + len(r.token_ids) for r in reqs), self._usage,
                     self._execute))
             return out

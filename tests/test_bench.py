@@ -241,6 +241,8 @@ def test_reservation_limits_the_batch_and_paging_does_not(tiny_llm):
     reserve = run_scheduler(engine, "reserve", prompts, lens, cap=52)
     paged = run_scheduler(engine, "paged", prompts, lens, cap=52)
     assert reserve.max_batch == 2 and paged.max_batch > 2
+    assert max(reserve.decode_batches) == 2
+    assert paged.row()["mean_decode_batch"] > reserve.row()["mean_decode_batch"]
     assert paged.waste.fraction < reserve.waste.fraction
 
 
