@@ -4,16 +4,20 @@ The model calls `paged_attention` once per layer. The cache holds every layer,
 `[L, P, B, K, H]`; kernels see one flat page pool `[L * P, B, K, H]` and block ids offset by
 `layer * P`, which is a free reshape, so no layer slice of the cache is ever copied.
 `impl` picks the implementation: "reference" (the kernels' pure-jnp references, any backend)
-or "pallas" (the kernels; interpreted on the CPU).
+or "pallas" (the kernels; interpreted on the CPU). `mesh` (tensor parallelism, see
+`jaxpaged.sharding`) runs either one per KV-head shard.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import pallas_kernels
 from jaxpaged.metadata import AttentionMetadata
+from jaxpaged.sharding import KV_CACHE_SPEC, TP_AXIS
 
 ATTENTION_IMPLS = ("reference", "pallas")
 
@@ -26,9 +30,12 @@ class KVCache:
 
     @classmethod
     def zeros(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-              head_dim: int, dtype: jnp.dtype) -> "KVCache":
+              head_dim: int, dtype: jnp.dtype,
+              sharding: NamedSharding | None = None) -> "KVCache":
+        """With `sharding`, each device allocates only its own heads' share."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(jnp.zeros(shape, dtype, device=sharding),
+                   jnp.zeros(shape, dtype, device=sharding))
 
     @property
     def num_blocks(self) -> int:
@@ -40,28 +47,48 @@ class KVCache:
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
-                    layer: jax.Array, md: AttentionMetadata,
-                    impl: str = "reference") -> tuple[jax.Array, KVCache]:
-    """q [T, N, H], k/v [T, K, H] of one layer -> (attention output [T, N, H], updated cache)."""
-    L, P, B, K, H = kv_cache.k.shape
-    k_pool = kv_cache.k.reshape(L * P, B, K, H)
-    v_pool = kv_cache.v.reshape(L * P, B, K, H)
+                    layer: jax.Array, md: AttentionMetadata, impl: str = "reference",
+                    mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+    """q [T, N, H], k/v [T, K, H] of one layer -> (attention output [T, N, H], updated cache).
+
+    With a mesh (tensor parallelism) the same body runs once per shard through `shard_map`:
+    q, k, v split on their head axis, the cache on K, the metadata replicated. Heads never
+    meet across shards in attention, so no collective is needed here."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}; allowed: {ATTENTION_IMPLS}")
+    _, P, B, _, H = kv_cache.k.shape
     slots = jnp.where(md.slot_mapping < 0, -1, md.slot_mapping + layer * P * B)
     block_tables = md.block_tables + layer * P
-    sm_scale = 1.0 / (H ** 0.5)
+    attend = functools.partial(_write_and_attend, impl=impl, decode_only=md.decode_only,
+                               sm_scale=1.0 / (H ** 0.5))
+    if mesh is not None:
+        heads, rep = PartitionSpec(None, TP_AXIS, None), PartitionSpec()
+        # check_vma off: pallas_call does not type its outputs as varying over the mesh axis.
+        attend = jax.shard_map(attend, mesh=mesh, check_vma=False,
+                               in_specs=(heads, heads, heads, KV_CACHE_SPEC, KV_CACHE_SPEC,
+                                         rep, rep, rep, rep),
+                               out_specs=(heads, KV_CACHE_SPEC, KV_CACHE_SPEC))
+    out, k_cache, v_cache = attend(q, k, v, kv_cache.k, kv_cache.v, slots, block_tables,
+                                   md.kv_lens, md.cu_q_lens)
+    return out, KVCache(k_cache, v_cache)
+
+
+def _write_and_attend(q, k, v, k_cache, v_cache, slots, block_tables, kv_lens, cu_q_lens, *,
+                      impl: str, decode_only: bool, sm_scale: float):
+    """One shard's (or the whole model's) write + attention over the flat page pool."""
+    L, P, B, K, H = k_cache.shape
+    k_pool = k_cache.reshape(L * P, B, K, H)
+    v_pool = v_cache.reshape(L * P, B, K, H)
     if impl == "reference":
         k_pool, v_pool = pallas_kernels.write_kv_cache_reference(k, v, k_pool, v_pool, slots)
         out = pallas_kernels.ragged_paged_attention_reference(
-            q, k_pool, v_pool, block_tables, md.kv_lens, md.cu_q_lens, sm_scale=sm_scale)
-    elif impl == "pallas":
+            q, k_pool, v_pool, block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale)
+    else:
         k_pool, v_pool = pallas_kernels.write_kv_cache(k, v, k_pool, v_pool, slots)
-        if md.decode_only:
+        if decode_only:
             out = pallas_kernels.paged_decode_attention(
-                q, k_pool, v_pool, block_tables, md.kv_lens, sm_scale=sm_scale)
+                q, k_pool, v_pool, block_tables, kv_lens, sm_scale=sm_scale)
         else:
             out = pallas_kernels.ragged_paged_attention(
-                q, k_pool, v_pool, block_tables, md.kv_lens, md.cu_q_lens, sm_scale=sm_scale)
-    else:
-        raise ValueError(f"attention impl={impl!r}; allowed: {ATTENTION_IMPLS}")
-    new_cache = KVCache(k_pool.reshape(L, P, B, K, H), v_pool.reshape(L, P, B, K, H))
-    return out, new_cache
+                q, k_pool, v_pool, block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale)
+    return out, k_pool.reshape(L, P, B, K, H), v_pool.reshape(L, P, B, K, H)

@@ -28,6 +28,7 @@ from jaxpaged.sampler import SamplingRow
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.sequence import Request, RequestStatus
+from jaxpaged.sharding import initialize_distributed, make_mesh, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,14 @@ class _Tracked:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.model = loaded or load_model(config.model, dtype=config.dtype,
-                                          load_format=config.load_format, seed=config.seed)
+        tp = config.tensor_parallel_size
+        if tp > 1:
+            initialize_distributed()
+        self.mesh = make_mesh(tp)
+        loaded = loaded or load_model(config.model, dtype=config.dtype,
+                                      load_format=config.load_format, seed=config.seed)
+        # Before sizing the KV cache, so device memory in use counts the weights' shards only.
+        self.model = shard_model(loaded, self.mesh)
         self.tokenizer = self.model.tokenizer
         mc = self.model.config
         on_cpu = jax.default_backend() == "cpu"
@@ -85,15 +92,17 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.block_size,
                                   max_num_seqs=self.max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, attention_impl=impl)
+                                  max_model_len=self.max_model_len, attention_impl=impl,
+                                  mesh=self.mesh)
         self.scheduler = Scheduler(SchedulerConfig(
             max_model_len=self.max_model_len, num_blocks=num_blocks,
             block_size=config.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching))
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), attention=%s",
-                    num_blocks - 1, config.block_size, (num_blocks - 1) * config.block_size,
-                    self._kv_bytes_per_block() * num_blocks / 2**30, impl)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device), "
+                    "attention=%s, tensor_parallel_size=%d", num_blocks - 1, config.block_size,
+                    (num_blocks - 1) * config.block_size,
+                    self._kv_bytes_per_block() * num_blocks / 2**30, impl, tp)
         self.warmup_stats: tuple[int, float] | None = None
         if config.warmup:
             self.warmup_stats = self.runner.warmup()
@@ -106,9 +115,11 @@ class LLMEngine:
     # -- sizing --------------------------------------------------------------------------
 
     def _kv_bytes_per_block(self) -> int:
+        """Bytes of one block on one device: each holds K / tensor_parallel_size heads."""
         mc = self.model.config
         itemsize = jax.numpy.dtype(self.model.dtype).itemsize
-        return (2 * mc.num_hidden_layers * self.config.block_size * mc.num_key_value_heads
+        kv_heads = mc.num_key_value_heads // self.config.tensor_parallel_size
+        return (2 * mc.num_hidden_layers * self.config.block_size * kv_heads
                 * mc.head_dim * itemsize)
 
     def _blocks_from_memory(self, on_cpu: bool) -> int:

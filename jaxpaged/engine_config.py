@@ -20,6 +20,7 @@ class EngineConfig:
     seed: int = 0
     warmup: bool = True
     attention_impl: str = "auto"  # "reference" | "pallas" | "auto" (pallas on GPU)
+    tensor_parallel_size: int = 1  # devices the weights and KV heads are split over
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -34,6 +35,9 @@ class EngineConfig:
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be "
                              f"in (0, 1]")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a "
+                             f"positive int")
         if self.attention_impl not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: auto, reference, "
                              f"pallas")

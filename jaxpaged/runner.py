@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpaged.attention import KVCache
 from jaxpaged.buckets import bucket_for, make_buckets
@@ -30,6 +31,7 @@ from jaxpaged.models import forward
 from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
                               compute_logprobs, sample, sampling_metadata_variants)
 from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.sharding import gather_logits, kv_cache_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,17 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[np.ndarray, ...]]
 
 
-def _step(graphdef, params_def, params_leaves, kv_cache, input_ids, positions, md, impl):
+def _step(graphdef, params_def, params_leaves, kv_cache, input_ids, positions, md, impl, mesh):
     # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
     # milliseconds a step, a list of arrays costs microseconds.
     params = jax.tree.unflatten(params_def, params_leaves)
-    return forward(graphdef, params, kv_cache, input_ids, positions, md, impl)
+    kv_cache, logits = forward(graphdef, params, kv_cache, input_ids, positions, md, impl, mesh)
+    if mesh is not None:
+        # The cache leaves as it came (split on KV heads, so donation reuses its buffers); the
+        # logits leave replicated, so the sampler and the host see plain arrays.
+        kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
+        logits = gather_logits(logits, mesh)
+    return kv_cache, logits
 
 
 _compile_count = [0]  # every XLA backend compile in this process
@@ -72,7 +80,7 @@ def _count_compiles(event: str, duration: float, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-_jit_forward = jax.jit(_step, static_argnames=("graphdef", "params_def", "impl"),
+_jit_forward = jax.jit(_step, static_argnames=("graphdef", "params_def", "impl", "mesh"),
                        donate_argnums=(3,))
 _jit_sample = jax.jit(sample)
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
@@ -92,15 +100,17 @@ def enable_compilation_cache() -> None:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 attention_impl: str):
+                 attention_impl: str, mesh: Mesh | None = None):
+        """`loaded`'s parameters must already sit on `mesh` (`sharding.shard_model`)."""
         enable_compilation_cache()
         cfg = loaded.config
-        self.loaded, self.impl = loaded, attention_impl
+        self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
         self._params_leaves, self._params_def = jax.tree.flatten(loaded.params)
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_cache = KVCache.zeros(cfg.num_hidden_layers, num_blocks, block_size,
-                                      cfg.num_key_value_heads, cfg.head_dim, loaded.dtype)
+                                      cfg.num_key_value_heads, cfg.head_dim, loaded.dtype,
+                                      kv_cache_sharding(mesh))
         self.token_buckets = make_buckets(max_num_batched_tokens,
                                           min(MIN_TOKEN_BUCKET, max_num_batched_tokens))
         self.seq_buckets = make_buckets(max_num_seqs, min(MIN_SEQ_BUCKET, max_num_seqs))
@@ -108,6 +118,8 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.num_logprobs = min(MAX_LOGPROBS, cfg.vocab_size)  # top-N width of prompt logprobs
         self._compiles_at_warmup: int | None = None
+        # Where the forward leaves logits: the sampler is compiled for exactly that placement.
+        self._logits_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
     # -- shapes --------------------------------------------------------------------------
 
@@ -137,13 +149,14 @@ class ModelRunner:
         def compile_one(shape: BucketShape) -> None:
             ids, pos, md = self._empty_step(shape)
             _jit_forward.lower(self.loaded.graphdef, self._params_def, self._params_leaves,
-                               self.kv_cache, ids, pos, md, self.impl).compile()
+                               self.kv_cache, ids, pos, md, self.impl, self.mesh).compile()
 
         def compile_sampler(args: tuple) -> None:
             logits, smd = args
             _jit_sample.lower(logits, smd).compile()
 
-        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32), smd)
+        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32,
+                                          sharding=self._logits_sharding), smd)
                     for S in self.seq_buckets
                     for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)]
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -166,7 +179,8 @@ class ModelRunner:
                 count += 2
         for S in self.seq_buckets:
             for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
-                jax.block_until_ready(_jit_sample(jnp.zeros((S, self.vocab_size)), smd))
+                logits = jnp.zeros((S, self.vocab_size), device=self._logits_sharding)
+                jax.block_until_ready(_jit_sample(logits, smd))
                 count += 1
         self._compiles_at_warmup = _compile_count[0]
         return count, time.perf_counter() - start
@@ -180,8 +194,7 @@ class ModelRunner:
 
     def _run_forward(self, ids, pos, md):
         return _jit_forward(self.loaded.graphdef, self._params_def, self._params_leaves,
-                            self.kv_cache, ids, pos,
-                            md, self.impl)
+                            self.kv_cache, ids, pos, md, self.impl, self.mesh)
 
     # -- one step ------------------------------------------------------------------------
 

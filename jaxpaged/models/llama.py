@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
-                 impl: str) -> tuple[jax.Array, KVCache]:
+                 impl: str, mesh: Mesh | None) -> tuple[jax.Array, KVCache]:
         T = x.shape[0]
         q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
         k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
@@ -85,7 +86,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl)
+        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh)
         return self.o_proj(out.reshape(T, -1)), kv_cache
 
 
@@ -107,9 +108,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl):
+    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl, mesh):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                            kv_cache, layer, md, impl)
+                                            kv_cache, layer, md, impl, mesh)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
@@ -135,8 +136,10 @@ class CausalLM(nnx.Module):
                         else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs))
 
     def __call__(self, kv_cache: KVCache, input_ids: jax.Array, positions: jax.Array,
-                 md: AttentionMetadata, impl: str = "reference") -> tuple[KVCache, jax.Array]:
-        """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices)."""
+                 md: AttentionMetadata, impl: str = "reference",
+                 mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
+        """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices).
+        `mesh`: tensor parallelism; the parameters and cache arrive sharded on it."""
         x = self.embed_tokens(input_ids)  # [T, D]
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a compile-time constant
         layer_def, layer_state = nnx.split(self.layers)
@@ -144,7 +147,8 @@ class CausalLM(nnx.Module):
         def body(carry, xs):
             x, cache = carry
             state, layer = xs
-            x, cache = nnx.merge(layer_def, state)(x, positions, inv_freq, cache, layer, md, impl)
+            x, cache = nnx.merge(layer_def, state)(x, positions, inv_freq, cache, layer, md, impl,
+                                                   mesh)
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
@@ -159,6 +163,7 @@ class CausalLM(nnx.Module):
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata,
-            impl: str = "reference") -> tuple[KVCache, jax.Array]:
-    """The pure forward (STYLE rule 6): jit it with graphdef and impl static, the cache donated."""
-    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl)
+            impl: str = "reference", mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
+    """The pure forward (STYLE rule 6): jit it with graphdef, impl and mesh static, the cache
+    donated."""
+    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh)

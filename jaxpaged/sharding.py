@@ -1,0 +1,172 @@
+"""Tensor parallelism on JAX's own sharding: the mesh, one PartitionSpec per parameter, the KV
+cache's sharding and the checks that a model can be split.
+
+Megatron-style over one mesh axis, `tp`: QKV and gate/up projections are column-parallel
+(split on their output features), the output and down projections row-parallel (split on their
+input features), the embedding and LM head vocabulary-parallel; norms are replicated. The KV
+cache `[L, P, B, K, H]` is split on K, and the attention seam runs its kernels per shard through
+`shard_map` (q split on N, k/v and the cache on K), so a shard only ever reads its own heads.
+XLA inserts the all-reduces after the row-parallel matmuls. The scheduler and block manager see
+none of this: page ids mean the same on every shard.
+
+Invariants:
+  * tensor_parallel_size == 1 means no mesh at all: the unsharded code path, unchanged.
+  * num_attention_heads % tp == 0, and either num_key_value_heads % tp == 0 (KV heads split) or
+    tp % num_key_value_heads == 0 (each KV head replicated tp / K times, as vLLM does, so every
+    shard holds exactly one); anything else is refused by `validate_tensor_parallel`.
+  * A weight dimension that tp does not divide (an odd vocabulary or MLP width) is replicated
+    instead of split: slower, never wrong.
+"""
+
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpaged.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TP_AXIS = "tp"
+# The KV cache [L, P, B, K, H] is split on its KV-head axis.
+KV_CACHE_SPEC = PartitionSpec(None, None, None, TP_AXIS, None)
+
+# Module name -> the axis of its weights split over the mesh, counted from the end so the
+# stacked layer axis in front does not matter. Linear kernels are [in, out], biases [out],
+# the embedding table [V, D].
+_COLUMN, _ROW = -1, -2
+_SPLIT_AXIS = {
+    "q_proj": _COLUMN, "k_proj": _COLUMN, "v_proj": _COLUMN,
+    "gate_proj": _COLUMN, "up_proj": _COLUMN,
+    "o_proj": _ROW, "down_proj": _ROW,
+    "embed_tokens": -2,  # [V, D]: vocabulary-parallel
+    "lm_head": _COLUMN,  # [D, V]: vocabulary-parallel
+}
+
+
+def valid_tensor_parallel_sizes(config: ModelConfig) -> list[int]:
+    N, K = config.num_attention_heads, config.num_key_value_heads
+    return [t for t in range(1, N + 1) if N % t == 0 and (K % t == 0 or t % K == 0)]
+
+
+def validate_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> None:
+    """Raise ValueError, naming both numbers, when the model's heads cannot be split tp ways."""
+    tp, N, K = tensor_parallel_size, config.num_attention_heads, config.num_key_value_heads
+    allowed = valid_tensor_parallel_sizes(config)
+    if N % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide this model's num_attention_heads={N}; "
+            f"allowed tensor_parallel_size values for it: {allowed}")
+    if K % tp and tp % K:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and this model's num_key_value_heads={K} do not divide "
+            f"one another, so KV heads can neither be split nor replicated evenly; allowed "
+            f"tensor_parallel_size values for it: {allowed}")
+
+
+def make_mesh(tensor_parallel_size: int) -> Mesh | None:
+    """A one-axis mesh over the first tp devices (all hosts' devices once
+    `jax.distributed.initialize` has run); None for tp == 1."""
+    if tensor_parallel_size == 1:
+        return None
+    devices = jax.devices()
+    if tensor_parallel_size > len(devices):
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} exceeds the {len(devices)} "
+            f"{jax.default_backend()} devices visible to JAX")
+    return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
+
+
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> PartitionSpec:
+    """The PartitionSpec of one parameter, from its path (e.g. layers/self_attn/q_proj/kernel)."""
+    module = next((p for p in reversed(path) if p in _SPLIT_AXIS), None)
+    if module is None or (path[-1] == "bias" and _SPLIT_AXIS[module] == _ROW):
+        return PartitionSpec()  # norms, and row-parallel biases (added after the all-reduce)
+    axis = len(shape) - 1 if path[-1] == "bias" else len(shape) + _SPLIT_AXIS[module]
+    if shape[axis] % tp:
+        logger.info("%s: dimension %d of %s is not divisible by tensor_parallel_size=%d; "
+                    "replicated", "/".join(path), shape[axis], shape, tp)
+        return PartitionSpec()
+    spec: list[str | None] = [None] * len(shape)
+    spec[axis] = TP_AXIS
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, mesh: Mesh):
+    """A pytree of NamedSharding matching `params` (an nnx.State)."""
+    tp = mesh.shape[TP_AXIS]
+
+    def sharding(path, leaf) -> NamedSharding:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        names = names[:-1] if names[-1] == "value" else names  # the nnx.Variable's field
+        return NamedSharding(mesh, param_spec(names, leaf.shape, tp))
+
+    return jax.tree_util.tree_map_with_path(sharding, params)
+
+
+def kv_cache_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, KV_CACHE_SPEC)
+
+
+def gather_logits(logits: jax.Array, mesh: Mesh) -> jax.Array:
+    """f32[R, V] logits of the vocabulary-parallel head -> replicated on every device. Pinning
+    them split on V first makes XLA gather R x V logits, not the V x D head's weights."""
+    if logits.shape[-1] % mesh.shape[TP_AXIS] == 0:
+        logits = jax.lax.with_sharding_constraint(
+            logits, NamedSharding(mesh, PartitionSpec(None, TP_AXIS)))
+    return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+
+
+def replicate_kv_heads(loaded, tensor_parallel_size: int):
+    """When tp is a multiple of K, repeat each KV head tp / K times in k_proj and v_proj (as
+    vLLM does) so every shard holds one. Query head n still meets KV head n // (N / K): the
+    copies sit next to each other. -> a LoadedModel with num_key_value_heads = tp."""
+    from jaxpaged.weights import flatten_state, to_state
+
+    cfg, tp = loaded.config, tensor_parallel_size
+    K, H = cfg.num_key_value_heads, cfg.head_dim
+    if K % tp == 0:
+        return loaded
+    repeats = tp // K
+    flat = flatten_state(loaded.params)
+    for path, arr in flat.items():
+        if path[-2] in ("k_proj", "v_proj"):
+            heads = arr.reshape(*arr.shape[:-1], K, H)
+            flat[path] = np.repeat(heads, repeats, axis=-2).reshape(*arr.shape[:-1], tp * H)
+    config = dataclasses.replace(cfg, num_key_value_heads=tp)
+    graphdef, params = to_state(config, flat, loaded.dtype)
+    logger.info("num_key_value_heads=%d < tensor_parallel_size=%d: each KV head replicated %d "
+                "times (the KV cache holds %d heads)", K, tp, repeats, tp)
+    return dataclasses.replace(loaded, config=config, graphdef=graphdef, params=params)
+
+
+def shard_model(loaded, mesh: Mesh | None):
+    """Validate, replicate KV heads where needed, and place the parameters on the mesh.
+    -> a LoadedModel whose params are sharded jax.Arrays (the same object for mesh None)."""
+    if mesh is None:
+        return loaded
+    tp = mesh.shape[TP_AXIS]
+    validate_tensor_parallel(loaded.config, tp)
+    loaded = replicate_kv_heads(loaded, tp)
+    params = jax.device_put(loaded.params, param_shardings(loaded.params, mesh))
+    return dataclasses.replace(loaded, params=params)
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host JAX runtime when JAXPAGED_COORDINATOR_ADDRESS, JAXPAGED_NUM_PROCESSES
+    and JAXPAGED_PROCESS_ID are set (see docs/tensor_parallel.md); otherwise do nothing. Must
+    run before anything touches a JAX device."""
+    address = os.environ.get("JAXPAGED_COORDINATOR_ADDRESS")
+    if address is None or jax.distributed.is_initialized():
+        return
+    try:
+        num_processes = int(os.environ["JAXPAGED_NUM_PROCESSES"])
+        process_id = int(os.environ["JAXPAGED_PROCESS_ID"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"JAXPAGED_COORDINATOR_ADDRESS={address!r} is set, so "
+                         f"JAXPAGED_NUM_PROCESSES and JAXPAGED_PROCESS_ID must be integers "
+                         f"({e})") from None
+    jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)

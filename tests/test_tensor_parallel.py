@@ -1,0 +1,155 @@
+"""Tensor parallelism on the CPU's forced host devices (conftest.py asks XLA for 4): greedy
+tokens with 1, 2 and 4 shards equal the unsharded engine's for a tiny model of every family,
+through the reference attention and the Pallas kernels; SmolLM2 (9 query heads) is refused at
+2 and 4 shards and runs at 3."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxpaged import LLM, SamplingParams
+from jaxpaged.config import PRESETS
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.sharding import (make_mesh, param_spec, valid_tensor_parallel_sizes,
+                               validate_tensor_parallel)
+from test_engine import EXPECTED, PROMPTS
+from test_models import FAMILIES, _tiny_hf_model
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices: run with "
+                                "XLA_FLAGS=--xla_force_host_platform_device_count=4")
+
+TINY_PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 160, size=n)]
+                for i, n in enumerate([5, 40, 17, 70])]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+
+
+def run(model, tp: int, **kwargs) -> tuple[LLM, list]:
+    kwargs = dict(dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+                       max_model_len=128, warmup=False), **kwargs)
+    llm = LLM(model, tensor_parallel_size=tp, **kwargs)
+    return llm, llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False)
+
+
+def assert_same_completions(got, want) -> None:
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    np.testing.assert_allclose([o.outputs[0].cumulative_logprob for o in got],
+                               [o.outputs[0].cumulative_logprob for o in want], rtol=1e-4)
+
+
+# -- host-side rules -----------------------------------------------------------------------
+
+def test_megatron_partition_specs():
+    tp = 2
+    assert param_spec(("layers", "self_attn", "q_proj", "kernel"), (3, 64, 64), tp) == \
+        P(None, None, "tp")
+    assert param_spec(("layers", "self_attn", "k_proj", "bias"), (3, 32), tp) == P(None, "tp")
+    assert param_spec(("layers", "self_attn", "o_proj", "kernel"), (3, 64, 64), tp) == \
+        P(None, "tp", None)
+    assert param_spec(("layers", "mlp", "up_proj", "kernel"), (3, 64, 96), tp) == \
+        P(None, None, "tp")
+    assert param_spec(("layers", "mlp", "down_proj", "kernel"), (3, 96, 64), tp) == \
+        P(None, "tp", None)
+    assert param_spec(("embed_tokens", "embedding"), (160, 64), tp) == P("tp", None)
+    assert param_spec(("lm_head", "kernel"), (64, 160), tp) == P(None, "tp")
+    assert param_spec(("layers", "input_layernorm", "scale"), (3, 64), tp) == P()
+    assert param_spec(("layers", "self_attn", "k_norm", "scale"), (3, 16), tp) == P()
+    # A vocabulary tp does not divide is replicated, not refused.
+    assert param_spec(("embed_tokens", "embedding"), (161, 64), tp) == P()
+
+
+def test_heads_that_do_not_divide_are_refused_naming_both_numbers():
+    smollm2 = PRESETS["smollm2-135m"]  # 9 query heads, 3 KV heads
+    assert valid_tensor_parallel_sizes(smollm2) == [1, 3, 9]
+    for tp in (2, 4):
+        with pytest.raises(ValueError, match=f"tensor_parallel_size={tp} .*"
+                                             f"num_attention_heads=9.*\\[1, 3, 9\\]"):
+            validate_tensor_parallel(smollm2, tp)
+    validate_tensor_parallel(smollm2, 3)
+    odd = dataclasses.replace(smollm2, num_attention_heads=12, num_key_value_heads=6)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 and .*num_key_value_heads=6"):
+        validate_tensor_parallel(odd, 4)
+    validate_tensor_parallel(PRESETS["llama-3.1-8b"], 8)  # K = 8: split
+    validate_tensor_parallel(PRESETS["qwen3-0.6b"], 16)  # K = 8: each replicated twice
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="tensor_parallel_size=0"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="tensor_parallel_size=64 exceeds the 4 cpu devices"):
+        make_mesh(64)
+    assert make_mesh(1) is None
+
+
+def test_smollm2_refuses_two_shards(smollm2):
+    with pytest.raises(ValueError, match="num_attention_heads=9"):
+        LLM(None, tensor_parallel_size=2, dtype="float32", warmup=False)
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,extra", FAMILIES, ids=["llama", "llama3-rope-tied", "mistral",
+                                                        "qwen2", "qwen3"])
+def test_tiny_family_greedy_is_identical_on_1_2_4_shards(family, extra, tmp_path):
+    """4 query heads, 2 KV heads: 2 shards split the KV heads, 4 replicate each twice."""
+    _tiny_hf_model(family, tmp_path, **extra)
+    _, want = run(str(tmp_path), 1)
+    for tp in (2, 4):
+        llm, got = run(str(tmp_path), tp)
+        assert_same_completions(got, want)
+        cache = llm.llm_engine.runner.kv_cache.k
+        assert tuple(cache.sharding.spec)[3] == "tp"
+        assert cache.shape[3] == max(2, tp)  # KV heads replicated up to tp where K < tp
+
+
+def test_tensor_parallel_compiles_every_bucket_at_warmup(tmp_path):
+    _tiny_hf_model("llama", tmp_path, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    _, want = run(str(tmp_path), 1)
+    llm, got = run(str(tmp_path), 4, warmup=True, max_num_batched_tokens=16)
+    assert_same_completions(got, want)
+    assert llm.llm_engine.runner.num_compiles_since_warmup == 0
+    assert llm.llm_engine.runner.kv_cache.k.shape[3] == 4  # split, not replicated
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_collectives_are_megatrons(tied, tmp_path):
+    """Per layer one all-reduce after o_proj and one after down_proj, one for the embedding,
+    and the only all-gather is the R x V logits' (never a weight's or the KV cache's)."""
+    import re
+
+    from jaxpaged.runner import _jit_forward
+
+    _tiny_hf_model("llama", tmp_path, tie_word_embeddings=tied)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, dtype="float32", max_num_seqs=4,
+              max_num_batched_tokens=16, max_model_len=64, warmup=False)
+    runner = llm.llm_engine.runner
+    shape = runner.bucket_shapes()[-1]
+    ids, pos, md = runner._empty_step(shape)
+    hlo = _jit_forward.lower(runner.loaded.graphdef, runner._params_def, runner._params_leaves,
+                             runner.kv_cache, ids, pos, md, runner.impl,
+                             runner.mesh).compile().as_text()
+    ops = re.findall(r"= (\w+\[[\d,]*\])\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
+                     r"collective-permute)(?:-start)?\(", hlo)
+    T, R = shape.num_tokens, shape.num_logits
+    assert sorted(ops) == [(f"f32[{R},160]", "all-gather")] + [(f"f32[{T},64]", "all-reduce")] * 3
+
+
+def test_pallas_kernels_run_per_shard(tmp_path):
+    """The kernels (interpreted on the CPU) inside shard_map: decode, ragged and KV write."""
+    _tiny_hf_model("qwen3", tmp_path, head_dim=32)
+    _, want = run(str(tmp_path), 1, attention_impl="reference")
+    _, got = run(str(tmp_path), 2, attention_impl="pallas")
+    assert_same_completions(got, want)
+
+
+def test_smollm2_on_three_shards_matches_transformers(smollm2):
+    """SmolLM2's 9 query and 3 KV heads split three ways; the golden tokens are transformers'.
+    (The smollm2 fixture fills the session's weight cache, which this load reads.)"""
+    llm = LLM(None, tensor_parallel_size=3, dtype="float32", warmup=False, max_model_len=256,
+              max_num_seqs=4, max_num_batched_tokens=64)
+    picks = [0, 3, 9]
+    outputs = llm.generate([PROMPTS[i] for i in picks],
+                           SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [EXPECTED[i][:8] for i in picks]
