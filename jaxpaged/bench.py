@@ -51,6 +51,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
+                   help="devices to split the model over (all hosts' devices after "
+                        "jax.distributed.initialize; see docs/tensor_parallel.md)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 (greedy, default) gives every system the same work per token")
     g.add_argument("--json", default=None, metavar="PATH",

@@ -26,7 +26,7 @@ from jaxpaged.config import PRESETS, ModelConfig
 
 ENGINE_ARGS = ("dtype", "load_format", "block_size", "max_num_seqs", "max_num_batched_tokens",
                "max_model_len", "num_kv_blocks", "kv_cache_memory_fraction",
-               "enable_prefix_caching", "seed")
+               "enable_prefix_caching", "seed", "tensor_parallel_size")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -90,6 +90,7 @@ def engine_summary(llm: Any) -> dict[str, Any]:
             "max_num_batched_tokens": engine.max_num_batched_tokens,
             "max_model_len": engine.max_model_len, "num_kv_blocks": engine.num_kv_blocks,
             "block_size": engine.config.block_size, "dtype": np.dtype(engine.model.dtype).name,
+            "tensor_parallel_size": engine.config.tensor_parallel_size,
             "warmup_programs": programs, "warmup_s": seconds}
 
 

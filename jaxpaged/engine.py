@@ -69,10 +69,11 @@ class LLMEngine:
         if tp > 1:
             initialize_distributed()
         self.mesh = make_mesh(tp)
-        loaded = loaded or load_model(config.model, dtype=config.dtype,
-                                      load_format=config.load_format, seed=config.seed)
-        # Before sizing the KV cache, so device memory in use counts the weights' shards only.
-        self.model = shard_model(loaded, self.mesh)
+        # Sharded before the KV cache is sized, so device memory in use counts the weights'
+        # shards only (no reference to an unsharded copy is kept).
+        self.model = shard_model(loaded or load_model(
+            config.model, dtype=config.dtype, load_format=config.load_format, seed=config.seed),
+            self.mesh)
         self.tokenizer = self.model.tokenizer
         mc = self.model.config
         on_cpu = jax.default_backend() == "cpu"
@@ -123,7 +124,7 @@ class LLMEngine:
                 * mc.head_dim * itemsize)
 
     def _blocks_from_memory(self, on_cpu: bool) -> int:
-        stats = None if on_cpu else jax.devices()[0].memory_stats()
+        stats = None if on_cpu else jax.local_devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             budget = int(free * self.config.kv_cache_memory_fraction)

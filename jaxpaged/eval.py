@@ -55,6 +55,8 @@ def _model_flags() -> argparse.ArgumentParser:
         g.add_argument(flag, type=_int_at_least(1), default=None,
                        help="default: the engine's per-platform default")
     g.add_argument("--num-kv-blocks", type=_int_at_least(2), default=None)
+    g.add_argument("--tensor-parallel-size", "-tp", type=_int_at_least(1), default=1,
+                   help="devices to split the model over (see docs/tensor_parallel.md)")
     g.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="engine seed; rows without a seed sample with one derived from it")
     g.add_argument("--no-warmup", action="store_true",
@@ -137,7 +139,8 @@ def make_engine(args: argparse.Namespace) -> "LLMEngine":
             model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
-            seed=args.seed, warmup=not args.no_warmup))
+            seed=args.seed, warmup=not args.no_warmup,
+            tensor_parallel_size=args.tensor_parallel_size))
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"cannot start the engine: {e}") from None
 

@@ -167,6 +167,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="compile every shape before serving (--no-warmup: on first use)")
     parser.add_argument("--attention-impl", default=defaults.attention_impl,
                         choices=["auto", "reference", "pallas"])
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int,
+                        default=defaults.tensor_parallel_size,
+                        help="GPUs of this host to split the model over")
     return parser
 
 
@@ -177,7 +180,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, warmup=args.warmup,
-        attention_impl=args.attention_impl)
+        attention_impl=args.attention_impl, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -185,6 +188,11 @@ def run_server(args: argparse.Namespace) -> None:
         engine = LLMEngine(engine_config_from_args(args))
     except (ValueError, OSError) as e:  # a bad flag or model path: one line, no traceback
         raise SystemExit(f"jaxpaged serve: {e}") from e
+    if engine.mesh is not None and engine.mesh.is_multi_process:
+        # Every process would need the same requests in the same order; only offline runs
+        # (LLM, jaxpaged-bench, jaxpaged-eval) give them that.
+        raise SystemExit("jaxpaged serve: tensor parallelism across hosts is not supported by "
+                         "the server; use the devices of one host")
     app = build_app(engine, args.served_model_name or args.model, args.api_key)
     logger.info("serving %s on http://%s:%d", args.served_model_name or args.model
                 or engine.model.name, args.host, args.port)
