@@ -47,6 +47,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     qk_norm: bool = False  # Qwen3 normalises q and k per head
+    # llama.cpp's per-frequency RoPE divisors (a GGUF's `rope_freqs` tensor, how Llama 3.1
+    # scaling travels in GGUF files); applied instead of rope_scaling.
+    rope_freq_factors: tuple[float, ...] | None = None
     # Mistral-style local attention; the engine caps max_model_len here instead of windowing.
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -141,6 +144,8 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        if d.get("rope_freq_factors") is not None:
+            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
         return cls(**d)
 
 

@@ -66,9 +66,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str,
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          f"{sorted(GGUF_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(f"{path}: GGUF files with rope_freqs (Llama 3.1 RoPE scaling) are not "
-                         f"supported yet; load the Hugging Face checkpoint instead")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))
     num_kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", num_heads))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
@@ -89,11 +87,15 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str,
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
+        rope_freq_factors=(None if freqs is None else tuple(
+            float(f) for f in quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1))),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # folded into the config above
         if t.name in _GLOBAL_TENSORS:
             hf = _GLOBAL_TENSORS[t.name]
         else:

@@ -33,7 +33,7 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_gguf(model, arch: str, path) -> None:
+def write_gguf(model, arch: str, path, rope_freqs: np.ndarray | None = None) -> None:
     import gguf
 
     cfg = model.config
@@ -51,6 +51,8 @@ def write_gguf(model, arch: str, path) -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_eos_token_id(3)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, tensor in model.state_dict().items():
         w = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
@@ -95,4 +97,29 @@ def test_tiny_gguf_matches_transformers(family, arch, extra, tmp_path, monkeypat
     runner = PagedRunner(ours, num_seqs=1, max_len=64, seed=1)
     got = np.concatenate([runner.step({0: ids[:30]})[0]] +
                          [runner.step({0: [t]})[0] for t in ids[30:]])
+    assert rel_err(got, hf_logits(hf, ids)) <= 1e-4
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, monkeypatch):
+    """Llama 3.1 GGUFs carry their RoPE scaling as per-frequency divisors (`rope_freqs`)."""
+    import dataclasses
+
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.loader import load_model
+    from jaxpaged.models import rope_inv_freq
+
+    monkeypatch.setenv("JAXPAGED_CACHE_DIR", str(tmp_path / "cache"))
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    hf = _tiny_hf_model("llama", tmp_path / "hf", rope_scaling=scaling, rope_theta=500000.0)
+    scaled = ModelConfig.from_json_file(tmp_path / "hf" / "config.json")
+    plain = dataclasses.replace(scaled, rope_scaling=None)
+    write_gguf(hf, "llama", tmp_path / "l3.gguf",
+               rope_freqs=rope_inv_freq(plain) / rope_inv_freq(scaled))
+    ours = load_model(str(tmp_path / "l3.gguf"), dtype="float32")
+    assert ours.config.rope_freq_factors is not None
+    ids = list(np.random.default_rng(5).integers(0, 160, size=60))
+    runner = PagedRunner(ours, num_seqs=1, max_len=64, seed=2)
+    got = np.concatenate([runner.step({0: ids[:40]})[0]] +
+                         [runner.step({0: [t]})[0] for t in ids[40:]])
     assert rel_err(got, hf_logits(hf, ids)) <= 1e-4

@@ -23,6 +23,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """f32[H // 2] inverse frequencies, with Llama 3's wavelength-dependent rescaling."""
     H = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
+    if config.rope_freq_factors is not None:
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
     rs = config.rope_scaling
     if rs is None:
         return inv_freq.astype(np.float32)
