@@ -123,11 +123,24 @@ class LLMEngine:
         return (2 * mc.num_hidden_layers * self.config.block_size * kv_heads
                 * mc.head_dim * itemsize)
 
+    def _activation_reserve(self) -> int:
+        """Bytes the largest step needs beside weights and cache: the prompt-logprobs
+        variant's f32 logits over every token of a full step (logits, log-softmax and a
+        temporary), plus the layer activations. Without it a KV cache sized from the free
+        memory left the 8192-token logprobs program of a 128k-vocabulary model out of memory."""
+        mc = self.model.config
+        T = self.max_num_batched_tokens
+        itemsize = jax.numpy.dtype(self.model.dtype).itemsize
+        width = (2 * mc.hidden_size + 2 * mc.intermediate_size
+                 + (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim)
+        return 3 * T * mc.vocab_size * 4 + 2 * T * width * itemsize
+
     def _blocks_from_memory(self, on_cpu: bool) -> int:
         stats = None if on_cpu else jax.local_devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            budget = int(free * self.config.kv_cache_memory_fraction)
+            budget = int((free - self._activation_reserve()) *
+                         self.config.kv_cache_memory_fraction)
         else:
             budget = _CPU_KV_BYTES
         blocks = budget // self._kv_bytes_per_block()
