@@ -8,6 +8,11 @@ import pytest
 # Tests run on the CPU in f32 unless a GPU test asks otherwise; keep XLA quiet and single-host.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Four CPU devices for the tensor-parallel tests (read once, when jax first starts, so before
+# any test module imports it); every other test keeps running on device 0 alone.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=4").strip()
 
 
 @pytest.fixture(scope="session")
