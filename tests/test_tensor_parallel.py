@@ -153,3 +153,74 @@ def test_smollm2_on_three_shards_matches_transformers(smollm2):
     outputs = llm.generate([PROMPTS[i] for i in picks],
                            SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [EXPECTED[i][:8] for i in picks]
+
+
+_PROCESS_SCRIPT = """
+import json, sys
+from jaxpaged import LLM, SamplingParams
+prompts, tp = json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=tp, max_num_seqs=4,
+          max_num_batched_tokens=32, max_model_len=128, warmup=False)
+out = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                   use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in out]))
+"""
+
+
+def test_two_processes_share_one_mesh_through_jax_distributed(tmp_path):
+    """The multi-host launch on one machine: 2 processes of 2 CPU devices each join through
+    JAXPAGED_COORDINATOR_ADDRESS (gloo collectives) into one 4-way mesh; both produce the
+    unsharded engine's tokens."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    _tiny_hf_model("llama", tmp_path)
+    _, want = run(str(tmp_path), 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAXPAGED_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXPAGED_NUM_PROCESSES="2",
+                   JAXPAGED_PROCESS_ID=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _PROCESS_SCRIPT, str(tmp_path), json.dumps(TINY_PROMPTS), "4"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:]
+        line = next(line for line in out.splitlines() if line.startswith("TOKENS "))
+        assert json.loads(line[7:]) == [o.outputs[0].token_ids for o in want]
+
+
+# -- command lines ---------------------------------------------------------------------------
+
+def test_tensor_parallel_flag_reaches_every_entry_point(tmp_path):
+    import argparse
+    import json
+
+    from jaxpaged import bench, eval as jeval
+    from jaxpaged.bench_throughput import build_llm, engine_summary
+    from jaxpaged.serve import add_cli_args, engine_config_from_args
+
+    serve_args = add_cli_args(argparse.ArgumentParser()).parse_args(["-tp", "2"])
+    assert engine_config_from_args(serve_args).tensor_parallel_size == 2
+    eval_args = jeval.build_parser().parse_args(
+        ["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--tensor-parallel-size", "4"])
+    assert eval_args.tensor_parallel_size == 4
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    args = bench.build_parser().parse_args(
+        ["throughput", "--model", str(tmp_path), "--load-format", "dummy", "-tp", "2",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--max-model-len", "64"])
+    llm = build_llm(args)
+    assert llm.llm_engine.mesh.devices.size == 2
+    assert engine_summary(llm)["tensor_parallel_size"] == 2
+
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256}
