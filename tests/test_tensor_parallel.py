@@ -140,8 +140,9 @@ def test_pallas_kernels_run_per_shard(tmp_path):
     """The kernels (interpreted on the CPU) inside shard_map: decode, ragged and KV write."""
     _tiny_hf_model("qwen3", tmp_path, head_dim=32)
     _, want = run(str(tmp_path), 1, attention_impl="reference")
-    _, got = run(str(tmp_path), 2, attention_impl="pallas")
-    assert_same_completions(got, want)
+    for tp in (2, 4):  # 4: one query head and one (replicated) KV head per shard
+        _, got = run(str(tmp_path), tp, attention_impl="pallas")
+        assert_same_completions(got, want)
 
 
 def test_smollm2_on_three_shards_matches_transformers(smollm2):
