@@ -101,10 +101,12 @@ def copy_bandwidth(nbytes: int | None = None) -> dict[str, Any]:
 
 
 def roofline(step_seconds: float, num_seqs: int, context_tokens: int, config: ModelConfig,
-             itemsize: int, copy_GBps: float) -> dict[str, Any]:
-    """Compare a measured decode step with (weights + KV read) / copy bandwidth."""
-    w = weight_bytes_per_step(config, itemsize)
-    kv = context_tokens * kv_bytes_per_token(config, itemsize)
+             itemsize: int, copy_GBps: float, num_devices: int = 1) -> dict[str, Any]:
+    """Compare a measured decode step with (weights + KV read) / copy bandwidth. With tensor
+    parallelism each of `num_devices` reads its share of both at the same time, so the bytes
+    are per device."""
+    w = weight_bytes_per_step(config, itemsize) // num_devices
+    kv = context_tokens * kv_bytes_per_token(config, itemsize) // num_devices
     bound = (w + kv) / (copy_GBps * 1e9)
     return {"num_seqs": num_seqs, "context_tokens": context_tokens, "weight_bytes": w,
             "kv_bytes": kv, "copy_GBps": copy_GBps, "roofline_s": bound,

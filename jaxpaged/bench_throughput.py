@@ -111,7 +111,7 @@ def run_hf_peers(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
 
 
 def steady_decode(recorder: StepRecorder, config: ModelConfig, itemsize: int,
-                  copy: dict[str, Any] | None) -> dict[str, Any] | None:
+                  copy: dict[str, Any] | None, num_devices: int = 1) -> dict[str, Any] | None:
     """Decode-only steps at the largest decode batch reached, against the roofline."""
     from jaxpaged.bench_roofline import roofline
 
@@ -127,7 +127,7 @@ def steady_decode(recorder: StepRecorder, config: ModelConfig, itemsize: int,
            "num_decode_steps": len(decode), "mean_context_tokens": context}
     if copy is not None:
         out["roofline"] = roofline(times["p50"], batch, context, config, itemsize,
-                                   copy["best_GBps"])
+                                   copy["best_GBps"], num_devices)
         out["roofline"]["execute_over_roofline"] = execute["p50"] / out["roofline"]["roofline_s"]
     return out
 
@@ -166,7 +166,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "num_preemptions": engine.scheduler.num_preemptions,
         "peak_kv_cache_usage": recorder.peak_kv_usage, "copy_bandwidth": copy,
         "steady_decode": steady_decode(recorder, config, np.dtype(engine.model.dtype).itemsize,
-                                       copy)}
+                                       copy, engine.config.tensor_parallel_size)}
     if peers is not None:
         result["hf"] = peers
         result["ratios"] = {f"vs_hf_{m}": result["output_tokens_per_s"]

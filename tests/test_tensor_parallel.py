@@ -205,7 +205,6 @@ def test_tensor_parallel_flag_reaches_every_entry_point(tmp_path):
     import json
 
     from jaxpaged import bench, eval as jeval
-    from jaxpaged.bench_throughput import build_llm, engine_summary
     from jaxpaged.serve import add_cli_args, engine_config_from_args
 
     serve_args = add_cli_args(argparse.ArgumentParser()).parse_args(["-tp", "2"])
@@ -214,12 +213,19 @@ def test_tensor_parallel_flag_reaches_every_entry_point(tmp_path):
         ["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--tensor-parallel-size", "4"])
     assert eval_args.tensor_parallel_size == 4
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    args = bench.build_parser().parse_args(
-        ["throughput", "--model", str(tmp_path), "--load-format", "dummy", "-tp", "2",
-         "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--max-model-len", "64"])
-    llm = build_llm(args)
-    assert llm.llm_engine.mesh.devices.size == 2
-    assert engine_summary(llm)["tensor_parallel_size"] == 2
+    engine = ["--model", str(tmp_path), "--load-format", "dummy", "--max-num-seqs", "4",
+              "--max-num-batched-tokens", "16", "--max-model-len", "64", "--num-prompts", "5",
+              "--input-len", "10", "--output-len", "4", "--ignore-eos", "--copy-bytes",
+              "1000000"]
+    results = {}
+    for tp in (1, 2):
+        bench.main(["throughput", *engine, "-tp", str(tp), "--json", str(tmp_path / f"{tp}.json")])
+        results[tp] = json.loads((tmp_path / f"{tp}.json").read_text())
+    assert results[2]["engine"]["tensor_parallel_size"] == 2
+    assert results[2]["compiles_after_warmup"] == 0 and results[2]["output_tokens"] == 20
+    # Each device reads half the weights: the roofline is per device.
+    w1, w2 = (results[tp]["steady_decode"]["roofline"]["weight_bytes"] for tp in (1, 2))
+    assert w2 == w1 // 2
 
 
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
