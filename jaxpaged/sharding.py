@@ -77,6 +77,11 @@ def make_mesh(tensor_parallel_size: int) -> Mesh | None:
         raise ValueError(
             f"tensor_parallel_size={tensor_parallel_size} exceeds the {len(devices)} "
             f"{jax.default_backend()} devices visible to JAX")
+    if jax.process_count() > 1 and tensor_parallel_size != len(devices):
+        # Every process runs the same steps, so each must own a part of the mesh.
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size}: across {jax.process_count()} "
+            f"processes it must equal the {len(devices)} devices they hold together")
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
 
 
