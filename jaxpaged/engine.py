@@ -70,10 +70,10 @@ class LLMEngine:
             initialize_distributed()
         self.mesh = make_mesh(tp)
         # Sharded before the KV cache is sized, so device memory in use counts the weights'
-        # shards only (no reference to an unsharded copy is kept).
+        # shards only (loaders place each weight on its shards as they read it).
         self.model = shard_model(loaded or load_model(
-            config.model, dtype=config.dtype, load_format=config.load_format, seed=config.seed),
-            self.mesh)
+            config.model, dtype=config.dtype, load_format=config.load_format, seed=config.seed,
+            mesh=self.mesh), self.mesh)
         self.tokenizer = self.model.tokenizer
         mc = self.model.config
         on_cpu = jax.default_backend() == "cpu"

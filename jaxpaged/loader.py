@@ -20,7 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh
+
 from jaxpaged.config import PRESETS, SUPPORTED_DTYPES, ModelConfig
+from jaxpaged.sharding import load_mesh
 from jaxpaged.weights import (flatten_state, params_from_tensors, random_state,
                               read_safetensors_dir, to_state)
 
@@ -73,19 +76,21 @@ def resolve_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:
 
 
 def load_model(model: str | os.PathLike | None = None, *, dtype: str | None = "auto",
-               load_format: str = "auto", seed: int = 0) -> LoadedModel:
+               load_format: str = "auto", seed: int = 0, mesh: Mesh | None = None) -> LoadedModel:
+    """`mesh` (tensor parallelism): place each weight on its shards as it is loaded, where the
+    model can be split as it is (see `sharding.load_mesh`)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}; allowed: {LOAD_FORMATS}")
     dt = resolve_dtype(dtype)
     if load_format == "dummy":
-        return _load_dummy(model, dt, seed)
+        return _load_dummy(model, dt, seed, mesh)
     if model is None or model == DEFAULT_MODEL:
-        return _load_gguf(default_model_path(), dt, name=DEFAULT_MODEL)
+        return _load_gguf(default_model_path(), dt, DEFAULT_MODEL, mesh)
     path = Path(model)
     if path.is_dir():
-        return _load_hf_dir(path, dt)
+        return _load_hf_dir(path, dt, mesh)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dt, name=path.stem)
+        return _load_gguf(path, dt, path.stem, mesh)
     if str(model) in PRESETS:
         raise ValueError(f"model={model!r} is a shape preset: use load_format='dummy' for random "
                          f"weights in its shapes")
@@ -93,7 +98,8 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str | None = "a
                      f"file, nor a preset (presets: {sorted(PRESETS)}; None = {DEFAULT_MODEL})")
 
 
-def _load_dummy(model: str | os.PathLike | None, dtype: jnp.dtype, seed: int) -> LoadedModel:
+def _load_dummy(model: str | os.PathLike | None, dtype: jnp.dtype, seed: int,
+                mesh: Mesh | None) -> LoadedModel:
     name = str(model) if model is not None else "smollm2-135m"
     if name in PRESETS:
         config = PRESETS[name]
@@ -102,19 +108,20 @@ def _load_dummy(model: str | os.PathLike | None, dtype: jnp.dtype, seed: int) ->
     else:
         raise ValueError(f"load_format='dummy' needs a preset or a directory with config.json; "
                          f"got {name!r}; presets: {sorted(PRESETS)}")
-    graphdef, params = random_state(config, dtype, seed)
+    graphdef, params = random_state(config, dtype, seed, load_mesh(config, mesh))
     return LoadedModel(name, config, graphdef, params, None, dtype)
 
 
-def _load_hf_dir(path: Path, dtype: jnp.dtype) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype: jnp.dtype, mesh: Mesh | None) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{config_file} not found: a Hugging Face model directory needs "
                          f"config.json and *.safetensors")
     config = ModelConfig.from_json_file(config_file)
+    mesh = load_mesh(config, mesh)
     get = read_safetensors_dir(path)
     flat = params_from_tensors(config, get, dtype, source=str(path))
-    graphdef, params = to_state(config, flat, dtype)
+    graphdef, params = to_state(config, flat, dtype, mesh)
     return LoadedModel(path.name, config, graphdef, params, _hf_tokenizer(path), dtype)
 
 
@@ -134,7 +141,7 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _load_gguf(path: Path, dtype: jnp.dtype, name: str) -> LoadedModel:
+def _load_gguf(path: Path, dtype: jnp.dtype, name: str, mesh: Mesh | None) -> LoadedModel:
     entry = cache_dir() / f"{path.stem}-{_file_key(path)}"
     if (entry / "complete").is_file():
         config = ModelConfig.from_dict(json.loads((entry / "config.json").read_text()))
@@ -147,7 +154,7 @@ def _load_gguf(path: Path, dtype: jnp.dtype, name: str) -> LoadedModel:
         flat = params_from_tensors(config, tensors.__getitem__, jnp.float32, source=str(path))
         tokenizer = _gguf_tokenizer(path, meta)
         _save_entry(entry, config, flat, tokenizer)
-    graphdef, params = to_state(config, flat, dtype)
+    graphdef, params = to_state(config, flat, dtype, load_mesh(config, mesh))
     return LoadedModel(name, config, graphdef, params, tokenizer, dtype)
 
 

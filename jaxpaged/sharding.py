@@ -125,6 +125,17 @@ def gather_logits(logits: jax.Array, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
 
 
+def load_mesh(config: ModelConfig, mesh: Mesh | None) -> Mesh | None:
+    """The mesh a loader places weights on as it reads them: None without one, or when KV
+    heads must be replicated first (`shard_model` does that from whole tensors). Validates
+    before any weight is read, so a model that cannot be split fails fast."""
+    if mesh is None:
+        return None
+    tp = mesh.shape[TP_AXIS]
+    validate_tensor_parallel(config, tp)
+    return mesh if config.num_key_value_heads % tp == 0 else None
+
+
 def replicate_kv_heads(loaded, tensor_parallel_size: int):
     """When tp is a multiple of K, repeat each KV head tp / K times in k_proj and v_proj (as
     vLLM does) so every shard holds one. Query head n still meets KV head n // (N / K): the
@@ -149,8 +160,9 @@ def replicate_kv_heads(loaded, tensor_parallel_size: int):
 
 
 def shard_model(loaded, mesh: Mesh | None):
-    """Validate, replicate KV heads where needed, and place the parameters on the mesh.
-    -> a LoadedModel whose params are sharded jax.Arrays (the same object for mesh None)."""
+    """Validate, replicate KV heads where needed, and place the parameters on the mesh (a
+    no-op for parameters a loader already placed there). -> a LoadedModel whose params are
+    sharded jax.Arrays (the same object for mesh None)."""
     if mesh is None:
         return loaded
     tp = mesh.shape[TP_AXIS]

@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding
+
 from jaxpaged.config import ModelConfig
 from jaxpaged.models import CausalLM
+from jaxpaged.sharding import TP_AXIS, param_shardings, param_spec
 
 
 def abstract_model(config: ModelConfig, dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State]:
@@ -61,28 +64,36 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray],
 
 
 def to_state(config: ModelConfig, flat: Mapping[tuple[str, ...], np.ndarray],
-             dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State]:
+             dtype: jnp.dtype, mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Host tensors -> device parameters. With a mesh each tensor goes from the host straight
+    to its shards, so no device ever holds the whole model."""
     graphdef, state = abstract_model(config, dtype)
     pure = nnx.to_pure_dict(state)
     for path, arr in flat.items():
         node = pure
         for key in path[:-1]:
             node = node[key]
-        node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+        if mesh is None:
+            node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+        else:
+            spec = param_spec(path, arr.shape, mesh.shape[TP_AXIS])
+            node[path[-1]] = jax.device_put(np.asarray(arr).astype(dtype),
+                                            NamedSharding(mesh, spec))
     nnx.replace_by_pure_dict(state, pure)
     return graphdef, state
 
 
-def random_state(config: ModelConfig, dtype: jnp.dtype,
-                 seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random weights in the model's shapes, made on the device (vLLM's --load-format dummy)."""
-    graphdef, _ = abstract_model(config, dtype)
+def random_state(config: ModelConfig, dtype: jnp.dtype, seed: int = 0,
+                 mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random weights in the model's shapes, made on the device (vLLM's --load-format dummy);
+    with a mesh, made in place on their shards (the same values)."""
+    graphdef, abstract = abstract_model(config, dtype)
 
-    @jax.jit
     def init(key: jax.Array) -> nnx.State:
         return nnx.split(CausalLM(config, dtype, nnx.Rngs(key)))[1]
 
-    return graphdef, init(jax.random.key(seed))
+    shardings = {} if mesh is None else {"out_shardings": param_shardings(abstract, mesh)}
+    return graphdef, jax.jit(init, **shardings)(jax.random.key(seed))
 
 
 def flatten_state(state: nnx.State) -> dict[tuple[str, ...], np.ndarray]:

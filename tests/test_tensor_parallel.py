@@ -88,6 +88,26 @@ def test_smollm2_refuses_two_shards(smollm2):
         LLM(None, tensor_parallel_size=2, dtype="float32", warmup=False)
 
 
+@pytest.mark.parametrize("load_format", ["auto", "dummy"])
+def test_loaders_put_each_weight_straight_on_its_shards(load_format, tmp_path):
+    """No device holds the whole model at load: a safetensors directory and dummy weights
+    arrive split, with the values of an unsharded load."""
+    from jaxpaged.loader import load_model
+    from jaxpaged.weights import flatten_state
+
+    _tiny_hf_model("qwen2", tmp_path)
+    whole = load_model(str(tmp_path), load_format=load_format, dtype="float32")
+    split = load_model(str(tmp_path), load_format=load_format, dtype="float32",
+                       mesh=make_mesh(2))
+    q = split.params["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+    assert q.sharding.spec == P(None, None, "tp")
+    assert q.addressable_shards[0].data.shape == (3, 64, 32)
+    a, b = flatten_state(whole.params), flatten_state(split.params)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="num_attention_heads=4"):  # refused before any read
+        load_model(str(tmp_path), load_format=load_format, mesh=make_mesh(3))
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,extra", FAMILIES, ids=["llama", "llama3-rope-tied", "mistral",
