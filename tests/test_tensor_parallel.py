@@ -154,6 +154,8 @@ def test_collectives_are_megatrons(tied, tmp_path):
                      r"collective-permute)(?:-start)?\(", hlo)
     T, R = shape.num_tokens, shape.num_logits
     assert sorted(ops) == [(f"f32[{R},160]", "all-gather")] + [(f"f32[{T},64]", "all-reduce")] * 3
+    # The sharded cache is still donated: outputs 0 and 1 (k, v) reuse their input buffers.
+    assert re.search(r"input_output_alias=\{ \{0\}: \(\d+, \{\}, may-alias\), \{1\}: ", hlo)
 
 
 def test_pallas_kernels_run_per_shard(tmp_path):
