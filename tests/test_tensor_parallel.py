@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU's forced host devices (conftest.py asks XLA for 4): greedy
 tokens with 1, 2 and 4 shards equal the unsharded engine's for a tiny model of every family,
 through the reference attention and the Pallas kernels; SmolLM2 (9 query heads) is refused at
-2 and 4 shards and runs at 3."""
+2 and 4 shards and runs at 3. Also: the Megatron specs, loaders that place weights on their
+shards, the compiled collectives, two processes joined through jax.distributed, the -tp flags."""
 
 import dataclasses
 
