@@ -1,10 +1,8 @@
 """ragged_paged_attention vs its pure-jnp reference (GPU, or the Pallas interpreter on the CPU)."""
 
-import math
 
 import hypothesis
 import hypothesis.strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,42 +10,7 @@ import pytest
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention import default_tiles, ragged_paged_attention_tuned
 
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}  # ||out - ref|| / ||ref||
-
-
-def make_paged_cache(rng, kv_lens, block_size, num_kv_heads, head_dim, dtype, extra_cols=1):
-    """Shuffled pages; every slot no sequence owns (null block 0 included) is NaN."""
-    pages = [math.ceil(n / block_size) for n in kv_lens]
-    max_blocks = max(pages + [1]) + extra_cols
-    num_pages = 1 + sum(pages) + 2
-    shape = (num_pages, block_size, num_kv_heads, head_dim)
-    k = rng.standard_normal(shape, dtype=np.float32)
-    v = rng.standard_normal(shape, dtype=np.float32)
-    owned = np.zeros((num_pages, block_size), bool)
-    ids = rng.permutation(np.arange(1, num_pages))
-    block_tables = np.zeros((len(kv_lens), max_blocks), np.int32)
-    used = 0
-    for s, (n, count) in enumerate(zip(kv_lens, pages)):
-        block_tables[s, :count] = ids[used : used + count]
-        used += count
-        flat = owned[block_tables[s, :count]].reshape(-1)
-        flat[:n] = True
-        owned[block_tables[s, :count]] = flat.reshape(count, block_size)
-    k[~owned], v[~owned] = np.nan, np.nan
-    return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(block_tables)
-
-
-def assert_close(out, ref, dtype):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert not np.isnan(out).any(), "NaN leaked into the output"
-    err = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
-
-
-def poison_device_memory():
-    """On a GPU, leave NaN in freed memory so an unwritten output row would show up."""
-    if jax.default_backend() != "cpu":
-        jnp.full((1 << 24,), jnp.nan, jnp.float32).block_until_ready().delete()
+from kernel_cases import assert_close, make_paged_cache, poison_device_memory
 
 
 def run_case(seed, q_lens, kv_lens, group, num_kv_heads, head_dim, block_size, dtype, pad_tokens=3, **tuned):
