@@ -258,20 +258,28 @@ def paged_decode_attention_reference(
     _check_shapes(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     k = k_cache[block_tables].reshape(num_seqs, -1, num_kv_heads, head_dim).astype(jnp.float32)
     v = v_cache[block_tables].reshape(num_seqs, -1, num_kv_heads, head_dim).astype(jnp.float32)
     valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]  # [S, max_tokens]
+    return masked_attention_reference(q, k, v, valid, sm_scale)
+
+
+def masked_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+                               sm_scale: float) -> jax.Array:
+    """Row r of q [R, N, H] attends to its gathered keys/values [R, C, K, H] where
+    valid [R, C]; a row with no valid key gives zeros. f32 softmax, full-precision matmuls."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
     # Unused slots may hold anything (NaN included): zero them rather than rely on masking.
     k = jnp.where(valid[:, :, None, None], k, 0.0)
     v = jnp.where(valid[:, :, None, None], v, 0.0)
-    qg = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("skgh,stkh->skgt", qg, k, precision="highest") * sm_scale
+    qg = q.astype(jnp.float32).reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("rkgh,rckh->rkgc", qg, k, precision="highest") * sm_scale
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
     l = p.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("skgt,stkh->skgh", p / jnp.where(l == 0.0, 1.0, l), v, precision="highest")
+    out = jnp.einsum("rkgc,rckh->rkgh", p / jnp.where(l == 0.0, 1.0, l), v, precision="highest")
     return out.reshape(q.shape).astype(q.dtype)

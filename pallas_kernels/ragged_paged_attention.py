@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.paged_decode_attention import LOG2E, _check_shapes, _next_pow2, _use_interpret
+from pallas_kernels.paged_decode_attention import (LOG2E, _check_shapes, _next_pow2, _use_interpret,
+                                                   masked_attention_reference)
 
 # Rows of per-program metadata, each i32[num_programs].
 _Q_START, _Q_END, _POS0, _KV_LEN, _SEQ = range(5)
@@ -267,7 +268,6 @@ def ragged_paged_attention_reference(
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = block_tables.shape[0]
-    group = num_heads // num_kv_heads
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if num_tokens == 0:
@@ -282,13 +282,4 @@ def ragged_paged_attention_reference(
     v = v_cache[block_tables[seq]].reshape(num_tokens, -1, num_kv_heads, head_dim).astype(jnp.float32)
     kv_pos = jnp.arange(k.shape[1])
     valid = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & real[:, None]
-    k = jnp.where(valid[:, :, None, None], k, 0.0)  # unused slots may hold NaN
-    v = jnp.where(valid[:, :, None, None], v, 0.0)
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("tkgh,tckh->tkgc", qg, k, precision="highest") * sm_scale
-    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
-    l = p.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("tkgc,tckh->tkgh", p / jnp.where(l == 0.0, 1.0, l), v, precision="highest")
-    return out.reshape(q.shape).astype(q.dtype)
+    return masked_attention_reference(q, k, v, valid, sm_scale)
