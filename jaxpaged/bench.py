@@ -54,6 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
                    help="devices to split the model over (all hosts' devices after "
                         "jax.distributed.initialize; see docs/tensor_parallel.md)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and dispatch step N + 1 while step N runs on the device")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 (greedy, default) gives every system the same work per token")
     g.add_argument("--json", default=None, metavar="PATH",

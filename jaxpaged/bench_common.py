@@ -154,71 +154,83 @@ def slug(text: str) -> str:
 
 @dataclass(slots=True)
 class StepRecord:
-    seconds: float  # wall time of engine.step()
+    seconds: float  # wall time of the engine.step() call that scheduled it
     num_seqs: int  # requests scheduled
     num_tokens: int  # tokens scheduled
     decode_only: bool  # every scheduled request fed exactly one token
     num_decode_seqs: int  # scheduled requests that fed one token (decoding, mixed steps too)
     context_tokens: int  # KV positions read by attention, summed over scheduled requests
     kv_usage: float  # block-manager usage right after schedule() (the step's peak)
-    execute_seconds: float  # of which in runner.execute_model (inputs, device, one transfer)
+    dispatch_seconds: float  # of which in runner.dispatch (inputs built, device work enqueued)
+    wait_seconds: float  # of which in runner.fetch: the host waiting for the device
 
 
 @dataclass
 class StepRecorder:
-    """Times every `engine.step()` and notes what the scheduler planned for it.
+    """Times every `engine.step()` and notes what the scheduler planned in it.
 
-    Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`
-    and `engine.runner.execute_model` (the engine's own code is untouched; `LLM.generate` calls
-    them through the instances), so one `generate` call is measured as it runs. The step time
-    minus the execute time is the host's scheduling and bookkeeping. `uninstall()` restores
-    them.
+    Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`,
+    `engine.runner.dispatch` and `engine.runner.fetch` (the engine's own code is untouched;
+    `LLM.generate` calls them through the instances), so one `generate` call is measured as it
+    runs. The step time minus the wait time is the host's own work; with async scheduling
+    (one step in flight while the next is planned) a step that waits is bound by the device.
+    A call that scheduled two steps (the first one, with async scheduling) records each with
+    half its time. `uninstall()` restores them.
     """
 
     engine: Any
     steps: list[StepRecord] = field(default_factory=list)
-    _plan: Any = None
-    _usage: float = 0.0
-    _execute: float = 0.0
+    _plans: list = field(default_factory=list)  # (plan, KV usage) scheduled in this call
+    _dispatch: float = 0.0
+    _wait: float = 0.0
 
     def __post_init__(self) -> None:
         scheduler, engine, runner = self.engine.scheduler, self.engine, self.engine.runner
-        schedule, step, execute = scheduler.schedule, engine.step, runner.execute_model
+        schedule, step = scheduler.schedule, engine.step
+        dispatch, fetch = runner.dispatch, runner.fetch
 
         def recorded_schedule():
-            self._plan = schedule()
-            self._usage = scheduler.block_manager.usage
-            return self._plan
+            plan = schedule()
+            self._plans.append((plan, scheduler.block_manager.usage))
+            return plan
 
-        def timed_execute(*args, **kwargs):
+        def timed_dispatch(*args, **kwargs):
             t0 = time.perf_counter()
-            out = execute(*args, **kwargs)
-            self._execute += time.perf_counter() - t0
+            out = dispatch(*args, **kwargs)
+            self._dispatch += time.perf_counter() - t0
+            return out
+
+        def timed_fetch(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fetch(*args, **kwargs)
+            self._wait += time.perf_counter() - t0
             return out
 
         def timed_step():
-            self._execute = 0.0
+            self._dispatch = self._wait = 0.0
+            self._plans = []
             t0 = time.perf_counter()
             out = step()
             dt = time.perf_counter() - t0
-            plan, self._plan = self._plan, None
-            if plan is not None and not plan.is_empty:
+            plans = [(p, u) for p, u in self._plans if not p.is_empty]
+            for plan, usage in plans:
                 reqs = plan.scheduled_requests
                 num_decode = sum(len(r.token_ids) == 1 for r in reqs)
+                k = len(plans)
                 self.steps.append(StepRecord(
-                    dt, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
-                    num_decode,
-                    sum(r.start_pos + len(r.token_ids) for r in reqs), self._usage,
-                    self._execute))
+                    dt / k, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
+                    num_decode, sum(r.start_pos + len(r.token_ids) for r in reqs), usage,
+                    self._dispatch / k, self._wait / k))
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
-        runner.execute_model = timed_execute
+        runner.dispatch, runner.fetch = timed_dispatch, timed_fetch
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule
         del self.engine.step
-        del self.engine.runner.execute_model
+        del self.engine.runner.dispatch
+        del self.engine.runner.fetch
 
     @property
     def peak_kv_usage(self) -> float:

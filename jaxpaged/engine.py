@@ -2,7 +2,11 @@
 
 A step is: the scheduler plans (`SchedulerOutput`), the runner executes it on the device, the
 scheduler applies the sampled tokens, and the engine turns what changed into outputs
-(detokenization, stop strings, logprobs). A request with `n > 1` fans out into `n` child
+(detokenization, stop strings, logprobs). With async scheduling (the default) the engine plans
+and dispatches step N + 1 before it waits for step N, so the host's scheduling, input
+preparation and output processing overlap the device's work instead of idling it; outputs are
+the same token for token. Requests with repetition/frequency/presence penalties need every
+previous token on the host, so while one is live the engine runs steps one at a time. A request with `n > 1` fans out into `n` child
 requests sharing its prompt (and, through the prefix cache, its prompt's KV blocks).
 Invariants: a request that fails validation never reaches the scheduler and finishes alone with
 finish_reason "error"; every child the engine adds is eventually finished by the scheduler,
@@ -99,7 +103,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, num_blocks=num_blocks,
             block_size=config.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_outputs_in_flight=2 if config.async_scheduling else 1))
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device), "
                     "attention=%s, tensor_parallel_size=%d", num_blocks - 1, config.block_size,
                     (num_blocks - 1) * config.block_size,
@@ -112,6 +117,9 @@ class LLMEngine:
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         self._rng = random.Random(config.seed)
         self._eos = mc.eos_token_ids[0] if mc.eos_token_ids else None
+        # A dispatched step whose results are not applied yet (async scheduling).
+        self._pending: tuple[Any, Any] | None = None
+        self._num_penalized = 0  # live requests with penalties: they force one step at a time
 
     # -- sizing --------------------------------------------------------------------------
 
@@ -193,6 +201,7 @@ class LLMEngine:
             [None] if params.prompt_logprobs is not None else None,
             final_only=output_kind == "final_only")
         self._tracked[request_id] = tracked
+        self._num_penalized += params.uses_penalties
         for i, child in enumerate(tracked.child_ids):
             self._child_to_parent[child] = (request_id, i)
             self.scheduler.add_request(Request(child, ids, params, eos_token_id=self._eos,
@@ -237,7 +246,7 @@ class LLMEngine:
                 completion.finish_reason = "abort"
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_requests() or bool(self._tracked)
+        return self.scheduler.has_requests() or bool(self._tracked) or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._tracked)
@@ -246,11 +255,25 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, execute, apply. Returns outputs of requests that changed
-        (cumulative, as vLLM's LLMEngine does), finished ones for the last time."""
+        (cumulative, as vLLM's LLMEngine does), finished ones for the last time.
+
+        With async scheduling the step applied here was dispatched by the previous call (or
+        now, if none was), and the next one is dispatched before this one is waited for."""
+        if self._pending is None:
+            self._pending = self._schedule_and_dispatch()
+        (sched, handle), self._pending = self._pending, None
+        if handle is not None and self.config.async_scheduling and not self._num_penalized:
+            self._pending = self._schedule_and_dispatch()
+        result = None if handle is None else self.runner.fetch(handle)
+        return self._apply_step(sched, result)
+
+    def _schedule_and_dispatch(self) -> tuple[Any, Any]:
         sched = self.scheduler.schedule()
-        result = None
-        if not sched.is_empty:
-            result = self.runner.execute_model(sched, *self._runner_inputs(sched))
+        if sched.is_empty:
+            return sched, None
+        return sched, self.runner.dispatch(sched, *self._runner_inputs(sched))
+
+    def _apply_step(self, sched, result) -> list[RequestOutput]:
         changed = self.scheduler.update_from_output(
             sched, result.sampled_token_ids if result else {})
         touched = {self._child_to_parent[r.request_id][0] for r in changed}
@@ -275,9 +298,11 @@ class LLMEngine:
             parent, index = self._child_to_parent[s.request_id]
             tracked = self._tracked[parent]
             if s.sample:
+                # schedule() counted this step's own sample as a placeholder already.
                 rows[s.request_id] = SamplingRow(tracked.params, tracked.seeds[index],
                                                  request.all_token_ids,
-                                                 request.num_prompt_tokens, self._eos)
+                                                 request.num_prompt_tokens, self._eos,
+                                                 request.num_output_placeholders - 1)
             if tracked.prompt_logprobs is not None and index == 0 and \
                     s.start_pos < request.num_prompt_tokens - 1:
                 plp[s.request_id] = request.prompt_token_ids
@@ -345,6 +370,7 @@ class LLMEngine:
         finished = tracked.finished
         if finished:
             del self._tracked[request_id]
+            self._num_penalized -= tracked.params.uses_penalties
             for child in tracked.child_ids:
                 self._child_to_parent.pop(child, None)
         return RequestOutput(

@@ -21,6 +21,8 @@ class EngineConfig:
     warmup: bool = True
     attention_impl: str = "auto"  # "reference" | "pallas" | "auto" (pallas on GPU)
     tensor_parallel_size: int = 1  # devices the weights and KV heads are split over
+    # Plan and dispatch step N + 1 while step N runs (vLLM's --async-scheduling).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -9,6 +9,10 @@ Invariants:
     can run the decode kernel; any other step uses T from the token ladder and S = min(T, max).
   * Logits rows: one per sequence slot (R = S), or one per token (R = T) when a request wants
     prompt logprobs in this step.
+  * `dispatch` only enqueues device work and returns; `fetch` waits for it. Between the two the
+    engine may dispatch the next step (async scheduling): a token the scheduler marks
+    PLACEHOLDER_TOKEN_ID is then taken, on the device, from the previous dispatched step's
+    sampled ids, so the host never waits for them before launching the next step.
 """
 
 import dataclasses
@@ -30,7 +34,7 @@ from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward
 from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
                               compute_logprobs, sample, sampling_metadata_variants)
-from jaxpaged.scheduler import SchedulerOutput
+from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, SchedulerOutput
 from jaxpaged.sharding import gather_logits, kv_cache_sharding
 
 logger = logging.getLogger(__name__)
@@ -57,11 +61,26 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[np.ndarray, ...]]
 
 
-def _step(graphdef, params_def, params_leaves, kv_cache, input_ids, positions, md, impl, mesh):
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step: device results not fetched yet, and what is needed to read them."""
+
+    sched: SchedulerOutput
+    sampled: object  # device SamplerOutput
+    prompt_logprobs: object  # device LogprobsTensors or None
+    positions: np.ndarray  # host positions of the flat batch
+    prompt_rows: dict[str, np.ndarray]  # request id -> rows scored for prompt logprobs
+
+
+def _step(graphdef, params_def, params_leaves, kv_cache, input_ids, positions, md, prev_sampled,
+          source_rows, impl, mesh, unroll):
     # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
     # milliseconds a step, a list of arrays costs microseconds.
     params = jax.tree.unflatten(params_def, params_leaves)
-    kv_cache, logits = forward(graphdef, params, kv_cache, input_ids, positions, md, impl, mesh)
+    # Placeholders: token t is the id the previous step sampled in row source_rows[t].
+    input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
+    kv_cache, logits = forward(graphdef, params, kv_cache, input_ids, positions, md, impl, mesh,
+                               unroll)
     if mesh is not None:
         # The cache leaves as it came (split on KV heads, so donation reuses its buffers); the
         # logits leave replicated, so the sampler and the host see plain arrays.
@@ -80,9 +99,16 @@ def _count_compiles(event: str, duration: float, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-_jit_forward = jax.jit(_step, static_argnames=("graphdef", "params_def", "impl", "mesh"),
+_jit_forward = jax.jit(_step, static_argnames=("graphdef", "params_def", "impl", "mesh",
+                                               "unroll"),
                        donate_argnums=(3,))
-_jit_sample = jax.jit(sample)
+def _sample_padded(logits, md, width: int):
+    """`sample`, plus its token ids padded to `width` rows: the next step's `prev_sampled`."""
+    out = sample(logits, md)
+    return out, jnp.pad(out.sampled_token_ids, (0, width - out.sampled_token_ids.shape[0]))
+
+
+_jit_sample = jax.jit(_sample_padded, static_argnames=("width",))
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
 _jit_take_rows = jax.jit(lambda x, rows: x[rows])
 
@@ -105,6 +131,7 @@ class ModelRunner:
         enable_compilation_cache()
         cfg = loaded.config
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
+        self.unroll_layers = unroll_layers(jax.default_backend())
         self._params_leaves, self._params_def = jax.tree.flatten(loaded.params)
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -120,6 +147,10 @@ class ModelRunner:
         self._compiles_at_warmup: int | None = None
         # Where the forward leaves logits: the sampler is compiled for exactly that placement.
         self._logits_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        # The last dispatched step's sampled ids (padded to max_num_seqs) and each sampling
+        # request's row in them: where placeholders of the next step come from.
+        self._prev_sampled = jnp.zeros(max_num_seqs, jnp.int32, device=self._logits_sharding)
+        self._prev_rows: dict[str, int] = {}
 
     # -- shapes --------------------------------------------------------------------------
 
@@ -147,13 +178,11 @@ class ModelRunner:
         the threads divide warm-up time by the cores available. The sequential pass in
         `warmup` then finds each program already compiled."""
         def compile_one(shape: BucketShape) -> None:
-            ids, pos, md = self._empty_step(shape)
-            _jit_forward.lower(self.loaded.graphdef, self._params_def, self._params_leaves,
-                               self.kv_cache, ids, pos, md, self.impl, self.mesh).compile()
+            self.lower_forward(shape).compile()
 
         def compile_sampler(args: tuple) -> None:
             logits, smd = args
-            _jit_sample.lower(logits, smd).compile()
+            _jit_sample.lower(logits, smd, width=self.max_num_seqs).compile()
 
         samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32,
                                           sharding=self._logits_sharding), smd)
@@ -164,13 +193,22 @@ class ModelRunner:
             list(pool.map(compile_one, self.bucket_shapes()))
             list(pool.map(compile_sampler, samplers))
 
+    def lower_forward(self, shape: BucketShape) -> jax.stages.Lowered:
+        """The forward program of one bucket, lowered (not compiled) for its empty step."""
+        ids, pos, md = self._empty_step(shape)
+        return _jit_forward.lower(self.loaded.graphdef, self._params_def, self._params_leaves,
+                                  self.kv_cache, ids, pos, md, self._prev_sampled,
+                                  _no_sources(shape.num_tokens), self.impl, self.mesh,
+                                  self.unroll_layers)
+
     def warmup(self) -> tuple[int, float]:
         """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
         start, count = time.perf_counter(), 0
         self._precompile()
         for shape in self.bucket_shapes():
             ids, pos, md = self._empty_step(shape)
-            self.kv_cache, logits = self._run_forward(ids, pos, md)
+            self.kv_cache, logits = self._run_forward(ids, pos, md,
+                                                      _no_sources(shape.num_tokens))
             count += 1
             if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
                 jax.block_until_ready(_jit_prompt_logprobs(
@@ -180,7 +218,7 @@ class ModelRunner:
         for S in self.seq_buckets:
             for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
                 logits = jnp.zeros((S, self.vocab_size), device=self._logits_sharding)
-                jax.block_until_ready(_jit_sample(logits, smd))
+                jax.block_until_ready(_jit_sample(logits, smd, width=self.max_num_seqs))
                 count += 1
         self._compiles_at_warmup = _compile_count[0]
         return count, time.perf_counter() - start
@@ -192,9 +230,10 @@ class ModelRunner:
             return None
         return _compile_count[0] - self._compiles_at_warmup
 
-    def _run_forward(self, ids, pos, md):
+    def _run_forward(self, ids, pos, md, source_rows):
         return _jit_forward(self.loaded.graphdef, self._params_def, self._params_leaves,
-                            self.kv_cache, ids, pos, md, self.impl, self.mesh)
+                            self.kv_cache, ids, pos, md, self._prev_sampled, source_rows,
+                            self.impl, self.mesh, self.unroll_layers)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -207,8 +246,15 @@ class ModelRunner:
 
     def execute_model(self, sched: SchedulerOutput, rows: Mapping[str, SamplingRow],
                       prompt_logprobs: Mapping[str, list[int]]) -> ModelRunnerOutput:
-        """Run one step. `rows` holds the sampling inputs of requests that sample this step;
-        `prompt_logprobs` maps requests that want prompt logprobs to their prompt token ids."""
+        """Run one step and wait for its results (`dispatch` then `fetch`)."""
+        return self.fetch(self.dispatch(sched, rows, prompt_logprobs))
+
+    def dispatch(self, sched: SchedulerOutput, rows: Mapping[str, SamplingRow],
+                 prompt_logprobs: Mapping[str, list[int]]) -> StepHandle:
+        """Enqueue one step on the device and return without waiting. `rows` holds the
+        sampling inputs of requests that sample this step; `prompt_logprobs` maps requests
+        that want prompt logprobs to their prompt token ids. Placeholder tokens must be
+        sampled by the step dispatched just before this one."""
         reqs = sched.scheduled_requests
         want_plp = any(r.request_id in prompt_logprobs for r in reqs)
         shape = self._shape_for(sched, want_plp)
@@ -220,16 +266,29 @@ class ModelRunner:
             num_seqs=shape.num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
             logits_indices=list(range(int(cu[-1]))) if want_plp else last_rows,
             num_logits=shape.num_logits, decode_only=shape.decode_only)
-        self.kv_cache, logits = self._run_forward(ids, pos, md)
+        source_rows = _no_sources(shape.num_tokens)
+        for s, r in enumerate(reqs):
+            if r.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                if r.request_id not in self._prev_rows:
+                    raise ValueError(f"{r.request_id!r} feeds a placeholder, but the previous "
+                                     f"step did not sample it")
+                source_rows[last_rows[s]] = self._prev_rows[r.request_id]
+        self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
         sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
         smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len)
-        plp = None
+        plp, prompt_rows = None, {}
         if want_plp:
-            plp, positions = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
+            plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
             logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
-        sampled = _jit_sample(logits, smd)
-        sampled, plp = jax.device_get((sampled, plp))  # the step's one device-to-host transfer
+        sampled, self._prev_sampled = _jit_sample(logits, smd, width=self.max_num_seqs)
+        self._prev_rows = {r.request_id: s for s, r in enumerate(reqs) if r.sample}
+        return StepHandle(sched, sampled, plp, pos, prompt_rows)
+
+    def fetch(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Wait for a dispatched step; its one device-to-host transfer."""
+        sampled, plp = jax.device_get((handle.sampled, handle.prompt_logprobs))
+        reqs, pos = handle.sched.scheduled_requests, handle.positions
         out = ModelRunnerOutput({}, {}, {})
         for s, r in enumerate(reqs):
             if not r.sample:
@@ -240,7 +299,7 @@ class ModelRunner:
                     float(sampled.sampled_logprobs[s]), int(sampled.sampled_token_ranks[s]),
                     sampled.topk_token_ids[s], sampled.topk_logprobs[s])
         if plp is not None:
-            for rid, rows_ in positions.items():
+            for rid, rows_ in handle.prompt_rows.items():
                 out.prompt_logprobs[rid] = (
                     pos[rows_] + 1, plp.token_logprobs[rows_], plp.token_ranks[rows_],
                     plp.topk_token_ids[rows_], plp.topk_logprobs[rows_])
@@ -261,3 +320,17 @@ class ModelRunner:
                 positions[r.request_id] = rows_
             lo += len(r.token_ids)
         return _jit_prompt_logprobs(logits, next_ids, num=self.num_logprobs), positions
+
+
+def unroll_layers(backend: str) -> bool:
+    """Unroll the layer loop on GPUs (see jaxpaged.models.llama), not on the CPU, where compile
+    time matters more than the copies. JAXPAGED_UNROLL_LAYERS=0/1 overrides."""
+    setting = os.environ.get("JAXPAGED_UNROLL_LAYERS", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"JAXPAGED_UNROLL_LAYERS={setting!r}; allowed: auto, 0, 1")
+    return backend == "gpu" if setting == "auto" else setting == "1"
+
+
+def _no_sources(num_tokens: int) -> np.ndarray:
+    """`source_rows` of a step without placeholders."""
+    return np.full(num_tokens, -1, np.int32)

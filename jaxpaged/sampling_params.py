@@ -201,6 +201,12 @@ class SamplingParams:
         return self.sampling_type == SamplingType.GREEDY
 
     @property
+    def uses_penalties(self) -> bool:
+        """Repetition, frequency or presence penalty: sampling reads every previous token."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
     def output_text_buffer_length(self) -> int:
         """Characters a stream holds back so a half-generated stop string is never shown."""
         if self.stop and not self.include_stop_str_in_output:

@@ -9,14 +9,25 @@ recompute after preemption are all that one rule. An engine step is
     sampled = runner.execute_model(scheduler_output)       # {request_id: token id}
     changed = scheduler.update_from_output(scheduler_output, sampled)
 
-with ``while scheduler.has_requests():`` around it; ``schedule()`` must not be called again
-before ``update_from_output`` has consumed its output.
+with ``while scheduler.has_requests():`` around it. ``schedule()`` advances each scheduled
+request's ``num_computed_tokens`` at once and counts the token a sampling chunk will produce as
+an output placeholder; ``update_from_output`` fills the placeholder in and checks stops.
+
+Async scheduling (``max_outputs_in_flight=2``): the engine may call ``schedule()`` for step
+N + 1 before ``update_from_output`` of step N, so the host plans and prepares the next step
+while the device runs the current one (vLLM's async scheduling). A request whose last token is
+still a placeholder is then fed ``PLACEHOLDER_TOKEN_ID`` at that position, which the runner
+replaces on the device with the token step N sampled. A request step N finishes (EOS, stop)
+may already be in step N + 1: that step's result for it is dropped. Its freed blocks are safe
+to hand out again because the device runs steps in order: a later step's writes land after
+step N + 1's. Outputs are applied in the order they were scheduled.
 
 Invariants (the stateful test checks them after every step):
   * ``running`` is in admission order and ``len(running) <= max_num_seqs``; a step schedules
     at most ``max_num_batched_tokens`` tokens, running requests first, in order.
-  * Every live request (waiting or running) has ``num_computed_tokens <= num_tokens``;
-    waiting ones hold no blocks and have ``num_computed_tokens == 0``.
+  * Every live request (waiting or running) has ``num_computed_tokens <= num_tokens``
+    once every scheduled output has been applied; waiting ones hold no blocks and have
+    ``num_computed_tokens == 0``.
   * A finished request holds no blocks and has left ``waiting``, ``running`` and ``requests``.
   * Parallel sampling shares prompt blocks: a waiting request whose next uncached full block
     is being computed by a running request stays waiting (keeping its place) until that block
@@ -33,6 +44,9 @@ from dataclasses import dataclass, field
 from jaxpaged.block_manager import BlockManager
 from jaxpaged.sequence import Request, RequestStatus
 
+# Fed in place of a token the previous step samples; the runner resolves it on the device.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerConfig:
@@ -42,6 +56,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
+    # 1: schedule() and update_from_output() alternate. 2: async scheduling, one step ahead.
+    max_outputs_in_flight: int = 1
 
     @property
     def max_num_blocks_per_req(self) -> int:
@@ -49,6 +65,8 @@ class SchedulerConfig:
         return -(-self.max_model_len // self.block_size)
 
     def __post_init__(self) -> None:
+        if self.max_outputs_in_flight not in (1, 2):
+            raise ValueError(f"max_outputs_in_flight must be 1 or 2, got {self.max_outputs_in_flight}")
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,7 +82,9 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     request_id: str
-    token_ids: list[int]  # the tokens fed this step, at positions start_pos, start_pos + 1, ...
+    # The tokens fed this step, at positions start_pos, start_pos + 1, ...; the last one is
+    # PLACEHOLDER_TOKEN_ID when the previous step (still in flight) samples it.
+    token_ids: list[int]
     start_pos: int  # num_computed_tokens before this step
     block_ids: list[int]  # the whole block table (a copy), covering start_pos + len(token_ids)
     sample: bool  # this chunk reaches the last known token: sample one from its last row
@@ -103,14 +123,21 @@ class _Plan:
     preempted: list[Request] = field(default_factory=list)
 
 
+def _total_tokens(request: Request) -> int:
+    """Known tokens plus those that steps in flight will sample."""
+    return request.num_tokens + request.num_output_placeholders
+
+
 def _scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
     start = request.num_computed_tokens
+    token_ids = request.all_token_ids[start : start + num_new_tokens]
+    token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new_tokens - len(token_ids))
     return ScheduledRequest(
         request_id=request.request_id,
-        token_ids=request.all_token_ids[start : start + num_new_tokens],
+        token_ids=token_ids,
         start_pos=start,
         block_ids=list(request.block_ids),
-        sample=start + num_new_tokens == request.num_tokens,
+        sample=start + num_new_tokens == _total_tokens(request),
     )
 
 
@@ -127,13 +154,16 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_req_ids: list[str] = []  # since the last schedule()
-        self._errored: dict[str, Request] = {}  # rejected, not yet returned by update_from_output
-        self._awaiting_update = False  # a SchedulerOutput has not been applied yet
+        self._errored: dict[str, Request] = {}  # rejected, not yet reported by schedule()
+        self._errored_reported: dict[str, Request] = {}  # reported, not yet returned by update
+        # Scheduled outputs not applied yet, oldest first (at most max_outputs_in_flight).
+        self._in_flight: deque[SchedulerOutput] = deque()
 
     # -- requests in and out --------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests or request.request_id in self._errored:
+        if request.request_id in self.requests or request.request_id in self._errored or \
+                request.request_id in self._errored_reported:
             raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
         error = self._why_never_fits(request)
         if error is not None:
@@ -184,14 +214,18 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
             request.status = finished_status
-            self._free_request(request)
+            self._finish(request)
             finished.append(request)
         return finished
+
+    def _finish(self, request: Request) -> None:
+        """Take a live request, whose status is already final, out of its queue."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._free_request(request)
 
     def _free_request(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -206,7 +240,7 @@ class Scheduler:
 
     def has_finished_requests(self) -> bool:
         """Finished requests not yet reported by schedule() / update_from_output()."""
-        return bool(self._finished_req_ids or self._errored)
+        return bool(self._finished_req_ids or self._errored or self._errored_reported)
 
     def has_requests(self) -> bool:
         return self.has_unfinished_requests() or self.has_finished_requests()
@@ -214,28 +248,40 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        if self._awaiting_update:
-            raise RuntimeError("schedule() called again before update_from_output() applied its output")
-        self._awaiting_update = True
+        if len(self._in_flight) >= self.config.max_outputs_in_flight:
+            raise RuntimeError(
+                f"schedule() called with {len(self._in_flight)} outputs not yet applied by "
+                f"update_from_output() (max_outputs_in_flight={self.config.max_outputs_in_flight})"
+            )
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted:  # if blocks ran out for running requests, admit nobody
             self._schedule_waiting(plan)
+        scheduled = [_scheduled_request(request, n) for request, n in plan.scheduled]
+        for (request, n), s in zip(plan.scheduled, scheduled):
+            request.num_computed_tokens += n
+            request.num_output_placeholders += s.sample
         output = SchedulerOutput(
-            scheduled_requests=[_scheduled_request(request, n) for request, n in plan.scheduled],
+            scheduled_requests=scheduled,
             total_num_scheduled_tokens=sum(n for _, n in plan.scheduled),
             preempted_req_ids=[r.request_id for r in plan.preempted],
             finished_req_ids=self._finished_req_ids,
             errored_req_ids=list(self._errored),
         )
+        self._errored_reported.update(self._errored)
+        self._errored.clear()
         self._finished_req_ids = []
+        self._in_flight.append(output)
         return output
 
     def _schedule_running(self, plan: _Plan) -> None:
         i = 0
         while i < len(self.running) and plan.token_budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            if self._reaches_length(request):  # finishes when the step in flight is applied
+                i += 1
+                continue
+            num_new = min(_total_tokens(request) - request.num_computed_tokens, plan.token_budget)
             while not self.block_manager.allocate_slots(request, num_new):
                 # Recompute preemption: the most recently admitted request gives its blocks
                 # back; it may be this very request when it is the last one running.
@@ -247,6 +293,13 @@ class Scheduler:
             plan.scheduled.append((request, num_new))
             plan.token_budget -= num_new
             i += 1
+
+    def _reaches_length(self, request: Request) -> bool:
+        """A placeholder already takes the request to max_tokens or max_model_len."""
+        if not request.num_output_placeholders:
+            return False
+        return (request.num_output_tokens + request.num_output_placeholders >= self._max_tokens(request)
+                or _total_tokens(request) >= self.config.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -260,6 +313,9 @@ class Scheduler:
         held_back: list[Request] = []
         while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:  # preempted while its last step is in flight
+                held_back.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(request)
             if self._prefix_in_flight(request, len(computed_blocks)):
                 held_back.append(self.waiting.popleft())
@@ -278,7 +334,8 @@ class Scheduler:
         self.waiting.extendleft(reversed(held_back))
 
     def _prefix_in_flight(self, request: Request, num_hit_blocks: int) -> bool:
-        """Whether a running request is computing ``request``'s next uncached full block.
+        """Whether a running request is computing ``request``'s next uncached full block
+        (it has not entered it into the prefix cache yet).
 
         Waiting for it turns a duplicate computation into a prefix hit one step or a few later:
         this is how the n children of a parallel-sampling request share their prompt blocks.
@@ -292,16 +349,20 @@ class Scheduler:
         block_hash = request.block_hashes[k]
         end = (k + 1) * self.config.block_size
         # The slice is empty when the other request's hashes do not reach index k.
+        cached = self.block_manager.num_cached_blocks
         return any(
-            other.num_computed_tokens < end and other.block_hashes[k : k + 1] == [block_hash]
+            cached.get(other.request_id, 0) <= k and other.block_hashes[k : k + 1] == [block_hash]
             for other in self.running
         )
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]
     ) -> list[Request]:
-        """Apply a step's results. Returns the requests that got a new token (finished or not)
-        and the requests rejected by add_request that this output reported."""
+        """Apply a step's results; steps are applied in the order they were scheduled. Returns
+        the requests that got a new token (finished or not) and the requests rejected by
+        add_request that this output reported."""
+        if not self._in_flight or self._in_flight[0] is not scheduler_output:
+            raise ValueError("update_from_output() got an output that is not the oldest one in flight")
         missing = [
             s.request_id
             for s in scheduler_output.scheduled_requests
@@ -309,21 +370,23 @@ class Scheduler:
         ]
         if missing:  # checked first, so a bad call changes nothing
             raise ValueError(f"sampled_token_ids has no token for {missing}, which sampled this step")
-        self._awaiting_update = False
-        changed = [self._errored.pop(request_id) for request_id in scheduler_output.errored_req_ids]
+        self._in_flight.popleft()
+        changed = [self._errored_reported.pop(request_id) for request_id in scheduler_output.errored_req_ids]
         for scheduled in scheduler_output.scheduled_requests:
             request = self.requests.get(scheduled.request_id)
-            if request is None:  # finished (aborted) after schedule()
+            if request is None:  # finished (aborted, stopped) after schedule()
                 continue
-            request.num_computed_tokens += len(scheduled.token_ids)
-            self.block_manager.cache_blocks(request, request.num_computed_tokens)
+            if scheduled.sample:
+                request.num_output_placeholders -= 1
+                request.append_output_token_ids(sampled_token_ids[scheduled.request_id])
+            # Only known tokens can be hashed; a preempted request holds no blocks (no-op).
+            self.block_manager.cache_blocks(
+                request, min(request.num_computed_tokens, request.num_tokens))
             if not scheduled.sample:
                 continue
-            request.append_output_token_ids(sampled_token_ids[scheduled.request_id])
             changed.append(request)
             if self._check_stop(request):
-                self.running.remove(request)
-                self._free_request(request)
+                self._finish(request)
         return changed
 
     def _check_stop(self, request: Request) -> bool:

@@ -5,8 +5,12 @@ Host-only module: plain Python, never imports ``jax``.
 Invariants (kept by the scheduler, checked by its tests):
   * ``all_token_ids == prompt_token_ids + output_token_ids`` at all times; outputs are added
     only through ``append_output_token_ids`` so that the two lists never diverge.
-  * ``0 <= num_computed_tokens <= num_tokens``: the KV of tokens ``[0, num_computed_tokens)``
-    is in the blocks ``block_ids`` (the request's block table).
+  * ``0 <= num_computed_tokens <= num_tokens + num_output_placeholders``: the KV of tokens
+    ``[0, num_computed_tokens)`` is in the blocks ``block_ids`` (the request's block table), or
+    will be once the steps already handed to the device have run.
+  * ``num_output_placeholders`` counts tokens a scheduled step will sample but whose ids the
+    host does not know yet (0 or 1 between steps; with async scheduling, the next step may
+    already feed that unknown token, which the device takes from the previous step's output).
   * ``block_hashes[i]`` is the chained hash of the i-th full block of ``all_token_ids``; the
     list only grows, since tokens are never rewritten (preemption keeps it).
 """
@@ -58,6 +62,7 @@ class Request:
     arrival_time: float = field(default_factory=time.time)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_output_placeholders: int = 0  # sampled by a step in flight, ids not known yet
     block_ids: list[int] = field(default_factory=list)  # the block table
     num_cached_tokens: int = 0  # prefix-cache hit at first admission, in tokens
     num_preemptions: int = 0

@@ -161,6 +161,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         default=defaults.kv_cache_memory_fraction)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_prefix_caching)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=defaults.async_scheduling,
+                        help="plan and dispatch step N + 1 while step N runs on the device")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction,
                         default=defaults.warmup,
@@ -180,7 +183,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, warmup=args.warmup,
-        attention_impl=args.attention_impl, tensor_parallel_size=args.tensor_parallel_size)
+        attention_impl=args.attention_impl, tensor_parallel_size=args.tensor_parallel_size,
+        async_scheduling=args.async_scheduling)
 
 
 def run_server(args: argparse.Namespace) -> None:

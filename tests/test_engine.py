@@ -203,3 +203,53 @@ def test_models_with_several_eos_ids_stop_on_each():
     engine.abort_request(["x", "y"])
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def _watch_run_ahead(engine) -> list[bool]:
+    """Per fetched step: whether the next step was already dispatched (async scheduling)."""
+    ran_ahead, fetch = [], engine.runner.fetch
+
+    def watched(handle):
+        ran_ahead.append(engine._pending is not None)
+        return fetch(handle)
+
+    engine.runner.fetch = watched
+    return ran_ahead
+
+
+def test_async_scheduling_runs_ahead_and_matches_one_step_at_a_time(llm):
+    """With async scheduling (the default) step N + 1 is dispatched before step N is waited
+    for; seeded sampling (output positions, min_tokens), logprobs, stops and greedy decoding
+    give what an engine running one step at a time gives. A request with penalties needs
+    every earlier token on the host, so while it lives the engine runs one step at a time."""
+    sync = make_llm(max_num_seqs=16, max_num_batched_tokens=256, async_scheduling=False)
+    eos = llm.llm_engine.model.config.eos_token_ids[0]
+    params = [SamplingParams(temperature=1.0, seed=5, max_tokens=20, min_tokens=12,
+                             stop_token_ids=[EXPECTED[0][3]]),
+              SamplingParams(temperature=0.9, top_k=20, seed=9, max_tokens=20, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=32, stop=["\n"]),
+              GREEDY, GREEDY, SamplingParams(temperature=0.7, seed=3, max_tokens=24)]
+    prompts = [PROMPTS[i] for i in (0, 1, 2, 9, 12, 15)]
+    engine = llm.llm_engine
+    ran_ahead = _watch_run_ahead(engine)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        steps = len(ran_ahead)
+        penalized = llm.generate([PROMPTS[3]], SamplingParams(
+            temperature=0.0, max_tokens=12, repetition_penalty=1.5), use_tqdm=False)
+    finally:
+        del engine.runner.fetch
+    want = sync.generate(prompts, params, use_tqdm=False)
+    assert token_ids(got) == token_ids(want)
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
+    for a, b in zip(got[1].outputs[0].logprobs, want[1].outputs[0].logprobs, strict=True):
+        assert a.keys() == b.keys()
+        assert [a[t].logprob for t in a] == pytest.approx([b[t].logprob for t in a], abs=1e-4)
+    assert len(got[0].outputs[0].token_ids) >= 12 and eos not in got[0].outputs[0].token_ids[:12]
+    assert token_ids(got)[3:5] == [EXPECTED[9], EXPECTED[12]]
+    assert sum(ran_ahead[:steps]) > steps // 2  # most steps overlapped the next one
+    assert ran_ahead[steps:] == [False] * 12  # the penalized request ran one step at a time
+    assert token_ids(penalized) == token_ids(sync.generate(
+        [PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.5),
+        use_tqdm=False))
+    assert kv_blocks_in_use(llm) == 0 and kv_blocks_in_use(sync) == 0

@@ -112,3 +112,15 @@ def test_tiny_family_model_matches_transformers(family, extra, impl, tmp_path):
     runner = PagedRunner(ours, num_seqs=1, max_len=96, block_size=16, seed=2, impl=impl)
     got = [runner.step({0: ids[:33]})[0]] + [runner.step({0: [t]})[0] for t in ids[33:]]
     assert rel_err(np.concatenate(got), ref) <= 1e-4
+
+
+def test_unrolled_layer_loop_matches_transformers(tmp_path):
+    """The GPU default: the layer scan unrolled (static per-layer weight slices)."""
+    from jaxpaged.loader import load_model
+
+    hf = _tiny_hf_model("llama", tmp_path)
+    ours = load_model(str(tmp_path), dtype="float32")
+    ids = list(np.random.default_rng(3).integers(0, 160, size=40))
+    runner = PagedRunner(ours, num_seqs=1, max_len=64, block_size=16, seed=4, unroll=True)
+    got = [runner.step({0: ids[:30]})[0]] + [runner.step({0: [t]})[0] for t in ids[30:]]
+    assert rel_err(np.concatenate(got), hf_logits(hf, ids)) <= 1e-4

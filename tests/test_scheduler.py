@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler, SchedulerConfig, SchedulerOutput
 from jaxpaged.sequence import Request, RequestStatus
 
 EOS = 2
@@ -296,7 +296,8 @@ def test_missing_sampled_token_is_an_error():
     out = sched.schedule()
     with pytest.raises(ValueError, match=r"no token for \['a'\]"):
         sched.update_from_output(out, {})
-    assert sched.requests["a"].num_computed_tokens == 0  # nothing applied
+    a = sched.requests["a"]
+    assert (a.output_token_ids, a.num_output_placeholders) == ([], 1)  # nothing applied
     sched.update_from_output(out, {"a": 5})
     assert sched.requests["a"].output_token_ids == [5]
 
@@ -341,7 +342,9 @@ def test_config_validation(overrides, field):
 
 class SchedulerMachine(RuleBasedStateMachine):
     """Adds, steps (with random sampled tokens), aborts and forced preemptions (a tiny cache,
-    squeezed further by blocks taken away); after every rule the bookkeeping must add up."""
+    squeezed further by blocks taken away); after every rule the bookkeeping must add up.
+    With max_outputs_in_flight=2 (async scheduling) a step schedules the next output before
+    the previous one is applied, as the engine does."""
 
     @initialize(
         num_blocks=st.integers(4, 16),
@@ -350,8 +353,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         extra_budget=st.integers(0, 8),
         max_model_len=st.integers(4, 24),
         enable_prefix_caching=st.booleans(),
+        max_outputs_in_flight=st.sampled_from([1, 2]),
     )
-    def init(self, num_blocks, block_size, max_num_seqs, extra_budget, max_model_len, enable_prefix_caching):
+    def init(self, num_blocks, block_size, max_num_seqs, extra_budget, max_model_len, enable_prefix_caching,
+             max_outputs_in_flight):
         self.config = SchedulerConfig(
             max_model_len=max_model_len,
             num_blocks=num_blocks,
@@ -359,8 +364,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_seqs + extra_budget,
             enable_prefix_caching=enable_prefix_caching,
+            max_outputs_in_flight=max_outputs_in_flight,
         )
         self.sched = Scheduler(self.config)
+        self.in_flight: list = []  # scheduled outputs not applied yet, oldest first
         self.next_id = 0
         self.hogs: list[Request] = []  # blocks taken away behind the scheduler's back
 
@@ -393,34 +400,59 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert (req.status == RequestStatus.WAITING) == fits
             assert fits or req.error
 
-    @rule(data=st.data(), abort_mid_step=st.booleans())
-    def step(self, data, abort_mid_step):
+    @rule(data=st.data(), abort_mid_step=st.booleans(), drain=st.booleans())
+    def step(self, data, abort_mid_step, drain):
+        """Schedule one output; apply the oldest once max_outputs_in_flight are out (or all of
+        them when `drain`)."""
         sched, cfg = self.sched, self.config
         running_before = [r.request_id for r in sched.running]
+        previous = self.in_flight[-1] if self.in_flight else None
         out = sched.schedule()
+        self.in_flight.append(out)
         ids = [s.request_id for s in out.scheduled_requests]
         assert len(set(ids)) == len(ids) and not set(ids) & set(out.preempted_req_ids)
         assert out.total_num_scheduled_tokens == sum(len(s.token_ids) for s in out.scheduled_requests)
         assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
         assert len(sched.running) <= cfg.max_num_seqs
         old = [i for i in ids if i in running_before]
-        assert ids[: len(old)] == old == running_before[: len(old)]  # running first, in order
+        # Running first, in order (one whose step in flight ends it by length is skipped).
+        assert ids[: len(old)] == old == [i for i in running_before if i in old]
         for s in out.scheduled_requests:
             req = sched.requests[s.request_id]
             end = s.start_pos + len(s.token_ids)
-            assert s.token_ids and s.start_pos == req.num_computed_tokens and end <= req.num_tokens
-            assert s.token_ids == req.all_token_ids[s.start_pos : end]
-            assert s.sample == (end == req.num_tokens)
+            assert s.token_ids and end == req.num_computed_tokens  # advanced at schedule time
+            known = req.all_token_ids[s.start_pos : end]
+            assert s.token_ids[: len(known)] == known
+            assert s.token_ids[len(known) :] == [PLACEHOLDER_TOKEN_ID] * (len(s.token_ids) - len(known))
+            if len(known) < len(s.token_ids):
+                # One placeholder, sampled by the step right before, which is still in flight.
+                assert len(s.token_ids) - len(known) == 1 and cfg.max_outputs_in_flight == 2
+                assert any(p.request_id == s.request_id and p.sample for p in previous.scheduled_requests)
+                event("placeholder fed")
+            total = req.num_tokens + req.num_output_placeholders
+            assert end == total - 1 if s.sample else end < total
             assert len(s.block_ids) * cfg.block_size >= end and 0 not in s.block_ids
         if out.preempted_req_ids:
             event("preempted")
-        sampled = {s.request_id: data.draw(st.integers(0, 12)) for s in out.scheduled_requests if s.sample}
         if abort_mid_step and ids:
             sched.finish_requests(data.draw(st.sampled_from(ids)), RequestStatus.FINISHED_ABORTED)
+        while len(self.in_flight) >= cfg.max_outputs_in_flight or (drain and self.in_flight):
+            self.apply_oldest(data.draw(st.integers(0, 12)))
+
+    def apply_oldest(self, token: int):
+        sched = self.sched
+        out = self.in_flight.pop(0)
+        sampled = {s.request_id: token for s in out.scheduled_requests if s.sample}
         for req in sched.update_from_output(out, sampled):
-            assert req.is_finished or req.status == RequestStatus.RUNNING
+            assert req.is_finished or req.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
             if req.is_finished:
                 assert req.block_ids == [] and req.request_id not in sched.requests
+        # A placeholder in the next output is the token this output just sampled.
+        for nxt in self.in_flight:
+            for s in nxt.scheduled_requests:
+                req = sched.requests.get(s.request_id)
+                if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID and req is not None:
+                    assert req.all_token_ids[s.start_pos + len(s.token_ids) - 1] == token
 
     @precondition(lambda self: self.sched.requests)
     @rule(data=st.data())
@@ -453,9 +485,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         for req in sched.waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert req.block_ids == [] and req.num_computed_tokens == 0
+        for req in sched.requests.values():
+            assert req.num_output_placeholders <= len(self.in_flight)
         for req in sched.running:
             assert req.status == RequestStatus.RUNNING
-            assert req.num_computed_tokens < req.num_tokens <= self.config.max_model_len
+            assert req.num_tokens <= self.config.max_model_len
+            assert req.num_computed_tokens <= req.num_tokens + req.num_output_placeholders
+            if not self.in_flight:
+                assert req.num_computed_tokens < req.num_tokens
             # So the runner can size its block table at cdiv(max_model_len, block_size).
             assert len(req.block_ids) <= self.config.max_num_blocks_per_req
 
@@ -467,13 +504,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.release()
         rng = random.Random(0)
         for _ in range(2000):  # liveness: every request ends without outside help
-            if not self.sched.has_requests():
+            if not self.sched.has_requests() and not self.in_flight:
                 break
-            out = self.sched.schedule()
-            sampled = {s.request_id: rng.randrange(7) for s in out.scheduled_requests if s.sample}
-            self.sched.update_from_output(out, sampled)
+            if self.sched.has_requests():
+                self.in_flight.append(self.sched.schedule())
+            if len(self.in_flight) >= self.config.max_outputs_in_flight or not self.sched.has_requests():
+                self.apply_oldest(rng.randrange(7))
             self.bookkeeping_adds_up()
-        assert not self.sched.has_requests()
+        assert not self.sched.has_requests() and not self.in_flight
         bm = self.sched.block_manager
         assert bm.num_free_blocks == self.config.num_blocks - 1 and bm.usage == 0.0
         bm.check_invariants([])

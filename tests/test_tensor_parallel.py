@@ -140,17 +140,12 @@ def test_collectives_are_megatrons(tied, tmp_path):
     and the only all-gather is the R x V logits' (never a weight's or the KV cache's)."""
     import re
 
-    from jaxpaged.runner import _jit_forward
-
     _tiny_hf_model("llama", tmp_path, tie_word_embeddings=tied)
     llm = LLM(str(tmp_path), tensor_parallel_size=2, dtype="float32", max_num_seqs=4,
               max_num_batched_tokens=16, max_model_len=64, warmup=False)
     runner = llm.llm_engine.runner
     shape = runner.bucket_shapes()[-1]
-    ids, pos, md = runner._empty_step(shape)
-    hlo = _jit_forward.lower(runner.loaded.graphdef, runner._params_def, runner._params_leaves,
-                             runner.kv_cache, ids, pos, md, runner.impl,
-                             runner.mesh).compile().as_text()
+    hlo = runner.lower_forward(shape).compile().as_text()
     ops = re.findall(r"= (\w+\[[\d,]*\])\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
                      r"collective-permute)(?:-start)?\(", hlo)
     T, R = shape.num_tokens, shape.num_logits

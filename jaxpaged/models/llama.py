@@ -2,7 +2,10 @@
 
 Layers are stacked on a leading axis and run with `lax.scan`, so a model compiles one layer
 body whatever its depth; the whole KV cache rides in the scan carry and each layer writes and
-reads it through `attention.paged_attention` (no per-layer cache slice is copied).
+reads it through `attention.paged_attention` (no per-layer cache slice is copied). With
+`unroll=True` the scan is unrolled: compiles take longer, but on GPUs each layer's weights
+are then static slices that feed the matmuls in place, where a rolled loop copies them out
+of the stack every step (measured on an H100: 3.95 -> 2.41 ms for llama-3.2-1b at batch 256).
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
@@ -139,7 +142,7 @@ class CausalLM(nnx.Module):
 
     def __call__(self, kv_cache: KVCache, input_ids: jax.Array, positions: jax.Array,
                  md: AttentionMetadata, impl: str = "reference",
-                 mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
+                 mesh: Mesh | None = None, unroll: bool = False) -> tuple[KVCache, jax.Array]:
         """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices).
         `mesh`: tensor parallelism; the parameters and cache arrive sharded on it."""
         x = self.embed_tokens(input_ids)  # [T, D]
@@ -154,7 +157,8 @@ class CausalLM(nnx.Module):
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids))
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids),
+                                        unroll=unroll)
         x = self.norm(x[md.logits_indices])  # [R, D]
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
@@ -165,7 +169,8 @@ class CausalLM(nnx.Module):
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata,
-            impl: str = "reference", mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
-    """The pure forward (STYLE rule 6): jit it with graphdef, impl and mesh static, the cache
-    donated."""
-    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh)
+            impl: str = "reference", mesh: Mesh | None = None,
+            unroll: bool = False) -> tuple[KVCache, jax.Array]:
+    """The pure forward (STYLE rule 6): jit it with graphdef, impl, mesh and unroll static,
+    the cache donated."""
+    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh, unroll)

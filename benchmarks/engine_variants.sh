@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The engine's decode-step options side by side on one GPU, same workload and same machine
+# (issue 5's llama-3.2-1b workload: 512 prompts, 512 in, 256 out, EOS ignored):
+#
+#   OUT=$OUT JAXPAGED_GIT_REV=<hash> bash benchmarks/engine_variants.sh
+#
+#   async+unroll  the defaults: step N + 1 dispatched while step N runs, layer loop unrolled
+#   sync+unroll   --no-async-scheduling: the host waits for each step before planning the next
+#   async+scan    JAXPAGED_UNROLL_LAYERS=0: layers in a rolled lax.scan
+#
+# Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
+# at the largest batch: step time, host busy time, wait for the device, roofline ratio).
+# VARIANTS="async+unroll sync+unroll" picks some; ~1-2 minutes each on an H100.
+set -uo pipefail
+
+OUT=${OUT:-$PWD/variants_out}
+PY=${PY:-python3}
+MODEL=${MODEL:-llama-3.2-1b}
+VARIANTS=${VARIANTS:-"async+unroll sync+unroll async+scan"}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+LOG=$OUT/engine_variants.log
+
+for v in $VARIANTS; do
+  flags=()
+  unroll=1
+  [[ $v == sync* ]] && flags+=(--no-async-scheduling)
+  [[ $v == *scan ]] && unroll=0
+  echo "=== $v" | tee -a "$LOG"
+  JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
+    --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
+    --num-kv-blocks "${NUM_KV_BLOCKS:-40000}" --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
+    --output-len "${OUTPUT_LEN:-256}" --ignore-eos "${flags[@]}" --json "$OUT/variant_$v.json" 2>&1 \
+    | grep -v "Processed prompts" | tee -a "$LOG"
+done
+
+"$PY" - "$OUT" <<'PY' | tee -a "$LOG"
+import json, pathlib, sys
+print(f"{'variant':14} {'out tok/s':>10} {'warm-up s':>9} {'step ms':>8} {'host ms':>8} "
+      f"{'wait ms':>8} {'roofline ms':>11} {'step/roof':>9}")
+for p in sorted(pathlib.Path(sys.argv[1]).glob("variant_*.json")):
+    r = json.loads(p.read_text())
+    sd, rl = r.get("steady_decode") or {}, (r.get("steady_decode") or {}).get("roofline") or {}
+    ms = lambda k: sd.get(k, {}).get("p50", float("nan")) * 1e3
+    print(f"{p.stem[8:]:14} {r['output_tokens_per_s']:10.0f} {r['engine']['warmup_s']:9.1f} "
+          f"{ms('step_s'):8.2f} {ms('host_s'):8.2f} {ms('wait_s'):8.2f} "
+          f"{rl.get('roofline_s', float('nan')) * 1e3:11.2f} {rl.get('step_over_roofline', float('nan')):9.2f}")
+PY
