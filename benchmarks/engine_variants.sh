@@ -4,19 +4,19 @@
 #
 #   OUT=$OUT JAXPAGED_GIT_REV=<hash> bash benchmarks/engine_variants.sh
 #
-#   async+unroll  the defaults: step N + 1 dispatched while step N runs, layer loop unrolled
-#   sync+unroll   --no-async-scheduling: the host waits for each step before planning the next
-#   async+scan    JAXPAGED_UNROLL_LAYERS=0: layers in a rolled lax.scan
+#   async-scan    the defaults: step N + 1 dispatched while step N runs, layers in a lax.scan
+#   sync-scan     --no-async-scheduling: the host waits for each step before planning the next
+#   async-unroll  JAXPAGED_UNROLL_LAYERS=1: the layer loop unrolled (slow to compile)
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
-# VARIANTS="async+unroll sync+unroll" picks some; ~1-2 minutes each on an H100.
+# VARIANTS="async-scan sync-scan" picks some; ~1-2 minutes each on an H100.
 set -uo pipefail
 
 OUT=${OUT:-$PWD/variants_out}
 PY=${PY:-python3}
 MODEL=${MODEL:-llama-3.2-1b}
-VARIANTS=${VARIANTS:-"async+unroll sync+unroll async+scan"}
+VARIANTS=${VARIANTS:-"async-scan sync-scan async-unroll"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -25,9 +25,9 @@ LOG=$OUT/engine_variants.log
 
 for v in $VARIANTS; do
   flags=()
-  unroll=1
+  unroll=0
   [[ $v == sync* ]] && flags+=(--no-async-scheduling)
-  [[ $v == *scan ]] && unroll=0
+  [[ $v == *unroll ]] && unroll=1
   echo "=== $v" | tee -a "$LOG"
   JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
