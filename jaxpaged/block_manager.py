@@ -129,6 +129,10 @@ class BlockManager:
         """Give ``request`` blocks for ``new_computed_blocks`` (prefix hits, taken at admission
         only) followed by ``num_new_tokens`` tokens to compute. False, changing nothing, when
         there are not enough free blocks."""
+        if not new_computed_blocks and request.block_ids and 0 <= num_new_tokens and (
+                request.num_computed_tokens + num_new_tokens
+                <= len(request.block_ids) * self.block_size):
+            return True  # the common decode step: its blocks already have room
         new_computed_blocks = new_computed_blocks or []
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")

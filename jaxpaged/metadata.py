@@ -8,6 +8,7 @@ padded sequences have ``q_len == 0`` and ``kv_len == 0`` (never attended), and p
 """
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -39,28 +40,38 @@ def build_step_inputs(token_ids: list[list[int]], start_positions: list[int],
     Sequence s feeds `token_ids[s]`, which sit at positions `start_positions[s]` onwards and are
     written into its blocks `block_tables[s]`. Returns (input_ids, positions, metadata).
     """
-    q_lens = np.array([len(t) for t in token_ids], dtype=np.int32)
+    # Vectorised over the batch (a Python loop per sequence cost ~5 us each, 1.3 ms at 256).
+    n = len(token_ids)
+    q_lens = np.fromiter(map(len, token_ids), np.int32, n)
     total = int(q_lens.sum())
-    if total > num_tokens or len(token_ids) > num_seqs:
-        raise ValueError(f"step of {total} tokens / {len(token_ids)} seqs exceeds the bucket "
+    if total > num_tokens or n > num_seqs:
+        raise ValueError(f"step of {total} tokens / {n} seqs exceeds the bucket "
                          f"({num_tokens} tokens / {num_seqs} seqs)")
-    input_ids = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slot_mapping = np.full(num_tokens, PAD_SLOT_ID, np.int32)
+    starts = np.fromiter(start_positions, np.int32, n)
+    table_lens = np.fromiter(map(len, block_tables), np.int32, n)
     tables = np.full((num_seqs, max_blocks_per_seq), NULL_BLOCK_ID, np.int32)
+    if table_lens.size and table_lens.max() > max_blocks_per_seq:
+        raise ValueError(f"a block table has {table_lens.max()} blocks, more than "
+                         f"max_blocks_per_seq={max_blocks_per_seq}")
+    rows_of = np.repeat(np.arange(n), table_lens)
+    cols_of = np.arange(rows_of.size) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+    tables[rows_of, cols_of] = np.fromiter(itertools.chain.from_iterable(block_tables),
+                                           np.int32, rows_of.size)
+    cu_q_lens = np.full(num_seqs + 1, total, np.int32)
+    cu_q_lens[0] = 0
+    cu_q_lens[1:n + 1] = np.cumsum(q_lens)
     kv_lens = np.zeros(num_seqs, np.int32)
-    cu_q_lens = np.zeros(num_seqs + 1, np.int32)
-    cu_q_lens[1:len(q_lens) + 1] = np.cumsum(q_lens)
-    cu_q_lens[len(q_lens) + 1:] = total
-    for s, (ids, start, table) in enumerate(zip(token_ids, start_positions, block_tables)):
-        lo, hi = cu_q_lens[s], cu_q_lens[s + 1]
-        pos = np.arange(start, start + len(ids), dtype=np.int32)
-        input_ids[lo:hi] = ids
-        positions[lo:hi] = pos
-        table_arr = np.asarray(table, np.int32)
-        slot_mapping[lo:hi] = table_arr[pos // block_size] * block_size + pos % block_size
-        tables[s, :len(table)] = table_arr
-        kv_lens[s] = start + len(ids)
+    kv_lens[:n] = starts + q_lens
+    seq_of = np.repeat(np.arange(n), q_lens)  # the sequence of each real token
+    pos = np.arange(total, dtype=np.int32) - cu_q_lens[seq_of] + starts[seq_of]
+    if np.any(pos // block_size >= table_lens[seq_of]):
+        raise ValueError("a block table does not cover its sequence's new tokens")
+    input_ids = np.zeros(num_tokens, np.int32)
+    input_ids[:total] = np.fromiter(itertools.chain.from_iterable(token_ids), np.int32, total)
+    positions = np.zeros(num_tokens, np.int32)
+    positions[:total] = pos
+    slot_mapping = np.full(num_tokens, PAD_SLOT_ID, np.int32)
+    slot_mapping[:total] = tables[seq_of, pos // block_size] * block_size + pos % block_size
     rows = np.zeros(num_logits, np.int32)
     rows[:len(logits_indices)] = logits_indices
     md = AttentionMetadata(slot_mapping, tables, kv_lens, cu_q_lens, rows, decode_only)

@@ -240,13 +240,12 @@ def _padded_metadata(num_rows: int, history_len: int) -> dict[str, np.ndarray]:
     )
 
 
-def _check_row(i: int, row: SamplingRow, vocab_size: int, max_model_len: int) -> None:
+def _check_row(i: int, row: SamplingRow, suppressed: list[int], vocab_size: int, max_model_len: int) -> None:
     if len(row.token_ids) + row.num_pending_tokens > max_model_len:
         raise ValueError(
             f"rows[{i}].token_ids has {len(row.token_ids)} (+ {row.num_pending_tokens} pending) tokens, "
             f"more than max_model_len={max_model_len}."
         )
-    suppressed = row.suppressed_token_ids()
     if len(suppressed) > MAX_SUPPRESSED_TOKEN_IDS:
         raise ValueError(
             f"rows[{i}] has {len(suppressed)} EOS/stop token ids to suppress under min_tokens, "
@@ -256,25 +255,53 @@ def _check_row(i: int, row: SamplingRow, vocab_size: int, max_model_len: int) ->
         raise ValueError(f"rows[{i}] stop/EOS token ids {suppressed} must be in [0, vocab_size={vocab_size}).")
 
 
+# SamplingMetadata field <- SamplingParams attribute, for the per-request constants.
+_PARAM_FIELDS = (
+    ("temperature", "temperature"),
+    ("top_k", "top_k"),
+    ("top_p", "top_p"),
+    ("min_p", "min_p"),
+    ("presence_penalties", "presence_penalty"),
+    ("frequency_penalties", "frequency_penalty"),
+    ("repetition_penalties", "repetition_penalty"),
+)
+
+
 def build_sampling_metadata(
     rows: Sequence[SamplingRow | None], num_rows_padded: int, vocab_size: int, max_model_len: int
 ) -> SamplingMetadata:
     """NumPy ``SamplingMetadata`` for one step; row i describes logits row i, None is padding.
 
     Rows past ``len(rows)`` are padding too. Static flags are derived from the real rows.
+    Filled a column at a time: per-row scalar stores cost ~1.3 ms a step at 256 rows.
     """
     if len(rows) > num_rows_padded:
         raise ValueError(f"got {len(rows)} rows, more than num_rows_padded={num_rows_padded}.")
-    real = [(i, row) for i, row in enumerate(rows) if row is not None]
-    for i, row in real:
-        _check_row(i, row, vocab_size, max_model_len)
-    random_params = [row.sampling_params for _, row in real if not row.sampling_params.is_greedy]
-    no_penalties = not any(row.sampling_params.uses_penalties for _, row in real)
+    index = [i for i, row in enumerate(rows) if row is not None]
+    real = [rows[i] for i in index]
+    params = [row.sampling_params for row in real]
+    suppressed = {}  # only rows still under min_tokens suppress anything
+    for i, row in zip(index, real):
+        ids = row.suppressed_token_ids() if row.sampling_params.min_tokens else []
+        _check_row(i, row, ids, vocab_size, max_model_len)
+        if ids:
+            suppressed[i] = ids
+    random_params = [p for p in params if not p.is_greedy]
+    no_penalties = not any(p.uses_penalties for p in params)
     # Without penalties the history is never read; a zero-width array saves the transfer.
     arrays = _padded_metadata(num_rows_padded, 0 if no_penalties else max_model_len)
-    for i, row in real:
-        _fill_row(arrays, i, row, no_penalties)
-    wants_logprobs = any(row.sampling_params.logprobs is not None for _, row in real)
+    if real:
+        for field, attr in _PARAM_FIELDS:
+            arrays[field][index] = [getattr(p, attr) for p in params]
+        arrays["seeds"][index] = [row.seed % 2**32 for row in real]
+        arrays["output_positions"][index] = [row.num_output_tokens for row in real]
+        arrays["num_prompt_tokens"][index] = [row.num_prompt_tokens for row in real]
+    for i, ids in suppressed.items():
+        arrays["suppressed_token_ids"][i, : len(ids)] = ids
+    if not no_penalties:
+        for i, row in zip(index, real):
+            arrays["token_ids"][i, : len(row.token_ids)] = row.token_ids
+    wants_logprobs = any(p.logprobs is not None for p in params)
     return SamplingMetadata(
         **arrays,
         all_greedy=not random_params,
@@ -283,24 +310,6 @@ def build_sampling_metadata(
         # Always the full width when any row asks, so the logprob count never forces a compile.
         max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_logprobs else 0,
     )
-
-
-def _fill_row(arrays: dict[str, np.ndarray], i: int, row: SamplingRow, no_penalties: bool) -> None:
-    p = row.sampling_params
-    arrays["temperature"][i] = p.temperature
-    arrays["top_k"][i] = p.top_k
-    arrays["top_p"][i] = p.top_p
-    arrays["min_p"][i] = p.min_p
-    arrays["presence_penalties"][i] = p.presence_penalty
-    arrays["frequency_penalties"][i] = p.frequency_penalty
-    arrays["repetition_penalties"][i] = p.repetition_penalty
-    arrays["seeds"][i] = row.seed % 2**32
-    arrays["output_positions"][i] = row.num_output_tokens
-    arrays["num_prompt_tokens"][i] = row.num_prompt_tokens
-    suppressed = row.suppressed_token_ids()
-    arrays["suppressed_token_ids"][i, : len(suppressed)] = suppressed
-    if not no_penalties:
-        arrays["token_ids"][i, : len(row.token_ids)] = row.token_ids
 
 
 def sampling_metadata_variants(num_rows_padded: int, vocab_size: int, max_model_len: int) -> list[SamplingMetadata]:

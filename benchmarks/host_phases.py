@@ -1,0 +1,107 @@
+"""Where the host's time goes in an engine step: milliseconds per step for each phase.
+
+    python benchmarks/host_phases.py --model llama-3.2-1b --num-prompts 512 \
+        --input-len 512 --output-len 256 [--no-async-scheduling] [--json PATH]
+
+Runs `LLM.generate` on dummy weights and times, per engine step, the scheduler, the engine's
+per-request inputs, the runner's input builders and its jit dispatches, the wait for the
+device (`fetch`), and the application of results (scheduler update, engine outputs). Phases
+nest (indented rows are part of the row above). With async scheduling the host's own time is
+the step time minus the wait; when the wait is near zero the host bounds the step.
+"""
+
+import argparse
+import collections
+import json
+import time
+
+import numpy as np
+
+import jaxpaged.runner as runner_module
+from jaxpaged import LLM, SamplingParams
+
+# (row label, owner, attribute): an owner string names a module-level function of the runner.
+PHASES = [
+    ("engine.step", "engine", "step"),
+    ("  scheduler.schedule", "scheduler", "schedule"),
+    ("  engine._runner_inputs", "engine", "_runner_inputs"),
+    ("  runner.dispatch", "runner", "dispatch"),
+    ("    build_step_inputs", "runner_module", "build_step_inputs"),
+    ("    build_sampling_metadata", "runner_module", "build_sampling_metadata"),
+    ("    forward dispatch", "runner", "_run_forward"),
+    ("    sampler dispatch", "runner_module", "_jit_sample"),
+    ("  runner.fetch (wait + copy)", "runner", "fetch"),
+    ("  engine._apply_step", "engine", "_apply_step"),
+    ("    scheduler.update_from_output", "scheduler", "update_from_output"),
+]
+
+
+def install(engine, totals: dict[str, float]) -> None:
+    owners = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner,
+              "runner_module": runner_module}
+    for label, owner, attr in PHASES:
+        obj = owners[owner]
+        inner = getattr(obj, attr)
+
+        def timed(*args, _inner=inner, _label=label, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                totals[_label] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling)
+    vocab = llm.llm_engine.model.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
+               for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # first-call costs out of the way
+    totals: dict[str, float] = collections.defaultdict(float)
+    engine = llm.llm_engine
+    install(engine, totals)
+    steps = [0]
+    step = engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+
+    engine.step = counted
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    n = steps[0]
+    rows = {label: totals[label] / n * 1e3 for label, _, _ in PHASES}
+    host = rows["engine.step"] - rows["  runner.fetch (wait + copy)"]
+    print(f"{n} steps, {wall:.2f} s, {args.num_prompts * args.output_len / wall:,.0f} output "
+          f"tok/s, async_scheduling={args.async_scheduling}")
+    print(f"{'phase':36} {'ms/step':>8}")
+    for label, ms in rows.items():
+        print(f"{label:36} {ms:8.3f}")
+    print(f"{'host busy (step - fetch)':36} {host:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "steps": n, "wall_s": wall, "ms_per_step": rows,
+                       "host_busy_ms": host}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
