@@ -284,9 +284,9 @@ class LLMEngine:
         now = time.time()
         for request in changed:
             self._apply_request(request, result, now)
-        return [self._make_output(rid, now) for rid in sorted(touched, key=self._order)
-                if rid in self._tracked and (self._tracked[rid].finished
-                                             or not self._tracked[rid].final_only)]
+        report = [rid for rid in touched if rid in self._tracked
+                  and (self._tracked[rid].finished or not self._tracked[rid].final_only)]
+        return [self._make_output(rid, now) for rid in sorted(report, key=self._order)]
 
     def _order(self, request_id: str) -> float:
         return self._tracked[request_id].metrics.arrival_time if request_id in self._tracked else 0

@@ -32,6 +32,7 @@ from jaxpaged.buckets import bucket_for, make_buckets
 from jaxpaged.loader import LoadedModel, cache_dir
 from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward
+from jaxpaged.packed import pack, unpack
 from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
                               compute_logprobs, sample, sampling_metadata_variants)
 from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, SchedulerOutput
@@ -90,11 +91,12 @@ class ModelDef:
                                  and self.params_def == other.params_def)
 
 
-def _step(model_def, params_leaves, kv_cache, input_ids, positions, md, prev_sampled,
-          source_rows, impl, mesh, unroll):
+def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, mesh, unroll):
     # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
-    # milliseconds a step, a list of arrays costs microseconds.
+    # milliseconds a step, a list of arrays costs microseconds. The step's inputs travel as
+    # one packed buffer (jaxpaged.packed).
     params = jax.tree.unflatten(model_def.params_def, params_leaves)
+    input_ids, positions, md, source_rows = unpack(packed, spec)
     # Placeholders: token t is the id the previous step sampled in row source_rows[t].
     input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
     kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md, impl, mesh,
@@ -117,15 +119,16 @@ def _count_compiles(event: str, duration: float, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-_jit_forward = jax.jit(_step, static_argnames=("model_def", "impl", "mesh", "unroll"),
+_jit_forward = jax.jit(_step, static_argnames=("model_def", "spec", "impl", "mesh", "unroll"),
                        donate_argnums=(2,))
-def _sample_padded(logits, md, width: int):
-    """`sample`, plus its token ids padded to `width` rows: the next step's `prev_sampled`."""
-    out = sample(logits, md)
+def _sample_padded(logits, packed, spec, width: int):
+    """`sample` of the packed metadata, plus its token ids padded to `width` rows: the next
+    step's `prev_sampled`."""
+    out = sample(logits, unpack(packed, spec))
     return out, jnp.pad(out.sampled_token_ids, (0, width - out.sampled_token_ids.shape[0]))
 
 
-_jit_sample = jax.jit(_sample_padded, static_argnames=("width",))
+_jit_sample = jax.jit(_sample_padded, static_argnames=("spec", "width"))
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
 _jit_take_rows = jax.jit(lambda x, rows: x[rows])
 
@@ -200,7 +203,7 @@ class ModelRunner:
 
         def compile_sampler(args: tuple) -> None:
             logits, smd = args
-            _jit_sample.lower(logits, smd, width=self.max_num_seqs).compile()
+            _jit_sample.lower(logits, *pack(smd), width=self.max_num_seqs).compile()
 
         samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32,
                                           sharding=self._logits_sharding), smd)
@@ -213,10 +216,9 @@ class ModelRunner:
 
     def lower_forward(self, shape: BucketShape) -> jax.stages.Lowered:
         """The forward program of one bucket, lowered (not compiled) for its empty step."""
-        ids, pos, md = self._empty_step(shape)
-        return _jit_forward.lower(self._model_def, self._params_leaves,
-                                  self.kv_cache, ids, pos, md, self._prev_sampled,
-                                  _no_sources(shape.num_tokens), self.impl, self.mesh,
+        packed, spec = pack((*self._empty_step(shape), _no_sources(shape.num_tokens)))
+        return _jit_forward.lower(self._model_def, self._params_leaves, self.kv_cache, packed,
+                                  self._prev_sampled, spec, self.impl, self.mesh,
                                   self.unroll_layers)
 
     def warmup(self) -> tuple[int, float]:
@@ -236,7 +238,7 @@ class ModelRunner:
         for S in self.seq_buckets:
             for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
                 logits = jnp.zeros((S, self.vocab_size), device=self._logits_sharding)
-                jax.block_until_ready(_jit_sample(logits, smd, width=self.max_num_seqs))
+                jax.block_until_ready(_jit_sample(logits, *pack(smd), width=self.max_num_seqs))
                 count += 1
         self._compiles_at_warmup = _compile_count[0]
         return count, time.perf_counter() - start
@@ -249,9 +251,9 @@ class ModelRunner:
         return _compile_count[0] - self._compiles_at_warmup
 
     def _run_forward(self, ids, pos, md, source_rows):
-        return _jit_forward(self._model_def, self._params_leaves,
-                            self.kv_cache, ids, pos, md, self._prev_sampled, source_rows,
-                            self.impl, self.mesh, self.unroll_layers)
+        packed, spec = pack((ids, pos, md, source_rows))
+        return _jit_forward(self._model_def, self._params_leaves, self.kv_cache, packed,
+                            self._prev_sampled, spec, self.impl, self.mesh, self.unroll_layers)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -299,7 +301,7 @@ class ModelRunner:
         if want_plp:
             plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
             logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
-        sampled, self._prev_sampled = _jit_sample(logits, smd, width=self.max_num_seqs)
+        sampled, self._prev_sampled = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
         self._prev_rows = {r.request_id: s for s, r in enumerate(reqs) if r.sample}
         return StepHandle(sched, sampled, plp, pos, prompt_rows)
 

@@ -176,7 +176,7 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
 # Host side: per-request inputs -> NumPy SamplingMetadata, transferred with the step's inputs.
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request per step
 class SamplingRow:
     """What the sampler needs from one request for one step.
 
