@@ -12,7 +12,8 @@
 # minutes with the SKIP_* variables, e.g. call 1: SKIP_THROUGHPUT=1, call 2: SKIP_GREEDY=1
 # SKIP_GREEDY_BF16=1, then SKIP_GREEDY=1 SKIP_GREEDY_BF16=1 SKIP_THROUGHPUT=1 rebuilds the
 # table from the JSON files a previous call left in $OUT, if they were carried back):
-#   SKIP_GREEDY=1       llama-3.1-8b dummy weights in float32 (32 GB: fits one GPU), tp 1
+#   SKIP_GREEDY=1       llama-3.1-8b dummy weights in float32 (32 GB: fits one GPU; matmuls at
+#                       JAX_DEFAULT_MATMUL_PRECISION=highest, not TF32), tp 1
 #                       then 2, 32 prompts of 128 tokens, 64 greedy tokens: must be
 #                       identical (exit 1 otherwise)                                  ~3 min
 #   SKIP_GREEDY_BF16=1  the same in bfloat16: reports how far the runs agree (a split sum
@@ -56,7 +57,8 @@ phase() {  # phase NAME SKIP_VAR command...
   "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
 } 2>&1 | tee -a "$LOG"
 
-phase greedy-f32 SKIP_GREEDY "$PY" benchmarks/tp_greedy.py --model "$MODEL" \
+JAX_DEFAULT_MATMUL_PRECISION=highest \
+  phase greedy-f32 SKIP_GREEDY "$PY" benchmarks/tp_greedy.py --model "$MODEL" \
   --load-format dummy --dtype float32 --tp 1,2 --json "$OUT/tp_greedy_${MODEL}_f32.json"
 phase greedy-bf16 SKIP_GREEDY_BF16 "$PY" benchmarks/tp_greedy.py --model "$MODEL" \
   --load-format dummy --dtype bfloat16 --tp 1,2 --json "$OUT/tp_greedy_${MODEL}_bf16.json"

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpaged.sampler as sampler_module
 from jaxpaged.sampler import (
     MAX_SUPPRESSED_TOKEN_IDS,
     SamplingRow,
@@ -116,13 +117,16 @@ def test_logprobs_are_raw_log_softmax() -> None:
     np.testing.assert_allclose(out.topk_logprobs, np.sort(ref, axis=-1)[:, ::-1], rtol=1e-6)
 
 
-def test_compute_logprobs_for_prompt_tokens() -> None:
-    logits = np.random.default_rng(4).normal(size=(4, V)).astype(np.float32)
-    tokens = np.array([0, 5, 7, 2], np.int32)
+@pytest.mark.parametrize("num_rows", [4, 7])
+def test_compute_logprobs_for_prompt_tokens(num_rows, monkeypatch) -> None:
+    monkeypatch.setattr(sampler_module, "LOGPROBS_CHUNK_ROWS", 3)  # 7 rows: chunks 3, 3, 1
+    logits = np.random.default_rng(4).normal(size=(num_rows, V)).astype(np.float32)
+    tokens = np.array([0, 5, 7, 2, 6, 1, 3][:num_rows], np.int32)
+    rows = np.arange(num_rows)
     lp = jax.jit(compute_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(tokens), 3)
     ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(4), tokens], rtol=1e-6)
-    np.testing.assert_array_equal(lp.token_ranks, 1 + (ref > ref[np.arange(4), tokens][:, None]).sum(-1))
+    np.testing.assert_allclose(lp.token_logprobs, ref[rows, tokens], rtol=1e-6)
+    np.testing.assert_array_equal(lp.token_ranks, 1 + (ref > ref[rows, tokens][:, None]).sum(-1))
     np.testing.assert_array_equal(lp.topk_token_ids, np.argsort(-ref, axis=-1)[:, :3])
 
 
