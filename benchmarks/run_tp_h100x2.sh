@@ -75,14 +75,14 @@ from pathlib import Path
 
 out, model = Path(sys.argv[1]), sys.argv[2]
 print(f"## {model}, dummy weights, bf16: 1 vs 2 GPUs (tensor parallelism)\n")
-print("| GPUs | req/s | output tok/s | total tok/s | seconds | speed-up | steady decode ms/step "
-      "| compiles after warm-up |")
-print("|---|---|---|---|---|---|---|---|")
+print("| GPUs | req/s | output tok/s | total tok/s | seconds | speed-up | scaling efficiency "
+      "| steady decode ms/step | compiles after warm-up |")
+print("|---|---|---|---|---|---|---|---|---|")
 base = None
 for tp in (1, 2):
     f = out / f"throughput_{model}_tp{tp}.json"
     if not f.is_file():
-        print(f"| {tp} | (no {f.name}) |||||||")
+        print(f"| {tp} | (no {f.name}) ||||||||")
         continue
     r = json.loads(f.read_text())
     base = base or r["output_tokens_per_s"]
@@ -91,6 +91,7 @@ for tp in (1, 2):
     print(f"| {tp} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
           f"{r['total_tokens_per_s']:.0f} | {r['elapsed_s']:.1f} | "
           f"{r['output_tokens_per_s'] / base:.2f}x | "
+          f"{r['output_tokens_per_s'] / base / tp:.0%} | "
           f"{'-' if step is None else f'{step * 1e3:.2f}'} | {r['compiles_after_warmup']} |")
 for dtype in ("f32", "bf16"):
     f = out / f"tp_greedy_{model}_{dtype}.json"
