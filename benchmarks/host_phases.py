@@ -8,10 +8,17 @@ per-request inputs, the runner's input builders and its jit dispatches, the wait
 device (`fetch`), and the application of results (scheduler update, engine outputs). Phases
 nest (indented rows are part of the row above). With async scheduling the host's own time is
 the step time minus the wait; when the wait is near zero the host bounds the step.
+
+`--stub-device` replaces the jitted forward and sampler by stand-ins that return at once
+(every request samples token 1): the host's work alone, measurable on any machine, e.g. the CPU:
+
+    python benchmarks/host_phases.py --stub-device --num-prompts 256 --input-len 64 \
+        --output-len 64 --max-num-batched-tokens 4096
 """
 
 import argparse
 import collections
+import gc
 import json
 import time
 
@@ -53,6 +60,24 @@ def install(engine, totals: dict[str, float]) -> None:
         setattr(obj, attr, timed)
 
 
+def stub_device() -> None:
+    """Forward and sampler that cost nothing: the host's share of a step, alone."""
+    from jaxpaged.sampler import SamplerOutput
+
+    def forward(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, *args):
+        return kv_cache, None
+
+    def sample(logits, packed, spec, width):
+        num_rows = spec[1][0][1][0]  # the first sampling field's length: the row count
+        out = SamplerOutput(np.ones(num_rows, np.int32), np.zeros(num_rows, np.float32),
+                            np.ones(num_rows, np.int32), np.zeros((num_rows, 0), np.int32),
+                            np.zeros((num_rows, 0), np.float32))
+        return out, np.ones(width, np.int32)
+
+    runner_module._jit_forward = forward
+    runner_module._jit_sample = sample
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3.2-1b")
@@ -63,11 +88,21 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--stub-device", action="store_true",
+                   help="time the host alone: forward and sampler return at once")
+    p.add_argument("--python-gc-thresholds", action="store_true",
+                   help="put back Python's default collector thresholds (700, 10, 10), which "
+                        "the engine raises: the A/B of that choice")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling)
+              num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling,
+              warmup=not args.stub_device)
+    if args.stub_device:
+        stub_device()
+    if args.python_gc_thresholds:
+        gc.set_threshold(700, 10, 10)
     vocab = llm.llm_engine.model.config.vocab_size
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
@@ -100,7 +135,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "steps": n, "wall_s": wall, "ms_per_step": rows,
-                       "host_busy_ms": host}, f, indent=1)
+                       "host_busy_ms": host, "gc_threshold": gc.get_threshold()}, f, indent=1)
 
 
 if __name__ == "__main__":

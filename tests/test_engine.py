@@ -253,3 +253,11 @@ def test_async_scheduling_runs_ahead_and_matches_one_step_at_a_time(llm):
         [PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.5),
         use_tqdm=False))
     assert kv_blocks_in_use(llm) == 0 and kv_blocks_in_use(sync) == 0
+
+
+def test_the_garbage_collector_runs_less_often_once_an_engine_exists(llm):
+    import gc
+
+    from jaxpaged.engine import GC_GEN0_THRESHOLD
+
+    assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
