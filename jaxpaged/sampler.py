@@ -249,12 +249,7 @@ def _padded_metadata(num_rows: int, history_len: int) -> dict[str, np.ndarray]:
     )
 
 
-def _check_row(i: int, row: SamplingRow, suppressed: list[int], vocab_size: int, max_model_len: int) -> None:
-    if len(row.token_ids) + row.num_pending_tokens > max_model_len:
-        raise ValueError(
-            f"rows[{i}].token_ids has {len(row.token_ids)} (+ {row.num_pending_tokens} pending) tokens, "
-            f"more than max_model_len={max_model_len}."
-        )
+def _check_suppressed(i: int, suppressed: list[int], vocab_size: int) -> None:
     if len(suppressed) > MAX_SUPPRESSED_TOKEN_IDS:
         raise ValueError(
             f"rows[{i}] has {len(suppressed)} EOS/stop token ids to suppress under min_tokens, "
@@ -282,42 +277,56 @@ def build_sampling_metadata(
     """NumPy ``SamplingMetadata`` for one step; row i describes logits row i, None is padding.
 
     Rows past ``len(rows)`` are padding too. Static flags are derived from the real rows.
-    Filled a column at a time: per-row scalar stores cost ~1.3 ms a step at 256 rows.
+    Filled a column at a time, and once per distinct ``SamplingParams`` object for the
+    per-request constants (a batch often shares one): per-row scalar stores cost ~1.3 ms a
+    step at 256 rows.
     """
     if len(rows) > num_rows_padded:
         raise ValueError(f"got {len(rows)} rows, more than num_rows_padded={num_rows_padded}.")
     index = [i for i, row in enumerate(rows) if row is not None]
     real = [rows[i] for i in index]
-    params = [row.sampling_params for row in real]
-    suppressed = {}  # only rows still under min_tokens suppress anything
+    groups: dict[int, tuple[SamplingParams, list[int], list[SamplingRow]]] = {}
     for i, row in zip(index, real):
-        ids = row.suppressed_token_ids() if row.sampling_params.min_tokens else []
-        _check_row(i, row, ids, vocab_size, max_model_len)
-        if ids:
-            suppressed[i] = ids
-    random_params = [p for p in params if not p.is_greedy]
+        group = groups.get(id(row.sampling_params))
+        if group is None:
+            groups[id(row.sampling_params)] = (row.sampling_params, [i], [row])
+        else:
+            group[1].append(i)
+            group[2].append(row)
+    lengths = [len(row.token_ids) + row.num_pending_tokens for row in real]
+    if lengths and max(lengths) > max_model_len:
+        j = max(range(len(real)), key=lengths.__getitem__)
+        raise ValueError(
+            f"rows[{index[j]}].token_ids has {len(real[j].token_ids)} (+ {real[j].num_pending_tokens} "
+            f"pending) tokens, more than max_model_len={max_model_len}."
+        )
+    params = [p for p, _, _ in groups.values()]
     no_penalties = not any(p.uses_penalties for p in params)
     # Without penalties the history is never read; a zero-width array saves the transfer.
     arrays = _padded_metadata(num_rows_padded, 0 if no_penalties else max_model_len)
-    if real:
+    for p, group_index, group_rows in groups.values():
         for field, attr in _PARAM_FIELDS:
-            arrays[field][index] = [getattr(p, attr) for p in params]
+            arrays[field][group_index] = getattr(p, attr)
+        if p.min_tokens:  # only rows still under min_tokens suppress anything
+            for i, row in zip(group_index, group_rows):
+                ids = row.suppressed_token_ids()
+                _check_suppressed(i, ids, vocab_size)
+                arrays["suppressed_token_ids"][i, : len(ids)] = ids
+    if real:
         arrays["seeds"][index] = [row.seed % 2**32 for row in real]
         arrays["output_positions"][index] = [row.num_output_tokens for row in real]
         arrays["num_prompt_tokens"][index] = [row.num_prompt_tokens for row in real]
-    for i, ids in suppressed.items():
-        arrays["suppressed_token_ids"][i, : len(ids)] = ids
     if not no_penalties:
         for i, row in zip(index, real):
             arrays["token_ids"][i, : len(row.token_ids)] = row.token_ids
-    wants_logprobs = any(p.logprobs is not None for p in params)
+    random_params = [p for p in params if not p.is_greedy]
     return SamplingMetadata(
         **arrays,
         all_greedy=not random_params,
         no_penalties=no_penalties,
         no_top_k_top_p=all(p.top_k == 0 and p.top_p == 1.0 for p in random_params),
         # Always the full width when any row asks, so the logprob count never forces a compile.
-        max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_logprobs else 0,
+        max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if any(p.logprobs is not None for p in params) else 0,
     )
 
 

@@ -248,3 +248,22 @@ def test_builder_rejects(rows: list[SamplingRow], pad: int, match: str) -> None:
 def test_row_rejects_bad_prompt_len() -> None:
     with pytest.raises(ValueError, match="num_prompt_tokens"):
         SamplingRow(SamplingParams(), 0, [1, 2], 3)
+
+
+def test_rows_sharing_one_params_object_fill_like_rows_with_their_own() -> None:
+    """The builder fills per-request constants once per distinct SamplingParams object."""
+    import copy
+
+    shared = SamplingParams(temperature=0.7, top_k=3, presence_penalty=0.5, seed=1)
+    under_min = SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[5, 6])
+    rows = [SamplingRow(shared, 11, [1, 2, 3], 2, 7), SamplingRow(under_min, 12, [1, 2], 2, 7),
+            None, SamplingRow(shared, 13, [4, 4, 4, 4], 1, 7, 0)]
+    own = [None if r is None else SamplingRow(copy.deepcopy(r.sampling_params), r.seed,
+                                              r.token_ids, r.num_prompt_tokens, r.eos_token_id)
+           for r in rows]
+    a, b = build_sampling_metadata(rows, 6, V, L), build_sampling_metadata(own, 6, V, L)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    np.testing.assert_array_equal(a.suppressed_token_ids[1, :3], [5, 6, 7])
+    np.testing.assert_array_equal(a.top_k, [3, 0, 0, 3, 0, 0])
