@@ -7,16 +7,18 @@
 #   async-scan    the defaults: step N + 1 dispatched while step N runs, layers in a lax.scan
 #   sync-scan     --no-async-scheduling: the host waits for each step before planning the next
 #   async-unroll  JAXPAGED_UNROLL_LAYERS=1: the layer loop unrolled (slow to compile)
+#   async-unroll-decode  JAXPAGED_UNROLL_LAYERS=decode: unrolled in decode-only steps only
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
-# VARIANTS="async-scan sync-scan" picks some; ~1-2 minutes each on an H100.
+# VARIANTS="async-scan sync-scan" picks some; ~1-2 minutes each on an H100 (async-unroll ~6).
+# MODEL=llama-3.1-8b for a model whose decode step is bound by the device.
 set -uo pipefail
 
 OUT=${OUT:-$PWD/variants_out}
 PY=${PY:-python3}
 MODEL=${MODEL:-llama-3.2-1b}
-VARIANTS=${VARIANTS:-"async-scan sync-scan async-unroll"}
+VARIANTS=${VARIANTS:-"async-scan sync-scan async-unroll-decode"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -28,6 +30,7 @@ for v in $VARIANTS; do
   unroll=0
   [[ $v == sync* ]] && flags+=(--no-async-scheduling)
   [[ $v == *unroll ]] && unroll=1
+  [[ $v == *unroll-decode ]] && unroll=decode
   echo "=== $v" | tee -a "$LOG"
   JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \

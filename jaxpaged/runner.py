@@ -151,7 +151,7 @@ class ModelRunner:
         enable_compilation_cache()
         cfg = loaded.config
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
-        self.unroll_layers = unroll_layers()
+        self.unroll_setting = unroll_setting()
         self._params_leaves, params_def = jax.tree.flatten(loaded.params)
         self._model_def = ModelDef(loaded.graphdef, params_def)
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -219,7 +219,7 @@ class ModelRunner:
         packed, spec = pack((*self._empty_step(shape), _no_sources(shape.num_tokens)))
         return _jit_forward.lower(self._model_def, self._params_leaves, self.kv_cache, packed,
                                   self._prev_sampled, spec, self.impl, self.mesh,
-                                  self.unroll_layers)
+                                  self.unrolls(shape.decode_only))
 
     def warmup(self) -> tuple[int, float]:
         """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
@@ -253,7 +253,12 @@ class ModelRunner:
     def _run_forward(self, ids, pos, md, source_rows):
         packed, spec = pack((ids, pos, md, source_rows))
         return _jit_forward(self._model_def, self._params_leaves, self.kv_cache, packed,
-                            self._prev_sampled, spec, self.impl, self.mesh, self.unroll_layers)
+                            self._prev_sampled, spec, self.impl, self.mesh,
+                            self.unrolls(md.decode_only))
+
+    def unrolls(self, decode_only: bool) -> bool:
+        """Whether a step of this kind runs its layers unrolled (see `unroll_setting`)."""
+        return self.unroll_setting == "1" or (self.unroll_setting == "decode" and decode_only)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -342,14 +347,17 @@ class ModelRunner:
         return _jit_prompt_logprobs(logits, next_ids, num=self.num_logprobs), positions
 
 
-def unroll_layers() -> bool:
-    """Whether to unroll the layer loop (see jaxpaged.models.llama): JAXPAGED_UNROLL_LAYERS=1.
-    Off by default: on an H100 it made warm-up 30x longer (343 s for llama-3.2-1b's 103
-    programs) and gained nothing end to end while the host bounds the step."""
+def unroll_setting() -> str:
+    """Which steps run the layer loop unrolled (see jaxpaged.models.llama), from
+    JAXPAGED_UNROLL_LAYERS: "0" none (the default), "1" all, "decode" only decode-only steps
+    (the steady state; their few buckets keep warm-up short). Unrolling everything made an
+    H100 warm-up 30x longer (343 s for llama-3.2-1b's 103 programs) and gained nothing end to
+    end while the host bounded the step; the scan copies each layer's weights every step,
+    which matters where the device bounds it (llama-3.1-8b)."""
     setting = os.environ.get("JAXPAGED_UNROLL_LAYERS", "0")
-    if setting not in ("0", "1"):
-        raise ValueError(f"JAXPAGED_UNROLL_LAYERS={setting!r}; allowed: 0, 1")
-    return setting == "1"
+    if setting not in ("0", "1", "decode"):
+        raise ValueError(f"JAXPAGED_UNROLL_LAYERS={setting!r}; allowed: 0, 1, decode")
+    return setting
 
 
 def _no_sources(num_tokens: int) -> np.ndarray:

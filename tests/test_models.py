@@ -124,3 +124,30 @@ def test_unrolled_layer_loop_matches_transformers(tmp_path):
     runner = PagedRunner(ours, num_seqs=1, max_len=64, block_size=16, seed=4, unroll=True)
     got = [runner.step({0: ids[:30]})[0]] + [runner.step({0: [t]})[0] for t in ids[30:]]
     assert rel_err(np.concatenate(got), hf_logits(hf, ids)) <= 1e-4
+
+
+def test_unrolling_only_decode_steps(tmp_path, monkeypatch):
+    """JAXPAGED_UNROLL_LAYERS=decode: decode-only buckets lower without a layer loop, the
+    others keep the scan, and the engine's greedy tokens do not change."""
+    from jaxpaged import LLM, SamplingParams
+
+    _tiny_hf_model("llama", tmp_path)
+    prompts = [[int(t) for t in np.random.default_rng(s).integers(0, 160, 9 + s)] for s in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    got = {}
+    for setting in ("0", "decode"):
+        monkeypatch.setenv("JAXPAGED_UNROLL_LAYERS", setting)
+        llm = LLM(str(tmp_path), dtype="float32", warmup=False, max_model_len=64,
+                  max_num_seqs=4, max_num_batched_tokens=32)
+        got[setting] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                     use_tqdm=False)]
+    runner = llm.llm_engine.runner
+    shapes = runner.bucket_shapes()
+    for shape in (next(s for s in shapes if s.decode_only), next(s for s in shapes
+                                                                  if not s.decode_only)):
+        hlo = runner.lower_forward(shape).as_text()
+        assert ("stablehlo.while" in hlo) != shape.decode_only
+    assert got["decode"] == got["0"]
+    monkeypatch.setenv("JAXPAGED_UNROLL_LAYERS", "sometimes")
+    with pytest.raises(ValueError, match="JAXPAGED_UNROLL_LAYERS"):
+        LLM(str(tmp_path), dtype="float32", warmup=False, max_model_len=64)
