@@ -303,7 +303,7 @@ class LLMEngine:
         for request in changed:
             self._apply_request(request, result, now)
         report = [rid for rid in touched if rid in self._tracked
-                  and (self._tracked[rid].finished or not self._tracked[rid].final_only)]
+                  and (not self._tracked[rid].final_only or self._tracked[rid].finished)]
         return [self._make_output(rid, now) for rid in sorted(report, key=self._order)]
 
     def _order(self, request_id: str) -> float:

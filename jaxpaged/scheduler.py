@@ -378,7 +378,7 @@ class Scheduler:
                 continue
             if scheduled.sample:
                 request.num_output_placeholders -= 1
-                request.append_output_token_ids(sampled_token_ids[scheduled.request_id])
+                request.append_output_token(int(sampled_token_ids[scheduled.request_id]))
             # Only known tokens can be hashed; a preempted request holds no blocks (no-op).
             self.block_manager.cache_blocks(
                 request, min(request.num_computed_tokens, request.num_tokens))

@@ -102,6 +102,11 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished()
 
+    def append_output_token(self, token_id: int) -> None:
+        """One new output token (a plain int): the per-step path, without conversions."""
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
         # int() also turns a NumPy scalar from the runner into a plain int.
         if isinstance(token_ids, (list, tuple)):
