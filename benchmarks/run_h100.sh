@@ -53,18 +53,7 @@ LOG=$OUT/run_h100.log
 BENCH=("$PY" -m jaxpaged.bench)
 GPU_ENGINE=(--max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16)
 
-phase() {  # phase NAME SKIP_VAR command...
-  local name=$1 skip=$2
-  shift 2
-  if [[ ${!skip:-0} == 1 ]]; then
-    echo "=== $name: skipped ($skip=1)" | tee -a "$LOG"
-    return
-  fi
-  echo "=== $name: $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee -a "$LOG"
-  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/phase.sh"
 
 {
   echo "run_h100.sh at $(date -u +%FT%TZ), git $JAXPAGED_GIT_REV"

@@ -194,17 +194,13 @@ class StepRecorder:
             self._plans.append((plan, scheduler.block_manager.usage))
             return plan
 
-        def timed_dispatch(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = dispatch(*args, **kwargs)
-            self._dispatch += time.perf_counter() - t0
-            return out
-
-        def timed_fetch(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fetch(*args, **kwargs)
-            self._wait += time.perf_counter() - t0
-            return out
+        def timed(fn, total: str):  # fn's seconds are added to self.<total>
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
+                return out
+            return wrapper
 
         def timed_step():
             self._dispatch = self._wait = 0.0
@@ -213,10 +209,10 @@ class StepRecorder:
             out = step()
             dt = time.perf_counter() - t0
             plans = [(p, u) for p, u in self._plans if not p.is_empty]
+            k = len(plans)
             for plan, usage in plans:
                 reqs = plan.scheduled_requests
                 num_decode = sum(len(r.token_ids) == 1 for r in reqs)
-                k = len(plans)
                 self.steps.append(StepRecord(
                     dt / k, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
                     num_decode, sum(r.start_pos + len(r.token_ids) for r in reqs), usage,
@@ -224,7 +220,7 @@ class StepRecorder:
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
-        runner.dispatch, runner.fetch = timed_dispatch, timed_fetch
+        runner.dispatch, runner.fetch = timed(dispatch, "_dispatch"), timed(fetch, "_wait")
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule

@@ -6,8 +6,10 @@ scheduler applies the sampled tokens, and the engine turns what changed into out
 and dispatches step N + 1 before it waits for step N, so the host's scheduling, input
 preparation and output processing overlap the device's work instead of idling it; outputs are
 the same token for token. Requests with repetition/frequency/presence penalties need every
-previous token on the host, so while one is live the engine runs steps one at a time. A request with `n > 1` fans out into `n` child
-requests sharing its prompt (and, through the prefix cache, its prompt's KV blocks).
+previous token on the host, so while one is live the engine runs steps one at a time.
+
+A request with `n > 1` fans out into `n` child requests sharing its prompt (and, through the
+prefix cache, its prompt's KV blocks).
 Invariants: a request that fails validation never reaches the scheduler and finishes alone with
 finish_reason "error"; every child the engine adds is eventually finished by the scheduler,
 which frees its blocks.

@@ -99,8 +99,8 @@ def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, 
     input_ids, positions, md, source_rows = unpack(packed, spec)
     # Placeholders: token t is the id the previous step sampled in row source_rows[t].
     input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
-    kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md, impl, mesh,
-                               unroll)
+    kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md,
+                               impl, mesh, unroll)
     if mesh is not None:
         # The cache leaves as it came (split on KV heads, so donation reuses its buffers); the
         # logits leave replicated, so the sampler and the host see plain arrays.
@@ -121,6 +121,8 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 _jit_forward = jax.jit(_step, static_argnames=("model_def", "spec", "impl", "mesh", "unroll"),
                        donate_argnums=(2,))
+
+
 def _sample_padded(logits, packed, spec, width: int):
     """`sample` of the packed metadata, plus its token ids padded to `width` rows: the next
     step's `prev_sampled`."""
