@@ -93,6 +93,9 @@ def main() -> None:
     p.add_argument("--python-gc-thresholds", action="store_true",
                    help="put back Python's default collector thresholds (700, 10, 10), which "
                         "the engine raises: the A/B of that choice")
+    p.add_argument("--compare-gc-thresholds", action="store_true",
+                   help="time the workload twice in one process, with the engine's collector "
+                        "thresholds and then with Python's defaults")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
@@ -101,16 +104,14 @@ def main() -> None:
               warmup=not args.stub_device)
     if args.stub_device:
         stub_device()
-    if args.python_gc_thresholds:
-        gc.set_threshold(700, 10, 10)
     vocab = llm.llm_engine.model.config.vocab_size
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], params, use_tqdm=False)  # first-call costs out of the way
-    totals: dict[str, float] = collections.defaultdict(float)
     engine = llm.llm_engine
+    totals: dict[str, float] = collections.defaultdict(float)
     install(engine, totals)
     steps = [0]
     step = engine.step
@@ -120,22 +121,35 @@ def main() -> None:
         return step()
 
     engine.step = counted
-    t0 = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    n = steps[0]
+    thresholds = [gc.get_threshold()]
+    if args.python_gc_thresholds:
+        thresholds = [(700, 10, 10)]
+    elif args.compare_gc_thresholds:
+        thresholds = [gc.get_threshold(), (700, 10, 10)]
+    results = []
+    for threshold in thresholds:
+        gc.set_threshold(*threshold)
+        totals.clear()
+        steps[0] = 0
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        results.append(report(args, steps[0], time.perf_counter() - t0, totals))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": results}, f, indent=1)
+
+
+def report(args, n: int, wall: float, totals: dict[str, float]) -> dict:
     rows = {label: totals[label] / n * 1e3 for label, _, _ in PHASES}
     host = rows["engine.step"] - rows["  runner.fetch (wait + copy)"]
     print(f"{n} steps, {wall:.2f} s, {args.num_prompts * args.output_len / wall:,.0f} output "
-          f"tok/s, async_scheduling={args.async_scheduling}")
+          f"tok/s, async_scheduling={args.async_scheduling}, gc threshold {gc.get_threshold()}")
     print(f"{'phase':36} {'ms/step':>8}")
     for label, ms in rows.items():
         print(f"{label:36} {ms:8.3f}")
     print(f"{'host busy (step - fetch)':36} {host:8.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "steps": n, "wall_s": wall, "ms_per_step": rows,
-                       "host_busy_ms": host, "gc_threshold": gc.get_threshold()}, f, indent=1)
+    return {"steps": n, "wall_s": wall, "ms_per_step": rows, "host_busy_ms": host,
+            "gc_threshold": gc.get_threshold()}
 
 
 if __name__ == "__main__":
