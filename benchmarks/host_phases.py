@@ -96,6 +96,9 @@ def main() -> None:
     p.add_argument("--compare-gc-thresholds", action="store_true",
                    help="time the workload twice in one process, with the engine's collector "
                         "thresholds and then with Python's defaults")
+    p.add_argument("--params-per-request", action="store_true",
+                   help="one SamplingParams object per request, equal in value (the "
+                        "benchmark CLI's way), instead of one shared by all")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
@@ -109,7 +112,11 @@ def main() -> None:
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], params, use_tqdm=False)  # first-call costs out of the way
+    if args.params_per_request:  # as jaxpaged-bench throughput (and vLLM's) passes them
+        params = [SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+                  for _ in prompts]
+    llm.generate(prompts[:2], params[:2] if isinstance(params, list) else params,
+                 use_tqdm=False)  # first-call costs out of the way
     engine = llm.llm_engine
     totals: dict[str, float] = collections.defaultdict(float)
     install(engine, totals)

@@ -259,16 +259,11 @@ def _check_suppressed(i: int, suppressed: list[int], vocab_size: int) -> None:
         raise ValueError(f"rows[{i}] stop/EOS token ids {suppressed} must be in [0, vocab_size={vocab_size}).")
 
 
-# SamplingMetadata field <- SamplingParams attribute, for the per-request constants.
-_PARAM_FIELDS = (
-    ("temperature", "temperature"),
-    ("top_k", "top_k"),
-    ("top_p", "top_p"),
-    ("min_p", "min_p"),
-    ("presence_penalties", "presence_penalty"),
-    ("frequency_penalties", "frequency_penalty"),
-    ("repetition_penalties", "repetition_penalty"),
-)
+# SamplingMetadata fields filled from the first columns of SamplingParams.sampler_constants; the
+# flags greedy, penalties, truncation, logprobs and min_tokens follow them.
+_PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalties",
+                 "frequency_penalties", "repetition_penalties")
+_NUM_CONSTANTS = len(_PARAM_FIELDS) + 5
 
 
 def build_sampling_metadata(
@@ -277,22 +272,14 @@ def build_sampling_metadata(
     """NumPy ``SamplingMetadata`` for one step; row i describes logits row i, None is padding.
 
     Rows past ``len(rows)`` are padding too. Static flags are derived from the real rows.
-    Filled a column at a time, and once per distinct ``SamplingParams`` object for the
-    per-request constants (a batch often shares one): per-row scalar stores cost ~1.3 ms a
-    step at 256 rows.
+    Filled a column at a time from every row's ``SamplingParams.sampler_constants`` stacked
+    into one array: per-row scalar stores cost ~1.3 ms a step at 256 rows, and a batch whose
+    requests each bring their own (equal) SamplingParams is the usual case.
     """
     if len(rows) > num_rows_padded:
         raise ValueError(f"got {len(rows)} rows, more than num_rows_padded={num_rows_padded}.")
     index = [i for i, row in enumerate(rows) if row is not None]
     real = [rows[i] for i in index]
-    groups: dict[int, tuple[SamplingParams, list[int], list[SamplingRow]]] = {}
-    for i, row in zip(index, real):
-        group = groups.get(id(row.sampling_params))
-        if group is None:
-            groups[id(row.sampling_params)] = (row.sampling_params, [i], [row])
-        else:
-            group[1].append(i)
-            group[2].append(row)
     lengths = [len(row.token_ids) + row.num_pending_tokens for row in real]
     if lengths and max(lengths) > max_model_len:
         j = max(range(len(real)), key=lengths.__getitem__)
@@ -300,33 +287,32 @@ def build_sampling_metadata(
             f"rows[{index[j]}].token_ids has {len(real[j].token_ids)} (+ {real[j].num_pending_tokens} "
             f"pending) tokens, more than max_model_len={max_model_len}."
         )
-    params = [p for p, _, _ in groups.values()]
-    no_penalties = not any(p.uses_penalties for p in params)
+    consts = np.array([row.sampling_params.sampler_constants for row in real],
+                      np.float64).reshape(len(real), _NUM_CONSTANTS)
+    greedy, penalties, truncation, logprobs, min_tokens = consts[:, len(_PARAM_FIELDS):].T
+    no_penalties = not penalties.any()
     # Without penalties the history is never read; a zero-width array saves the transfer.
     arrays = _padded_metadata(num_rows_padded, 0 if no_penalties else max_model_len)
-    for p, group_index, group_rows in groups.values():
-        for field, attr in _PARAM_FIELDS:
-            arrays[field][group_index] = getattr(p, attr)
-        if p.min_tokens:  # only rows still under min_tokens suppress anything
-            for i, row in zip(group_index, group_rows):
-                ids = row.suppressed_token_ids()
-                _check_suppressed(i, ids, vocab_size)
-                arrays["suppressed_token_ids"][i, : len(ids)] = ids
     if real:
+        for j, field in enumerate(_PARAM_FIELDS):
+            arrays[field][index] = consts[:, j]
         arrays["seeds"][index] = [row.seed % 2**32 for row in real]
         arrays["output_positions"][index] = [row.num_output_tokens for row in real]
         arrays["num_prompt_tokens"][index] = [row.num_prompt_tokens for row in real]
+    for k in np.flatnonzero(min_tokens).tolist():  # rows still under min_tokens suppress ids
+        i, ids = index[k], real[k].suppressed_token_ids()
+        _check_suppressed(i, ids, vocab_size)
+        arrays["suppressed_token_ids"][i, : len(ids)] = ids
     if not no_penalties:
         for i, row in zip(index, real):
             arrays["token_ids"][i, : len(row.token_ids)] = row.token_ids
-    random_params = [p for p in params if not p.is_greedy]
     return SamplingMetadata(
         **arrays,
-        all_greedy=not random_params,
+        all_greedy=bool(greedy.all()),
         no_penalties=no_penalties,
-        no_top_k_top_p=all(p.top_k == 0 and p.top_p == 1.0 for p in random_params),
+        no_top_k_top_p=not truncation.any(),
         # Always the full width when any row asks, so the logprob count never forces a compile.
-        max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if any(p.logprobs is not None for p in params) else 0,
+        max_num_logprobs=min(MAX_LOGPROBS, vocab_size) if logprobs.any() else 0,
     )
 
 

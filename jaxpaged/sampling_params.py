@@ -206,6 +206,19 @@ class SamplingParams:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
 
+    @cached_property
+    def sampler_constants(self) -> tuple[float, ...]:
+        """What the sampler reads from these params, computed once: the per-request values
+        temperature, top_k, top_p, min_p, presence, frequency and repetition penalty, then the
+        flags greedy, penalties, truncation (top-k or top-p on a sampled row) and logprobs
+        asked, and min_tokens. A batch's rows stack into one array in a single NumPy call,
+        whether its requests share one SamplingParams or each has its own."""
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
+                self.frequency_penalty, self.repetition_penalty, self.is_greedy,
+                self.uses_penalties,
+                not self.is_greedy and (self.top_k != 0 or self.top_p != 1.0),
+                self.logprobs is not None, self.min_tokens)
+
     @property
     def output_text_buffer_length(self) -> int:
         """Characters a stream holds back so a half-generated stop string is never shown."""
