@@ -8,9 +8,8 @@
 #   sync-scan     --no-async-scheduling: the host waits for each step before planning the next
 #   async-unroll  JAXPAGED_UNROLL_LAYERS=1: the layer loop unrolled (slow to compile)
 #   async-unroll-decode  JAXPAGED_UNROLL_LAYERS=decode: unrolled in decode-only steps only
-#   async-graphs  the defaults with more of each program in XLA's CUDA graphs (command buffers):
-#                 the Triton-lowered Pallas kernels (jax issue 27988: left out by default) and
-#                 while loops (the layer scan), so the host launches fewer kernels a step
+#   async-graphs  the defaults with while loops (the layer scan) and conditionals in XLA's CUDA
+#                 graphs (command buffers) too, so the host launches fewer kernels a step
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
@@ -27,7 +26,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 LOG=$OUT/engine_variants.log
-GRAPH_FLAGS='--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL'
+GRAPH_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1'
 
 for v in $VARIANTS; do
   flags=()
