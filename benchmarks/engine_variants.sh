@@ -14,7 +14,8 @@
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
 # VARIANTS="async-scan sync-scan" picks some; ~1-2 minutes each on an H100 (async-unroll ~6).
-# MODEL=llama-3.1-8b for a model whose decode step is bound by the device.
+# MODEL=llama-3.1-8b for a model whose decode step is bound by the device. NUM_KV_BLOCKS fixes
+# the KV cache's size (default: sized from the free memory, as the engine does).
 set -uo pipefail
 
 OUT=${OUT:-$PWD/variants_out}
@@ -39,7 +40,7 @@ for v in $VARIANTS; do
   echo "=== $v" | tee -a "$LOG"
   XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
-    --num-kv-blocks "${NUM_KV_BLOCKS:-40000}" --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
+    ${NUM_KV_BLOCKS:+--num-kv-blocks "$NUM_KV_BLOCKS"} --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
     --output-len "${OUTPUT_LEN:-256}" --ignore-eos "${flags[@]}" --json "$OUT/variant_$v.json" 2>&1 \
     | grep -v "Processed prompts" | tee -a "$LOG"
 done
