@@ -10,6 +10,8 @@
 #   async-unroll-decode  JAXPAGED_UNROLL_LAYERS=decode: unrolled in decode-only steps only
 #   async-graphs  the defaults with while loops (the layer scan) and conditionals in XLA's CUDA
 #                 graphs (command buffers) too, so the host launches fewer kernels a step
+#   async-dsf     the defaults with XLA's dynamic-slice fusion: a GEMM reads its layer's slice
+#                 of the stacked weights in place instead of the scan copying it out first
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
@@ -37,6 +39,7 @@ for v in $VARIANTS; do
   [[ $v == *unroll-decode ]] && unroll=decode
   xla_flags=${XLA_FLAGS:-}
   [[ $v == *graphs ]] && xla_flags+=" $GRAPH_FLAGS"
+  [[ $v == *dsf ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
   echo "=== $v" | tee -a "$LOG"
   XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
