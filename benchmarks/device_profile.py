@@ -1,0 +1,99 @@
+"""Where the device's time goes in a steady decode step: GPU kernels by total time.
+
+    python benchmarks/device_profile.py --model llama-3.1-8b --batch 256 --context 640
+
+Fills the batch with dummy-weight requests, steps until every request decodes, then records
+`--steps` engine steps with the JAX profiler and sums the device's kernel events by name
+(jax.profiler.ProfileData, no TensorBoard needed). Prints the top kernels in ms per step and
+the share of the step each takes; `--json` keeps the table. Compare the total with the roofline
+that `jaxpaged-bench throughput` prints for the same batch and context.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+
+from jaxpaged import LLM, SamplingParams
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str]:
+    """Device kernel events of the trace under `trace_dir`: (total seconds by name, count by
+    name, the plane read)."""
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(paths[0])
+    planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    if not planes:  # no GPU: the host's XLA threads, so the tool runs (less usefully) anywhere
+        planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
+    seconds: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for plane in planes:
+        for line in plane.lines:
+            if plane.name.startswith("/device:GPU") and "Stream" not in line.name:
+                continue  # only the streams' kernel and memcpy events, not the XLA op lines
+            for event in line.events:
+                seconds[event.name] += event.duration_ns * 1e-9
+                counts[event.name] += 1
+    return seconds, counts, ", ".join(p.name for p in planes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=640, help="prompt tokens per request")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=args.batch,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              num_kv_blocks=args.num_kv_blocks)
+    engine = llm.llm_engine
+    vocab = engine.model.config.vocab_size
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(str(i), {"prompt_token_ids": rng.integers(0, vocab, args.context)
+                                    .tolist()}, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens
+              for r in engine.scheduler.requests.values()):
+        engine.step()
+    for _ in range(4):  # past the last prefill's step in flight
+        engine.step()
+    trace_dir = tempfile.mkdtemp(prefix="jaxpaged_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.steps):
+            engine.step()
+        jax.effects_barrier()
+    seconds, counts, planes = kernel_times(trace_dir)
+    total = sum(seconds.values())
+    rows = sorted(seconds.items(), key=lambda kv: -kv[1])
+    print(f"{args.model}: batch {args.batch}, context {args.context}, {args.steps} steps "
+          f"traced on {planes}; device busy {total / args.steps * 1e3:.2f} ms/step")
+    print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
+    for name, s in rows[:args.top]:
+        print(f"{s / args.steps * 1e3:8.3f} {s / total:6.1%} {counts[name] / args.steps:10.1f}"
+              f"  {name[:110]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(jax.devices()[0].device_kind),
+                       "device_busy_ms_per_step": total / args.steps * 1e3,
+                       "kernels": [{"name": n, "ms_per_step": s / args.steps * 1e3,
+                                    "calls_per_step": counts[n] / args.steps}
+                                   for n, s in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
