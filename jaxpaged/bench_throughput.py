@@ -167,8 +167,11 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "compiles_after_warmup": engine.runner.num_compiles_since_warmup,
         "num_preemptions": engine.scheduler.num_preemptions,
         "peak_kv_cache_usage": recorder.peak_kv_usage, "copy_bandwidth": copy,
-        "steady_decode": steady_decode(recorder, config, np.dtype(engine.model.dtype).itemsize,
-                                       copy, engine.config.tensor_parallel_size)}
+        # The engine's config: with tensor parallelism its padded or replicated heads are
+        # really read, so the per-device roofline counts them.
+        "steady_decode": steady_decode(recorder, engine.model.config,
+                                       np.dtype(engine.model.dtype).itemsize, copy,
+                                       engine.config.tensor_parallel_size)}
     if peers is not None:
         result["hf"] = peers
         result["ratios"] = {f"vs_hf_{m}": result["output_tokens_per_s"]

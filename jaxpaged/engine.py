@@ -144,7 +144,8 @@ class LLMEngine:
     # -- sizing --------------------------------------------------------------------------
 
     def _kv_bytes_per_block(self) -> int:
-        """Bytes of one block on one device: each holds K / tensor_parallel_size heads."""
+        """Bytes of one block on one device: each holds K / tensor_parallel_size heads, K
+        counted after `shard_model` padded or replicated them (the cache's real K axis)."""
         mc = self.model.config
         itemsize = jax.numpy.dtype(self.model.dtype).itemsize
         kv_heads = mc.num_key_value_heads // self.config.tensor_parallel_size

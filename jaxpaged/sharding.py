@@ -11,14 +11,22 @@ none of this: page ids mean the same on every shard.
 
 Invariants:
   * tensor_parallel_size == 1 means no mesh at all: the unsharded code path, unchanged.
-  * num_attention_heads % tp == 0, and either num_key_value_heads % tp == 0 (KV heads split) or
-    tp % num_key_value_heads == 0 (each KV head replicated tp / K times, as vLLM does, so every
-    shard holds exactly one); anything else is refused by `validate_tensor_parallel`.
+  * tp <= num_attention_heads; a larger tp is refused by `validate_tensor_parallel` (at least
+    tp - N shards would hold nothing but padding).
+  * Heads that do not split are padded with zero heads (`padded_head_counts`, `pad_heads`) to
+    the fewest K' >= K KV heads with K' % tp == 0 or tp % K' == 0, and (K' * G) % tp == 0 for
+    the group size G = N / K, which stays the same: N' = K' * G. The new KV heads and their G
+    query heads are appended after the real ones, so query head n still meets KV head n // G;
+    a padded query head attends to zero keys and values, outputs exactly 0 and meets zero rows
+    of o_proj, so the model computes the same function. Padding costs K' / K - 1 more KV cache.
+  * Then either K' % tp == 0 (KV heads split) or tp % K' == 0 (each KV head replicated tp / K'
+    times, as vLLM does, so every shard holds exactly one).
   * A weight dimension that tp does not divide (an odd vocabulary or MLP width) is replicated
     instead of split: slower, never wrong.
 """
 
 import dataclasses
+import itertools
 import logging
 import os
 
@@ -33,6 +41,8 @@ logger = logging.getLogger(__name__)
 TP_AXIS = "tp"
 # The KV cache [L, P, B, K, H] is split on its KV-head axis.
 KV_CACHE_SPEC = PartitionSpec(None, None, None, TP_AXIS, None)
+# Whole host tensors by parameter path, as weights.flatten_state returns them.
+Flat = dict[tuple[str, ...], np.ndarray]
 
 # Module name -> the axis of its weights split over the mesh, counted from the end so the
 # stacked layer axis in front does not matter. Linear kernels are [in, out], biases [out],
@@ -47,24 +57,25 @@ _SPLIT_AXIS = {
 }
 
 
-def valid_tensor_parallel_sizes(config: ModelConfig) -> list[int]:
-    N, K = config.num_attention_heads, config.num_key_value_heads
-    return [t for t in range(1, N + 1) if N % t == 0 and (K % t == 0 or t % K == 0)]
-
-
 def validate_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> None:
-    """Raise ValueError, naming both numbers, when the model's heads cannot be split tp ways."""
-    tp, N, K = tensor_parallel_size, config.num_attention_heads, config.num_key_value_heads
-    allowed = valid_tensor_parallel_sizes(config)
-    if N % tp:
+    """Raise ValueError, naming both numbers, when tp exceeds the model's query heads. Any
+    smaller tp works, by padding heads where they do not split (`padded_head_counts`)."""
+    tp, N = tensor_parallel_size, config.num_attention_heads
+    if tp > N:
         raise ValueError(
-            f"tensor_parallel_size={tp} does not divide this model's num_attention_heads={N}; "
-            f"allowed tensor_parallel_size values for it: {allowed}")
-    if K % tp and tp % K:
-        raise ValueError(
-            f"tensor_parallel_size={tp} and this model's num_key_value_heads={K} do not divide "
-            f"one another, so KV heads can neither be split nor replicated evenly; allowed "
-            f"tensor_parallel_size values for it: {allowed}")
+            f"tensor_parallel_size={tp} exceeds this model's num_attention_heads={N}: at least "
+            f"{tp - N} shards would hold only zero padding heads; use at most {N}")
+
+
+def padded_head_counts(config: ModelConfig, tensor_parallel_size: int) -> tuple[int, int]:
+    """(N', K'): the query and KV head counts after zero-padding for tp shards, the group
+    size G = N / K unchanged. (N, K) itself when the heads already split or replicate."""
+    validate_tensor_parallel(config, tensor_parallel_size)
+    tp, K = tensor_parallel_size, config.num_key_value_heads
+    G = config.num_attention_heads // K
+    # Ends by K' = tp * ceil(K / tp) at the latest, which satisfies both conditions.
+    K2 = next(k for k in itertools.count(K) if (k % tp == 0 or tp % k == 0) and k * G % tp == 0)
+    return K2 * G, K2
 
 
 def make_mesh(tensor_parallel_size: int) -> Mesh | None:
@@ -126,48 +137,83 @@ def gather_logits(logits: jax.Array, mesh: Mesh) -> jax.Array:
 
 
 def load_mesh(config: ModelConfig, mesh: Mesh | None) -> Mesh | None:
-    """The mesh a loader places weights on as it reads them: None without one, or when KV
-    heads must be replicated first (`shard_model` does that from whole tensors). Validates
-    before any weight is read, so a model that cannot be split fails fast."""
+    """The mesh a loader places weights on as it reads them: None without one, or when heads
+    must be padded or KV heads replicated first (`shard_model` does both from whole tensors).
+    Validates before any weight is read, so a model that cannot be split fails fast."""
     if mesh is None:
         return None
     tp = mesh.shape[TP_AXIS]
-    validate_tensor_parallel(config, tp)
-    return mesh if config.num_key_value_heads % tp == 0 else None
+    _, K2 = padded_head_counts(config, tp)
+    return mesh if K2 == config.num_key_value_heads and K2 % tp == 0 else None
 
 
-def replicate_kv_heads(loaded, tensor_parallel_size: int):
-    """When tp is a multiple of K, repeat each KV head tp / K times in k_proj and v_proj (as
-    vLLM does) so every shard holds one. Query head n still meets KV head n // (N / K): the
-    copies sit next to each other. -> a LoadedModel with num_key_value_heads = tp."""
-    from jaxpaged.weights import flatten_state, to_state
+def pad_heads(flat: Flat, config: ModelConfig, tensor_parallel_size: int
+              ) -> tuple[Flat, ModelConfig]:
+    """Append zero heads up to `padded_head_counts`: (N' - N) * H zero output columns of
+    q_proj, (K' - K) * H of k_proj and v_proj (kernels [.., D, out] and biases [.., out]),
+    (N' - N) * H zero input rows of o_proj [.., N * H, D]. -> (new flat, padded config);
+    the same objects when nothing needs padding."""
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    N2, K2 = padded_head_counts(config, tensor_parallel_size)
+    if K2 == K:
+        return flat, config
+    extra = {"q_proj": (N2 - N) * H, "k_proj": (K2 - K) * H, "v_proj": (K2 - K) * H}
+    padded = dict(flat)
+    for path, arr in flat.items():
+        module, leaf = path[-2], path[-1]
+        if module in extra:
+            axis, width = arr.ndim - 1, extra[module]  # output features, kernel or bias
+        elif module == "o_proj" and leaf == "kernel":
+            axis, width = arr.ndim - 2, (N2 - N) * H  # input features
+        else:
+            continue
+        pad = [(0, 0)] * arr.ndim
+        pad[axis] = (0, width)
+        padded[path] = np.pad(arr, pad)
+    logger.warning("num_attention_heads=%d and num_key_value_heads=%d do not split over "
+                   "tensor_parallel_size=%d: padded with zero heads to %d and %d (same outputs; "
+                   "the KV cache holds %.0f%% more per token)", N, K, tensor_parallel_size, N2,
+                   K2, 100 * (K2 / K - 1))
+    return padded, dataclasses.replace(config, num_attention_heads=N2, num_key_value_heads=K2,
+                                       head_dim=H)
 
-    cfg, tp = loaded.config, tensor_parallel_size
-    K, H = cfg.num_key_value_heads, cfg.head_dim
+
+def replicate_kv_heads(flat: Flat, config: ModelConfig, tensor_parallel_size: int
+                       ) -> tuple[Flat, ModelConfig]:
+    """When tp is a multiple of K, repeat each KV head tp / K times in k_proj and v_proj (and
+    their biases), as vLLM does, so every shard holds one. Query head n still meets KV head
+    n // (N / K): the copies sit next to each other. -> (new flat, config with K = tp); the
+    same objects when K splits."""
+    tp, K, H = tensor_parallel_size, config.num_key_value_heads, config.head_dim
     if K % tp == 0:
-        return loaded
+        return flat, config
     repeats = tp // K
-    flat = flatten_state(loaded.params)
+    replicated = dict(flat)
     for path, arr in flat.items():
         if path[-2] in ("k_proj", "v_proj"):
             heads = arr.reshape(*arr.shape[:-1], K, H)
-            flat[path] = np.repeat(heads, repeats, axis=-2).reshape(*arr.shape[:-1], tp * H)
-    config = dataclasses.replace(cfg, num_key_value_heads=tp)
-    graphdef, params = to_state(config, flat, loaded.dtype)
+            replicated[path] = np.repeat(heads, repeats, axis=-2).reshape(*arr.shape[:-1],
+                                                                          tp * H)
     logger.info("num_key_value_heads=%d < tensor_parallel_size=%d: each KV head replicated %d "
                 "times (the KV cache holds %d heads)", K, tp, repeats, tp)
-    return dataclasses.replace(loaded, config=config, graphdef=graphdef, params=params)
+    return replicated, dataclasses.replace(config, num_key_value_heads=tp)
 
 
 def shard_model(loaded, mesh: Mesh | None):
-    """Validate, replicate KV heads where needed, and place the parameters on the mesh (a
-    no-op for parameters a loader already placed there). -> a LoadedModel whose params are
-    sharded jax.Arrays (the same object for mesh None)."""
+    """Validate, pad heads and replicate KV heads where needed, and place the parameters on
+    the mesh (a no-op for parameters a loader already placed there). -> a LoadedModel whose
+    params are sharded jax.Arrays (the same object for mesh None)."""
+    from jaxpaged.weights import flatten_state, to_state
+
     if mesh is None:
         return loaded
     tp = mesh.shape[TP_AXIS]
-    validate_tensor_parallel(loaded.config, tp)
-    loaded = replicate_kv_heads(loaded, tp)
+    if load_mesh(loaded.config, mesh) is None:  # validates; None: heads to pad or replicate
+        flat, config = pad_heads(flatten_state(loaded.params), loaded.config, tp)
+        flat, config = replicate_kv_heads(flat, config, tp)
+        # Straight from the host to the shards: no device holds the whole model.
+        graphdef, params = to_state(config, flat, loaded.dtype, mesh)
+        return dataclasses.replace(loaded, config=config, graphdef=graphdef, params=params)
     params = jax.device_put(loaded.params, param_shardings(loaded.params, mesh))
     return dataclasses.replace(loaded, params=params)
 

@@ -1,10 +1,13 @@
 """Tensor parallelism on the CPU's forced host devices (conftest.py asks XLA for 4): greedy
-tokens with 1, 2 and 4 shards equal the unsharded engine's for a tiny model of every family,
-through the reference attention and the Pallas kernels; SmolLM2 (9 query heads) is refused at
-2 and 4 shards and runs at 3. Also: the Megatron specs, loaders that place weights on their
-shards, the compiled collectives, two processes joined through jax.distributed, the -tp flags."""
+tokens with 1, 2, 3 and 4 shards equal the unsharded engine's for a tiny model of every family
+(3 shards pad its 4 query / 2 KV heads to 6 / 3), through the reference attention and the
+Pallas kernels; SmolLM2 (9 query / 3 KV heads) gives transformers' tokens at 3 shards as it is
+and at 2 and 4 padded to 12 / 4 heads. Also: the padding rule and its zeros, the Megatron
+specs, loaders that place weights on their shards, the compiled collectives, two processes
+joined through jax.distributed, the -tp flags."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -14,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.config import PRESETS
 from jaxpaged.engine_config import EngineConfig
-from jaxpaged.sharding import (make_mesh, param_spec, valid_tensor_parallel_sizes,
-                               validate_tensor_parallel)
+from jaxpaged.sharding import (load_mesh, make_mesh, pad_heads, padded_head_counts,
+                               param_spec, shard_model)
+from reference import PagedRunner
 from test_engine import EXPECTED, PROMPTS
 from test_models import FAMILIES, _tiny_hf_model
 
@@ -61,19 +65,63 @@ def test_megatron_partition_specs():
     assert param_spec(("embed_tokens", "embedding"), (161, 64), tp) == P()
 
 
-def test_heads_that_do_not_divide_are_refused_naming_both_numbers():
-    smollm2 = PRESETS["smollm2-135m"]  # 9 query heads, 3 KV heads
-    assert valid_tensor_parallel_sizes(smollm2) == [1, 3, 9]
-    for tp in (2, 4):
-        with pytest.raises(ValueError, match=f"tensor_parallel_size={tp} .*"
-                                             f"num_attention_heads=9.*\\[1, 3, 9\\]"):
-            validate_tensor_parallel(smollm2, tp)
-    validate_tensor_parallel(smollm2, 3)
+def test_heads_that_do_not_divide_are_padded_and_too_many_shards_refused():
+    """(N', K') for tp shards: the fewest K' >= K that split (K' % tp == 0) or replicate
+    (tp % K' == 0) and whose K' * G query heads split; G = N / K stays."""
+    smollm2 = PRESETS["smollm2-135m"]  # 9 query heads, 3 KV heads: G = 3
+    assert {tp: padded_head_counts(smollm2, tp) for tp in (1, 2, 3, 4, 8, 9)} == {
+        1: (9, 3), 2: (12, 4), 3: (9, 3), 4: (12, 4), 8: (24, 8), 9: (9, 3)}
+    mqa = dataclasses.replace(smollm2, num_attention_heads=3, num_key_value_heads=1)
+    assert padded_head_counts(mqa, 2) == (6, 2)  # G = 3 kept, so the one KV head gains a twin
+    assert padded_head_counts(mqa, 3) == (3, 1)  # replicated 3 times, no padding
     odd = dataclasses.replace(smollm2, num_attention_heads=12, num_key_value_heads=6)
-    with pytest.raises(ValueError, match="tensor_parallel_size=4 and .*num_key_value_heads=6"):
-        validate_tensor_parallel(odd, 4)
-    validate_tensor_parallel(PRESETS["llama-3.1-8b"], 8)  # K = 8: split
-    validate_tensor_parallel(PRESETS["qwen3-0.6b"], 16)  # K = 8: each replicated twice
+    assert padded_head_counts(odd, 4) == (16, 8)
+    assert padded_head_counts(PRESETS["llama-3.1-8b"], 8) == (32, 8)  # K = 8: split
+    assert padded_head_counts(PRESETS["qwen3-0.6b"], 16) == (16, 8)  # each replicated twice
+    # More shards than query heads: some would hold nothing but zeros.
+    with pytest.raises(ValueError, match="tensor_parallel_size=10 exceeds this model's "
+                                         "num_attention_heads=9"):
+        padded_head_counts(smollm2, 10)
+    # Loaders place weights straight on the mesh only when nothing is padded or replicated.
+    assert load_mesh(smollm2, make_mesh(2)) is None
+    mesh = make_mesh(3)
+    assert load_mesh(smollm2, mesh) is mesh
+
+
+@pytest.mark.parametrize("family,extra", [("qwen2", {}), ("qwen3", {"head_dim": 32})])
+def test_pad_heads_appends_zeros_and_keeps_the_models_function(family, extra, tmp_path):
+    """4 query / 2 KV heads padded for 3 shards to 6 / 3: the appended q/k/v columns (and
+    qwen2's bias entries) and o_proj rows are zero, everything else is the checkpoint's, and
+    the padded model's logits on one device equal the original's (qwen3: q_norm/k_norm too)."""
+    from jaxpaged.loader import load_model
+    from jaxpaged.weights import flatten_state, to_state
+
+    _tiny_hf_model(family, tmp_path, **extra)
+    loaded = load_model(str(tmp_path), dtype="float32")
+    H = loaded.config.head_dim
+    flat = flatten_state(loaded.params)
+    padded, config = pad_heads(flat, loaded.config, 3)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (6, 3, H)
+    # Module -> (padded axis: out features, o_proj's in features; width before; after).
+    appended = {"q_proj": (-1, 4 * H, 6 * H), "k_proj": (-1, 2 * H, 3 * H),
+                "v_proj": (-1, 2 * H, 3 * H), "o_proj": (-2, 4 * H, 6 * H)}
+    for path, arr in flat.items():
+        if path[-2] not in appended:
+            assert padded[path] is arr, path
+            continue
+        axis, before, after = appended[path[-2]]
+        new = padded[path]
+        assert new.shape[axis] == after, path
+        assert np.array_equal(np.take(new, range(before), axis), arr), path
+        assert not np.take(new, range(before, after), axis).any(), path
+    graphdef, params = to_state(config, padded, loaded.dtype)
+    padded_model = dataclasses.replace(loaded, config=config, graphdef=graphdef, params=params)
+    ids = TINY_PROMPTS[3]
+    want, got = (PagedRunner(m, num_seqs=1, max_len=128) for m in (loaded, padded_model))
+    np.testing.assert_allclose(got.step({0: ids[:-1]})[0], want.step({0: ids[:-1]})[0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.step({0: ids[-1:]})[0], want.step({0: ids[-1:]})[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_bad_sizes_are_refused():
@@ -82,11 +130,6 @@ def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="tensor_parallel_size=64 exceeds the 4 cpu devices"):
         make_mesh(64)
     assert make_mesh(1) is None
-
-
-def test_smollm2_refuses_two_shards(smollm2):
-    with pytest.raises(ValueError, match="num_attention_heads=9"):
-        LLM(None, tensor_parallel_size=2, dtype="float32", warmup=False)
 
 
 @pytest.mark.parametrize("load_format", ["auto", "dummy"])
@@ -105,24 +148,50 @@ def test_loaders_put_each_weight_straight_on_its_shards(load_format, tmp_path):
     assert q.addressable_shards[0].data.shape == (3, 64, 32)
     a, b = flatten_state(whole.params), flatten_state(split.params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="num_attention_heads=4"):  # refused before any read
-        load_model(str(tmp_path), load_format=load_format, mesh=make_mesh(3))
+    # 3 shards need 6 / 3 padded heads: loaded whole, then padded and split by shard_model.
+    mesh = make_mesh(3)
+    padded = shard_model(load_model(str(tmp_path), load_format=load_format, dtype="float32",
+                                    mesh=mesh), mesh)
+    assert (padded.config.num_attention_heads, padded.config.num_key_value_heads) == (6, 3)
+    q = padded.params["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+    assert q.sharding.spec == P(None, None, "tp") and q.shape == (3, 64, 96)
+    assert np.array_equal(q[..., :64], a[("layers", "self_attn", "q_proj", "kernel")])
+    # More shards than query heads is refused before any weight is read (none exist here).
+    few = tmp_path / "two_heads"
+    few.mkdir()
+    (few / "config.json").write_text(json.dumps(dict(TINY_LLAMA, num_attention_heads=2,
+                                                     num_key_value_heads=1)))
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 exceeds this model's "
+                                         "num_attention_heads=2"):
+        load_model(str(few), load_format=load_format, mesh=make_mesh(4))
 
 
 # -- end to end ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,extra", FAMILIES, ids=["llama", "llama3-rope-tied", "mistral",
                                                         "qwen2", "qwen3"])
-def test_tiny_family_greedy_is_identical_on_1_2_4_shards(family, extra, tmp_path):
-    """4 query heads, 2 KV heads: 2 shards split the KV heads, 4 replicate each twice."""
+def test_tiny_family_greedy_is_identical_on_1_2_3_4_shards(family, extra, tmp_path):
+    """4 query heads, 2 KV heads: 2 shards split the KV heads, 3 pad them to 6 / 3 heads, 4
+    replicate each KV head twice."""
     _tiny_hf_model(family, tmp_path, **extra)
     _, want = run(str(tmp_path), 1)
-    for tp in (2, 4):
+    for tp in (2, 3, 4):
         llm, got = run(str(tmp_path), tp)
         assert_same_completions(got, want)
         cache = llm.llm_engine.runner.kv_cache.k
         assert tuple(cache.sharding.spec)[3] == "tp"
-        assert cache.shape[3] == max(2, tp)  # KV heads replicated up to tp where K < tp
+        assert cache.shape[3] == max(2, tp)  # padded to 3, or replicated up to tp where K < tp
+
+
+def test_padding_then_replication_on_four_shards(tmp_path):
+    """6 query heads, 1 KV head on 4 shards: padded to 12 / 2 (G = 6 kept), then each KV head
+    replicated twice; the tokens stay the unsharded engine's."""
+    _tiny_hf_model("llama", tmp_path, hidden_size=96, num_attention_heads=6, num_key_value_heads=1)
+    _, want = run(str(tmp_path), 1)
+    llm, got = run(str(tmp_path), 4)
+    assert_same_completions(got, want)
+    assert llm.llm_engine.model.config.num_attention_heads == 12
+    assert llm.llm_engine.runner.kv_cache.k.shape[3] == 4
 
 
 def test_tensor_parallel_compiles_every_bucket_at_warmup(tmp_path):
@@ -158,16 +227,20 @@ def test_pallas_kernels_run_per_shard(tmp_path):
     """The kernels (interpreted on the CPU) inside shard_map: decode, ragged and KV write."""
     _tiny_hf_model("qwen3", tmp_path, head_dim=32)
     _, want = run(str(tmp_path), 1, attention_impl="reference")
-    for tp in (2, 4):  # 4: one query head and one (replicated) KV head per shard
+    # 3: padded to 6 query / 3 KV heads, 2 / 1 per shard; 4: 1 / 1 (KV heads replicated).
+    for tp in (2, 3, 4):
         _, got = run(str(tmp_path), tp, attention_impl="pallas")
         assert_same_completions(got, want)
 
 
-def test_smollm2_on_three_shards_matches_transformers(smollm2):
-    """SmolLM2's 9 query and 3 KV heads split three ways; the golden tokens are transformers'.
-    (The smollm2 fixture fills the session's weight cache, which this load reads.)"""
-    llm = LLM(None, tensor_parallel_size=3, dtype="float32", warmup=False, max_model_len=256,
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_smollm2_on_2_3_4_shards_matches_transformers(smollm2, tp):
+    """SmolLM2's 9 query and 3 KV heads split three ways as they are, and two or four ways
+    padded with zero heads to 12 and 4; the golden tokens are transformers'. (The smollm2
+    fixture fills the session's weight cache, which this load reads.)"""
+    llm = LLM(None, tensor_parallel_size=tp, dtype="float32", warmup=False, max_model_len=256,
               max_num_seqs=4, max_num_batched_tokens=64)
+    assert llm.llm_engine.runner.kv_cache.k.shape[3] == (3 if tp == 3 else 4)
     picks = [0, 3, 9]
     outputs = llm.generate([PROMPTS[i] for i in picks],
                            SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
@@ -190,7 +263,6 @@ def test_two_processes_share_one_mesh_through_jax_distributed(tmp_path):
     """The multi-host launch on one machine: 2 processes of 2 CPU devices each join through
     JAXPAGED_COORDINATOR_ADDRESS (gloo collectives) into one 4-way mesh; both produce the
     unsharded engine's tokens."""
-    import json
     import os
     import socket
     import subprocess
@@ -220,7 +292,6 @@ def test_two_processes_share_one_mesh_through_jax_distributed(tmp_path):
 
 def test_tensor_parallel_flag_reaches_every_entry_point(tmp_path):
     import argparse
-    import json
 
     from jaxpaged import bench, eval as jeval
     from jaxpaged.serve import add_cli_args, engine_config_from_args
