@@ -3,6 +3,9 @@
 #
 #   OUT=$OUT JAXPAGED_GIT_REV=<hash> bash benchmarks/run_h100.sh
 #
+# Pass JAXPAGED_GIT_REV from the calling machine: the device's checkout reports the last
+# landed commit, not the working tree that was sent.
+#
 # Needs python3 with jax[cuda], torch and transformers (no network, no pip: jaxpaged is
 # imported from the tree through PYTHONPATH). Every phase writes its JSON into $OUT with a
 # benchmarks/results-style name (<benchmark>_<model>_<card>.json); the console goes to
@@ -26,8 +29,11 @@
 # 974 / 1,219 tok/s. Set HF_PROMPTS=512 for the full set when time allows.
 #
 # Batching: the study's prompts of 512 tokens, mean output 128, caps 32/128/512/1536, shrunk
-# from 1000 to BATCHING_PROMPTS=500 prompts to fit one call (~6-7 min with the 8B warm-up;
-# BATCHING_PROMPTS=1000 doubles the runs). The model is BATCHING_MODEL=llama-3.1-8b: like the
+# from 1000 to BATCHING_PROMPTS=500 prompts to fit one call (~6-7 min with the 8B warm-up).
+# The study's 1000 prompts take two calls, merged afterwards on any machine:
+#   call A: SKIP_LLAMA1B=1 SKIP_QWEN3=1 SKIP_LLAMA8B=1 BATCHING_PROMPTS=1000 BATCHING_CAPS=32,128,512
+#   call B: the same with BATCHING_CAPS=1536                                    (~5-6 min each)
+#   python benchmarks/merge_batching.py A.json B.json --out results/batching_<model>_<card>.json The model is BATCHING_MODEL=llama-3.1-8b: like the
 # study's OPT-13B its decode step is bound by reading weights and KV, so a larger batch is
 # nearly free; on llama-3.2-1b (roofline ~2.6 ms at batch 256) the host's per-request
 # bookkeeping would weigh as much as the batch size. The KV cache is limited to

@@ -229,6 +229,50 @@ def run_batching(args: argparse.Namespace,
     return r
 
 
+# Arguments that may differ between runs merged into one table: the caps each run measured
+# and where it wrote its files.
+_MERGE_FREE_ARGS = {"caps", "json", "plot"}
+
+
+def _setup(r: dict[str, Any]) -> dict[str, Any]:
+    """What must match for runs to merge: card, model and engine (less its measured warm-up
+    time), KV capacity and arguments (less _MERGE_FREE_ARGS)."""
+    return {"card": r["card"], "model": r["model"],
+            "engine": {k: v for k, v in r["engine"].items() if k != "warmup_s"},
+            "kv_capacity_tokens": r["kv_capacity_tokens"],
+            "args": {k: v for k, v in r["args"].items() if k not in _MERGE_FREE_ARGS}}
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batching result from runs that measured different caps of the same experiment
+    (same card, model, engine and workload arguments), e.g. caps split over calls that each
+    fit a time limit. Refuses runs that differ in anything else, or that repeat a cap."""
+    first = results[0]
+    same = _setup(first)
+    for r in results[1:]:
+        other = _setup(r)
+        for key in ("card", "model", "engine", "kv_capacity_tokens"):
+            if other[key] != same[key]:
+                raise ValueError(f"cannot merge batching runs with different {key}: "
+                                 f"{same[key]!r} vs {other[key]!r}")
+        a, b = same["args"], other["args"]
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if diff:
+            raise ValueError(f"cannot merge batching runs whose arguments differ: {diff}")
+    rows = [row for r in results for row in r["rows"]]
+    keys = [(row["cap"], row["scheduler"]) for row in rows]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"cannot merge batching runs that repeat (cap, scheduler): {repeated}")
+    rows.sort(key=lambda row: row["cap"])
+    merged = dict(first, rows=rows, args=dict(first["args"], caps=sorted({c for c, _ in keys})),
+                  git_revision=",".join(dict.fromkeys(str(r["git_revision"]) for r in results)),
+                  compiles_after_warmup=max(r["compiles_after_warmup"] for r in results))
+    merged["paged_over_reserve"] = _ratios(rows, "paged", "reserve")
+    merged["paged_over_static"] = _ratios(rows, "paged", "static")
+    return merged
+
+
 def _ratios(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
     by = {(r["cap"], r["scheduler"]): r["output_tokens_per_s"] for r in rows}
     return {str(cap): by[cap, a] / by[cap, b] for cap, s in by if s == a and (cap, b) in by}

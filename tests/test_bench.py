@@ -289,3 +289,26 @@ def test_summary_checks_the_targets(tmp_path, capsys):
     assert lines["decode step / roofline at batch 256"] == "yes"
     assert lines["warm-up"] == "NO" and lines["paged / reserve at cap 1536"] == "yes"
     assert lines["paged KV waste at cap 1536"] == "yes"
+
+
+def test_batching_runs_of_different_caps_merge_into_one_result():
+    from jaxpaged.bench_batching import merge_results
+
+    def run(caps, rev, **args):
+        rows = [{"cap": c, "scheduler": s, "output_tokens_per_s": t * c}
+                for c in caps for s, t in (("reserve", 1.0), ("paged", 3.0))]
+        return {"card": "H100", "model": "m", "engine": {"max_num_seqs": 256, "warmup_s": float(len(caps))},
+                "kv_capacity_tokens": 1000, "git_revision": rev, "compiles_after_warmup": 0,
+                "args": {"caps": caps, "num_prompts": 1000, "json": "x", **args},
+                "rows": rows}
+
+    merged = merge_results([run([1536], "a"), run([32, 512], "b")])
+    assert [(r["cap"], r["scheduler"]) for r in merged["rows"]] == [
+        (32, "reserve"), (32, "paged"), (512, "reserve"), (512, "paged"),
+        (1536, "reserve"), (1536, "paged")]
+    assert merged["args"]["caps"] == [32, 512, 1536] and merged["git_revision"] == "a,b"
+    assert merged["paged_over_reserve"] == {"32": 3.0, "512": 3.0, "1536": 3.0}
+    with pytest.raises(ValueError, match="arguments differ: \\['num_prompts'\\]"):
+        merge_results([run([32], "a"), run([512], "a", num_prompts=500)])
+    with pytest.raises(ValueError, match="repeat \\(cap, scheduler\\): \\[\\(32, 'paged'\\)"):
+        merge_results([run([32], "a"), run([32], "b")])
