@@ -30,6 +30,7 @@ OUT=${OUT:-$PWD/tp_h100x2_out}
 PY=${PY:-python3}
 MODEL=${MODEL:-llama-3.1-8b}
 NUM_PROMPTS=${NUM_PROMPTS:-512}
+TPS=${TPS:-"1 2"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -51,36 +52,38 @@ JAX_DEFAULT_MATMUL_PRECISION=highest \
   --load-format dummy --dtype float32 --tp 1,2 --json "$OUT/tp_greedy_${MODEL}_f32.json"
 phase greedy-bf16 SKIP_GREEDY_BF16 "$PY" benchmarks/tp_greedy.py --model "$MODEL" \
   --load-format dummy --dtype bfloat16 --tp 1,2 --json "$OUT/tp_greedy_${MODEL}_bf16.json"
-for TP in 1 2; do
+for TP in $TPS; do
   phase "throughput-tp$TP" SKIP_THROUGHPUT "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy "${GPU_ENGINE[@]}" --tensor-parallel-size "$TP" \
     --num-prompts "$NUM_PROMPTS" --input-len 512 --output-len 256 --ignore-eos \
     --json "$OUT/throughput_${MODEL}_tp${TP}.json"
 done
 
-"$PY" - "$OUT" "$MODEL" <<'EOF' 2>&1 | tee "$OUT/tp_summary.md" | tee -a "$LOG"
+"$PY" - "$OUT" "$MODEL" $TPS <<'EOF' 2>&1 | tee "$OUT/tp_summary.md" | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 
-out, model = Path(sys.argv[1]), sys.argv[2]
-print(f"## {model}, dummy weights, bf16: 1 vs 2 GPUs (tensor parallelism)\n")
+out, model, tps = Path(sys.argv[1]), sys.argv[2], [int(t) for t in sys.argv[3:]]
+print(f"## {model}, dummy weights, bf16: {' vs '.join(map(str, tps))} GPUs (tensor "
+      f"parallelism; speed-up and efficiency against the first size)\n")
 print("| GPUs | req/s | output tok/s | total tok/s | seconds | speed-up | scaling efficiency "
       "| steady decode ms/step | compiles after warm-up |")
 print("|---|---|---|---|---|---|---|---|---|")
 base = None
-for tp in (1, 2):
+for tp in tps:
     f = out / f"throughput_{model}_tp{tp}.json"
     if not f.is_file():
         print(f"| {tp} | (no {f.name}) ||||||||")
         continue
     r = json.loads(f.read_text())
-    base = base or r["output_tokens_per_s"]
+    if base is None:
+        base, base_tp = r["output_tokens_per_s"], tp
     sd = r.get("steady_decode") or {}
     step = sd.get("step_s", {}).get("p50")
     print(f"| {tp} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
           f"{r['total_tokens_per_s']:.0f} | {r['elapsed_s']:.1f} | "
           f"{r['output_tokens_per_s'] / base:.2f}x | "
-          f"{r['output_tokens_per_s'] / base / tp:.0%} | "
+          f"{r['output_tokens_per_s'] / base / (tp / base_tp):.0%} | "
           f"{'-' if step is None else f'{step * 1e3:.2f}'} | {r['compiles_after_warmup']} |")
 for dtype in ("f32", "bf16"):
     f = out / f"tp_greedy_{model}_{dtype}.json"
