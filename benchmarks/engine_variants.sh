@@ -45,7 +45,7 @@ for v in $VARIANTS; do
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
     ${NUM_KV_BLOCKS:+--num-kv-blocks "$NUM_KV_BLOCKS"} --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
     --output-len "${OUTPUT_LEN:-256}" --ignore-eos "${flags[@]}" --json "$OUT/variant_$v.json" 2>&1 \
-    | grep -v "Processed prompts" | tee -a "$LOG"
+    | grep --line-buffered -v "Processed prompts" | tee -a "$LOG"
 done
 
 "$PY" - "$OUT" <<'PY' | tee -a "$LOG"
