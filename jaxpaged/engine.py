@@ -79,6 +79,9 @@ class _Tracked:
     num_cached_tokens: int = 0
     error: str | None = None  # why a child was rejected (finish_reason "error")
     final_only: bool = False  # report only when finished (vLLM's RequestOutputKind.FINAL_ONLY)
+    # Each completion's sampler inputs, made at its first sampling step and kept: its token
+    # list is the request's live one, so a step only updates the pending count.
+    sampling_rows: dict[int, SamplingRow] = dataclasses.field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -320,10 +323,15 @@ class LLMEngine:
             tracked = self._tracked[parent]
             if s.sample:
                 # schedule() counted this step's own sample as a placeholder already.
-                rows[s.request_id] = SamplingRow(tracked.params, tracked.seeds[index],
-                                                 request.all_token_ids,
-                                                 request.num_prompt_tokens, self._eos,
-                                                 request.num_output_placeholders - 1)
+                pending = request.num_output_placeholders - 1
+                row = tracked.sampling_rows.get(index)
+                if row is None:
+                    row = tracked.sampling_rows[index] = SamplingRow(
+                        tracked.params, tracked.seeds[index], request.all_token_ids,
+                        request.num_prompt_tokens, self._eos, pending)
+                else:
+                    row.num_pending_tokens = pending
+                rows[s.request_id] = row
             if tracked.prompt_logprobs is not None and index == 0 and \
                     s.start_pos < request.num_prompt_tokens - 1:
                 plp[s.request_id] = request.prompt_token_ids
