@@ -12,6 +12,9 @@
 #                 graphs (command buffers) too, so the host launches fewer kernels a step
 #   async-dsf     the defaults with XLA's dynamic-slice fusion: a GEMM reads its layer's slice
 #                 of the stacked weights in place instead of the scan copying it out first
+#                 (measured: no effect, the copies stay)
+#   async-dsf-cublas  the same with Triton GEMM fusions off, so every GEMM is a cuBLAS call,
+#                 the kind dynamic-slice fusion handles (not run yet)
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
@@ -39,7 +42,8 @@ for v in $VARIANTS; do
   [[ $v == *unroll-decode ]] && unroll=decode
   xla_flags=${XLA_FLAGS:-}
   [[ $v == *graphs ]] && xla_flags+=" $GRAPH_FLAGS"
-  [[ $v == *dsf ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
+  [[ $v == *dsf* ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
+  [[ $v == *cublas ]] && xla_flags+=" --xla_gpu_enable_triton_gemm=false"
   echo "=== $v" | tee -a "$LOG"
   XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
