@@ -66,6 +66,18 @@ def test_preemption_under_a_tiny_cache_matches_transformers():
     assert kv_blocks_in_use(llm) == 0
 
 
+def test_seeded_sampling_is_the_same_with_preemption(llm):
+    """A preempted request resumes with its own seed and output position: the engine keeps
+    each completion's sampler inputs across steps, and they must stay right across a resume."""
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, min_tokens=4, max_tokens=24)
+    want = token_ids(llm.generate(PROMPTS, params, use_tqdm=False))
+    tiny = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
+                    enable_prefix_caching=False)
+    got = token_ids(tiny.generate(PROMPTS, params, use_tqdm=False))
+    assert tiny.llm_engine.scheduler.num_preemptions > 0
+    assert got == want
+
+
 def test_chunked_prefill_matches_transformers():
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16)
     longest = max(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
