@@ -173,7 +173,8 @@ def test_penalties_match_reference() -> None:
 def test_min_tokens_suppresses_eos_and_stop_ids() -> None:
     logits = np.tile(np.array([9.0, 8.0, 7.0, 0, 0, 0, 0, 0], np.float32), (3, 1))
     rows = [
-        row(tokens=[5, 5], prompt_len=1, eos=0, temperature=0.0, min_tokens=3, stop_token_ids=[1]),
+        row(tokens=[5, 5], prompt_len=1, eos=0, temperature=0.0, min_tokens=3, stop_token_ids=[1],
+            logprobs=1),
         row(tokens=[5, 5, 5, 5], prompt_len=1, eos=0, temperature=0.0, min_tokens=3, stop_token_ids=[1]),
         row(tokens=[5], prompt_len=1, eos=0, temperature=0.0, min_tokens=2, ignore_eos=True),
     ]
@@ -267,3 +268,21 @@ def test_rows_sharing_one_params_object_fill_like_rows_with_their_own() -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     np.testing.assert_array_equal(a.suppressed_token_ids[1, :3], [5, 6, 7])
     np.testing.assert_array_equal(a.top_k, [3, 0, 0, 3, 0, 0])
+
+
+def test_logprobs_are_skipped_when_no_row_asks() -> None:
+    """Without logprobs the sampler skips the log-softmax passes; the tokens are the same."""
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(4, V)).astype(np.float32))
+    plain = [row(seed=s, temperature=0.9, top_p=0.8, min_tokens=2, tokens=[1, 2], eos=0)
+             for s in range(4)]
+    asked = [row(seed=s, temperature=0.9, top_p=0.8, min_tokens=2, tokens=[1, 2], eos=0,
+                 logprobs=0) for s in range(4)]
+    without = sample_jit(logits, build_sampling_metadata(plain, 4, V, L))
+    with_lp = sample_jit(logits, build_sampling_metadata(asked, 4, V, L))
+    np.testing.assert_array_equal(without.sampled_token_ids, with_lp.sampled_token_ids)
+    np.testing.assert_array_equal(without.sampled_logprobs, 0.0)
+    assert without.topk_token_ids.shape == (4, 0)
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(with_lp.sampled_logprobs,
+                               ref[np.arange(4), np.asarray(with_lp.sampled_token_ids)], rtol=1e-6)
