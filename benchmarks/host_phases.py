@@ -26,6 +26,7 @@ import numpy as np
 
 import jaxpaged.runner as runner_module
 from jaxpaged import LLM, SamplingParams
+from jaxpaged.bench_common import timed
 
 # (row label, owner, attribute): an owner string names a module-level function of the runner.
 PHASES = [
@@ -43,21 +44,20 @@ PHASES = [
 ]
 
 
-def install(engine, totals: dict[str, float]) -> None:
+def install(engine, totals: dict[str, float], calls: dict[str, int]) -> None:
+    """Wrap every phase: its seconds add up in totals[label], its calls in calls[label]."""
     owners = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner,
               "runner_module": runner_module}
+
+    def adding_to(label: str):
+        def add(seconds: float) -> None:
+            totals[label] += seconds
+            calls[label] += 1
+        return add
+
     for label, owner, attr in PHASES:
         obj = owners[owner]
-        inner = getattr(obj, attr)
-
-        def timed(*args, _inner=inner, _label=label, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                totals[_label] += time.perf_counter() - t0
-
-        setattr(obj, attr, timed)
+        setattr(obj, attr, timed(getattr(obj, attr), adding_to(label)))
 
 
 def stub_device() -> None:
@@ -111,23 +111,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
                for _ in range(args.num_prompts)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    if args.params_per_request:  # as jaxpaged-bench throughput (and vLLM's) passes them
-        params = [SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-                  for _ in prompts]
-    llm.generate(prompts[:2], params[:2] if isinstance(params, list) else params,
-                 use_tqdm=False)  # first-call costs out of the way
-    engine = llm.llm_engine
+    def make_params() -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+
+    # Per request, as jaxpaged-bench throughput (and vLLM's) passes them, or one shared.
+    shared = make_params()
+    params = [make_params() if args.params_per_request else shared for _ in prompts]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # first-call costs out of the way
     totals: dict[str, float] = collections.defaultdict(float)
-    install(engine, totals)
-    steps = [0]
-    step = engine.step
-
-    def counted():
-        steps[0] += 1
-        return step()
-
-    engine.step = counted
+    calls: dict[str, int] = collections.defaultdict(int)
+    install(llm.llm_engine, totals, calls)
     thresholds = [gc.get_threshold()]
     if args.python_gc_thresholds:
         thresholds = [(700, 10, 10)]
@@ -137,10 +130,10 @@ def main() -> None:
     for threshold in thresholds:
         gc.set_threshold(*threshold)
         totals.clear()
-        steps[0] = 0
+        calls.clear()
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
-        results.append(report(args, steps[0], time.perf_counter() - t0, totals))
+        results.append(report(args, calls["engine.step"], time.perf_counter() - t0, totals))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": results}, f, indent=1)

@@ -152,6 +152,17 @@ def slug(text: str) -> str:
 # -- the step recorder -----------------------------------------------------------------------
 
 
+def timed(fn: Callable, add: Callable[[float], None]) -> Callable:
+    """`fn`, with the wall seconds of each call passed to `add`."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            add(time.perf_counter() - t0)
+    return wrapper
+
+
 @dataclass(slots=True)
 class StepRecord:
     seconds: float  # wall time of the engine.step() call that scheduled it
@@ -194,13 +205,8 @@ class StepRecorder:
             self._plans.append((plan, scheduler.block_manager.usage))
             return plan
 
-        def timed(fn, total: str):  # fn's seconds are added to self.<total>
-            def wrapper(*args, **kwargs):
-                t0 = time.perf_counter()
-                out = fn(*args, **kwargs)
-                setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
-                return out
-            return wrapper
+        def adding_to(total: str) -> Callable[[float], None]:  # seconds -> self.<total>
+            return lambda s: setattr(self, total, getattr(self, total) + s)
 
         def timed_step():
             self._dispatch = self._wait = 0.0
@@ -220,7 +226,8 @@ class StepRecorder:
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
-        runner.dispatch, runner.fetch = timed(dispatch, "_dispatch"), timed(fetch, "_wait")
+        runner.dispatch = timed(dispatch, adding_to("_dispatch"))
+        runner.fetch = timed(fetch, adding_to("_wait"))
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule

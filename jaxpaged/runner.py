@@ -271,11 +271,6 @@ class ModelRunner:
             return BucketShape(S, S, S, True)
         return self._mixed_shape(sched.total_num_scheduled_tokens, want_plp)
 
-    def execute_model(self, sched: SchedulerOutput, rows: Mapping[str, SamplingRow],
-                      prompt_logprobs: Mapping[str, list[int]]) -> ModelRunnerOutput:
-        """Run one step and wait for its results (`dispatch` then `fetch`)."""
-        return self.fetch(self.dispatch(sched, rows, prompt_logprobs))
-
     def dispatch(self, sched: SchedulerOutput, rows: Mapping[str, SamplingRow],
                  prompt_logprobs: Mapping[str, list[int]]) -> StepHandle:
         """Enqueue one step on the device and return without waiting. `rows` holds the

@@ -192,9 +192,10 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
 # Host side: per-request inputs -> NumPy SamplingMetadata, transferred with the step's inputs.
 
 
-@dataclasses.dataclass(slots=True)  # not frozen: built per request per step
+@dataclasses.dataclass(slots=True)  # not frozen: the engine keeps one per completion and
+# updates num_pending_tokens each step
 class SamplingRow:
-    """What the sampler needs from one request for one step.
+    """What the sampler needs from one request (one completion) at a step.
 
     ``seed`` is required: the engine uses ``sampling_params.seed`` when given (plus the
     completion's index for n > 1, so siblings differ) and otherwise draws one at arrival.

@@ -6,7 +6,7 @@ Host-only module: plain Python, never imports ``jax``. Each step, every request'
 recompute after preemption are all that one rule. An engine step is
 
     scheduler_output = scheduler.schedule()
-    sampled = runner.execute_model(scheduler_output, ...)  # {request_id: token id}
+    sampled = runner.fetch(runner.dispatch(scheduler_output, ...))  # {request_id: token id}
     changed = scheduler.update_from_output(scheduler_output, sampled)
 
 with ``while scheduler.has_requests():`` around it. ``schedule()`` advances each scheduled

@@ -4,7 +4,7 @@ Host-only module: plain Python, never imports ``jax``.
 
 Invariants (kept by the scheduler, checked by its tests):
   * ``all_token_ids == prompt_token_ids + output_token_ids`` at all times; outputs are added
-    only through ``append_output_token_ids`` so that the two lists never diverge.
+    only through ``append_output_token(s)`` so that the two lists never diverge.
   * ``0 <= num_computed_tokens <= num_tokens + num_output_placeholders``: the KV of tokens
     ``[0, num_computed_tokens)`` is in the blocks ``block_ids`` (the request's block table), or
     will be once the steps already handed to the device have run.
