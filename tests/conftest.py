@@ -1,7 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 in jaxpaged and in transformers (the reference)."""
 
 import os
-import tempfile
 
 import pytest
 
@@ -16,9 +15,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 
 @pytest.fixture(scope="session")
-def cache_root() -> str:
-    """A fresh weight cache for the session, so the convert-then-cache path is exercised."""
-    root = tempfile.mkdtemp(prefix="jaxpaged-cache-")
+def cache_root(tmp_path_factory) -> str:
+    """A fresh weight cache for the session, so the convert-then-cache path is exercised; under
+    pytest's temporary root, which keeps only the last few sessions' (~340 MB each)."""
+    root = str(tmp_path_factory.mktemp("jaxpaged-cache"))
     os.environ["JAXPAGED_CACHE_DIR"] = root
     return root
 

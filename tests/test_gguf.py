@@ -2,6 +2,7 @@
 writes it (names, Llama's q/k row permutation, f32 and quantized tensors) loads back into
 jaxpaged with the same logits."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -123,3 +124,36 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, monkeypatch):
     got = np.concatenate([runner.step({0: ids[:40]})[0]] +
                          [runner.step({0: [t]})[0] for t in ids[40:]])
     assert rel_err(got, hf_logits(hf, ids)) <= 1e-4
+
+
+def test_weight_cache_is_keyed_by_file_content(tmp_path, monkeypatch):
+    """A GGUF copied elsewhere (a reinstall, another venv) reuses its converted entry; a file
+    with other weights gets its own."""
+    import os
+    import shutil
+
+    from jaxpaged.loader import load_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAXPAGED_CACHE_DIR", str(cache))
+    hf = _tiny_hf_model("llama", tmp_path / "hf")
+    first = tmp_path / "a" / "tiny.gguf"
+    first.parent.mkdir()
+    write_gguf(hf, "llama", first)
+    a = load_model(str(first), dtype="float32")
+    copy = tmp_path / "b" / "tiny.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, ns=(1, 1))
+    b = load_model(str(copy), dtype="float32")
+    assert len(list(cache.iterdir())) == 1
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.add_(1.0)
+    other = tmp_path / "c" / "tiny.gguf"
+    other.parent.mkdir()
+    write_gguf(hf, "llama", other)
+    load_model(str(other), dtype="float32")
+    assert len(list(cache.iterdir())) == 2
