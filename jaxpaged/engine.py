@@ -308,8 +308,9 @@ class LLMEngine:
         now = time.time()
         for request in changed:
             self._apply_request(request, result, now)
-        report = [rid for rid in touched if rid in self._tracked
-                  and (not self._tracked[rid].final_only or self._tracked[rid].finished)]
+        tracked = self._tracked
+        report = [rid for rid in touched if rid in tracked
+                  and (not tracked[rid].final_only or tracked[rid].finished)]
         return [self._make_output(rid, now) for rid in sorted(report, key=self._order)]
 
     def _order(self, request_id: str) -> float:
@@ -379,19 +380,21 @@ class LLMEngine:
             completion.cumulative_logprob += lp
         detok = tracked.detokenizers[index]
         # A stop token (EOS or a stop id) ends the text without its own characters.
-        stopped_on_token = request.status == RequestStatus.FINISHED_STOPPED
-        stop_str = (detok.update([new_token], stop_terminated=stopped_on_token)
+        status = request.status
+        stop_str = (detok.update([new_token],
+                                 stop_terminated=status == RequestStatus.FINISHED_STOPPED)
                     if detok is not None else None)
-        if stop_str is not None and not request.is_finished:
-            self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
         if stop_str is not None:
+            if not status.is_finished():
+                self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
             completion.finish_reason, completion.stop_reason = "stop", stop_str
-        elif request.is_finished:
-            completion.finish_reason = request.status.finish_reason
+        elif status.is_finished():
+            completion.finish_reason = status.finish_reason
             completion.stop_reason = request.stop_reason
+        finished = completion.finish_reason is not None
         if detok is not None:
-            completion.text = detok.get_next_output_text(completion.finished(), delta=False)
-        if completion.finished():
+            completion.text = detok.get_next_output_text(finished, delta=False)
+        if finished:
             tracked.metrics.finished_time = now
 
     def _make_output(self, request_id: str, now: float) -> RequestOutput:

@@ -312,14 +312,15 @@ class ModelRunner:
         sampled, plp = jax.device_get((handle.sampled, handle.prompt_logprobs))
         reqs, pos = handle.sched.scheduled_requests, handle.positions
         out = ModelRunnerOutput({}, {}, {})
-        for s, r in enumerate(reqs):
-            if not r.sample:
-                continue
-            out.sampled_token_ids[r.request_id] = int(sampled.sampled_token_ids[s])
-            if sampled.topk_token_ids.shape[1]:
-                out.logprobs[r.request_id] = (
-                    float(sampled.sampled_logprobs[s]), int(sampled.sampled_token_ranks[s]),
-                    sampled.topk_token_ids[s], sampled.topk_logprobs[s])
+        # Plain ints in one call: indexing the array costs ~0.1 us a row more.
+        token_ids = sampled.sampled_token_ids.tolist()
+        out.sampled_token_ids = {r.request_id: t for r, t in zip(reqs, token_ids) if r.sample}
+        if sampled.topk_token_ids.shape[1]:
+            for s, r in enumerate(reqs):
+                if r.sample:
+                    out.logprobs[r.request_id] = (
+                        float(sampled.sampled_logprobs[s]), int(sampled.sampled_token_ranks[s]),
+                        sampled.topk_token_ids[s], sampled.topk_logprobs[s])
         if plp is not None:
             for rid, rows_ in handle.prompt_rows.items():
                 out.prompt_logprobs[rid] = (

@@ -123,22 +123,15 @@ class _Plan:
     preempted: list[Request] = field(default_factory=list)
 
 
-def _total_tokens(request: Request) -> int:
-    """Known tokens plus those that steps in flight will sample."""
-    return request.num_tokens + request.num_output_placeholders
-
-
 def _scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    # Positional arguments and no helper calls: this runs for every request of every step.
     start = request.num_computed_tokens
     token_ids = request.all_token_ids[start : start + num_new_tokens]
-    token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new_tokens - len(token_ids))
-    return ScheduledRequest(
-        request_id=request.request_id,
-        token_ids=token_ids,
-        start_pos=start,
-        block_ids=list(request.block_ids),
-        sample=start + num_new_tokens == _total_tokens(request),
-    )
+    if len(token_ids) < num_new_tokens:
+        token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new_tokens - len(token_ids))
+    total = len(request.all_token_ids) + request.num_output_placeholders
+    return ScheduledRequest(request.request_id, token_ids, start, request.block_ids.copy(),
+                            start + num_new_tokens == total)
 
 
 class Scheduler:
@@ -171,6 +164,13 @@ class Scheduler:
             self._errored[request.request_id] = request
             self._finished_req_ids.append(request.request_id)
             return
+        params = request.sampling_params
+        request.length_limit = min(request.num_prompt_tokens + self._max_tokens(request),
+                                   self.config.max_model_len)
+        request.min_tokens = getattr(params, "min_tokens", 0)
+        request.stop_eos_token_id = (None if getattr(params, "ignore_eos", False)
+                                     else request.eos_token_id)
+        request.stop_token_ids = frozenset(getattr(params, "stop_token_ids", None) or ())
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -275,17 +275,20 @@ class Scheduler:
         return output
 
     def _schedule_running(self, plan: _Plan) -> None:
+        running, allocate_slots = self.running, self.block_manager.allocate_slots
         i = 0
-        while i < len(self.running) and plan.token_budget > 0:
-            request = self.running[i]
-            if self._reaches_length(request):  # finishes when the step in flight is applied
-                i += 1
+        while i < len(running) and plan.token_budget > 0:
+            request = running[i]
+            # Known tokens plus those that steps in flight will sample.
+            total = len(request.all_token_ids) + request.num_output_placeholders
+            if request.num_output_placeholders and total >= request.length_limit:
+                i += 1  # a placeholder already takes it to its length: it finishes when applied
                 continue
-            num_new = min(_total_tokens(request) - request.num_computed_tokens, plan.token_budget)
-            while not self.block_manager.allocate_slots(request, num_new):
+            num_new = min(total - request.num_computed_tokens, plan.token_budget)
+            while not allocate_slots(request, num_new):
                 # Recompute preemption: the most recently admitted request gives its blocks
                 # back; it may be this very request when it is the last one running.
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is request:
@@ -293,13 +296,6 @@ class Scheduler:
             plan.scheduled.append((request, num_new))
             plan.token_budget -= num_new
             i += 1
-
-    def _reaches_length(self, request: Request) -> bool:
-        """A placeholder already takes the request to max_tokens or max_model_len."""
-        if not request.num_output_placeholders:
-            return False
-        return (request.num_output_tokens + request.num_output_placeholders >= self._max_tokens(request)
-                or _total_tokens(request) >= self.config.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -372,16 +368,23 @@ class Scheduler:
             raise ValueError(f"sampled_token_ids has no token for {missing}, which sampled this step")
         self._in_flight.popleft()
         changed = [self._errored_reported.pop(request_id) for request_id in scheduler_output.errored_req_ids]
+        requests, block_manager = self.requests, self.block_manager
+        # Whether cache_blocks can have work: a block filled up since the last call. Checked
+        # here because the call alone costs more than the check, for every request every step.
+        num_cached = block_manager.num_cached_blocks if block_manager.enable_prefix_caching else None
+        block_size = self.config.block_size
         for scheduled in scheduler_output.scheduled_requests:
-            request = self.requests.get(scheduled.request_id)
+            request = requests.get(scheduled.request_id)
             if request is None:  # finished (aborted, stopped) after schedule()
                 continue
             if scheduled.sample:
                 request.num_output_placeholders -= 1
                 request.append_output_token(int(sampled_token_ids[scheduled.request_id]))
             # Only known tokens can be hashed; a preempted request holds no blocks (no-op).
-            self.block_manager.cache_blocks(
-                request, min(request.num_computed_tokens, request.num_tokens))
+            num_known = min(request.num_computed_tokens, len(request.all_token_ids))
+            if num_cached is not None and \
+                    num_known // block_size > num_cached.get(request.request_id, 0):
+                block_manager.cache_blocks(request, num_known)
             if not scheduled.sample:
                 continue
             changed.append(request)
@@ -389,18 +392,18 @@ class Scheduler:
                 self._finish(request)
         return changed
 
-    def _check_stop(self, request: Request) -> bool:
-        params = request.sampling_params
-        if request.num_output_tokens >= getattr(params, "min_tokens", 0):
-            last = request.output_token_ids[-1]
-            if not getattr(params, "ignore_eos", False) and last == request.eos_token_id:
+    @staticmethod
+    def _check_stop(request: Request) -> bool:
+        output = request.output_token_ids
+        if len(output) >= request.min_tokens:
+            last = output[-1]
+            if last == request.stop_eos_token_id:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if last in (getattr(params, "stop_token_ids", None) or ()):
+            if last in request.stop_token_ids:
                 request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
-        max_tokens = self._max_tokens(request)
-        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.config.max_model_len:
+        if request.num_tokens >= request.length_limit:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

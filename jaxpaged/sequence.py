@@ -70,6 +70,13 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None  # why the request is FINISHED_ERROR
     block_hashes: list[bytes] = field(default_factory=list)
+    # Stop conditions resolved from sampling_params once, when the scheduler admits it (read
+    # every step): the length at which it finishes (max_tokens or max_model_len), min_tokens,
+    # the EOS id that stops it (None with ignore_eos) and its stop token ids.
+    length_limit: int = field(default=0, repr=False)
+    min_tokens: int = field(default=0, repr=False)
+    stop_eos_token_id: int | None = field(default=None, repr=False)
+    stop_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
