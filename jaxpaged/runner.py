@@ -16,6 +16,7 @@ Invariants:
 """
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -280,21 +281,23 @@ class ModelRunner:
         reqs = sched.scheduled_requests
         want_plp = any(r.request_id in prompt_logprobs for r in reqs)
         shape = self._shape_for(sched, want_plp)
-        cu = np.cumsum([0] + [len(r.token_ids) for r in reqs])
-        last_rows = [int(cu[s + 1]) - 1 for s in range(len(reqs))]
+        token_ids = [r.token_ids for r in reqs]
+        last_rows = [end - 1 for end in itertools.accumulate(map(len, token_ids))]
         ids, pos, md = build_step_inputs(
-            [r.token_ids for r in reqs], [r.start_pos for r in reqs],
-            [r.block_ids for r in reqs], self.block_size, num_tokens=shape.num_tokens,
-            num_seqs=shape.num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
-            logits_indices=list(range(int(cu[-1]))) if want_plp else last_rows,
+            token_ids, [r.start_pos for r in reqs], [r.block_ids for r in reqs],
+            self.block_size, num_tokens=shape.num_tokens, num_seqs=shape.num_seqs,
+            max_blocks_per_seq=self.max_blocks_per_seq,
+            logits_indices=list(range(last_rows[-1] + 1)) if want_plp else last_rows,
             num_logits=shape.num_logits, decode_only=shape.decode_only)
         source_rows = _no_sources(shape.num_tokens)
-        for s, r in enumerate(reqs):
-            if r.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                if r.request_id not in self._prev_rows:
-                    raise ValueError(f"{r.request_id!r} feeds a placeholder, but the previous "
-                                     f"step did not sample it")
-                source_rows[last_rows[s]] = self._prev_rows[r.request_id]
+        fed = [(row, r.request_id) for row, r in zip(last_rows, reqs)
+               if r.token_ids[-1] == PLACEHOLDER_TOKEN_ID]
+        if fed:
+            unknown = [rid for _, rid in fed if rid not in self._prev_rows]
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} feeds a placeholder, but the previous step "
+                                 f"did not sample it")
+            source_rows[[row for row, _ in fed]] = [self._prev_rows[rid] for _, rid in fed]
         self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
         sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
