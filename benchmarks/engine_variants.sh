@@ -15,6 +15,9 @@
 #                 (measured: no effect, the copies stay)
 #   async-dsf-cublas  the same with Triton GEMM fusions off, so every GEMM is a cuBLAS call,
 #                 the kind dynamic-slice fusion handles (not run yet)
+#   async-stacked the defaults with JAXPAGED_STACKED_MATMUL=1: in decode-only steps the seven
+#                 projections read their layer's weights in place from the stacks (Pallas
+#                 stacked_matmul) instead of the scan copying them out (not run yet)
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
@@ -37,15 +40,17 @@ GRAPH_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,
 for v in $VARIANTS; do
   flags=()
   unroll=0
+  stacked=0
   [[ $v == sync* ]] && flags+=(--no-async-scheduling)
   [[ $v == *unroll ]] && unroll=1
   [[ $v == *unroll-decode ]] && unroll=decode
+  [[ $v == *stacked ]] && stacked=1
   xla_flags=${XLA_FLAGS:-}
   [[ $v == *graphs ]] && xla_flags+=" $GRAPH_FLAGS"
   [[ $v == *dsf* ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
   [[ $v == *cublas ]] && xla_flags+=" --xla_gpu_enable_triton_gemm=false"
   echo "=== $v" | tee -a "$LOG"
-  XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
+  XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll JAXPAGED_STACKED_MATMUL=$stacked "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
     ${NUM_KV_BLOCKS:+--num-kv-blocks "$NUM_KV_BLOCKS"} --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
     --output-len "${OUTPUT_LEN:-256}" --ignore-eos "${flags[@]}" --json "$OUT/variant_$v.json" 2>&1 \

@@ -6,10 +6,18 @@ reads it through `attention.paged_attention` (no per-layer cache slice is copied
 `unroll=True` the scan is unrolled: each layer's weights are then static slices that feed the
 matmuls in place, where a rolled loop copies them out of the stack every step (on an H100,
 llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x longer.
+
+JAXPAGED_STACKED_MATMUL=1 (default 0; read when the forward is traced) keeps the loop rolled
+and avoids those copies another way in decode-only steps with impl="pallas" and no mesh: the
+seven projection kernels (q, k, v, o, gate, up, down) stay out of the scan's `xs` and each
+layer's matmul reads its slice of the stack in place (`pallas_kernels.stacked_matmul`, given
+the scan's layer index). Norm scales and biases are still sliced per layer; other steps, the
+reference impl and tensor-parallel meshes keep the plain path. The parameter tree is the same.
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +25,26 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+import pallas_kernels
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def stacked_matmul_setting() -> bool:
+    """JAXPAGED_STACKED_MATMUL: "1" reads decode steps' projection weights in place from the
+    layer stack (see the module docstring), "0" (the default) slices them in the scan."""
+    setting = os.environ.get("JAXPAGED_STACKED_MATMUL", "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"JAXPAGED_STACKED_MATMUL={setting!r}; allowed: 0, 1")
+    return setting == "1"
+
+
+def _is_projection_kernel(path: tuple, _value) -> bool:
+    return len(path) >= 2 and path[-1] == "kernel" and path[-2] in PROJECTIONS
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -70,6 +95,15 @@ def _linear(d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs)
                       kernel_init=init, rngs=rngs)
 
 
+def _project(linear: nnx.Linear, x: jax.Array, stacked_layer: jax.Array | None) -> jax.Array:
+    """linear(x). With `stacked_layer`, the linear holds the whole stack as its kernel
+    [L, D_in, D_out] (its bias is this layer's) and the layer's slice is read in place."""
+    if stacked_layer is None:
+        return linear(x)
+    y = pallas_kernels.stacked_matmul(x, linear.kernel[...], stacked_layer)
+    return y if linear.bias is None else y + linear.bias[...]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -83,16 +117,18 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
-                 impl: str, mesh: Mesh | None) -> tuple[jax.Array, KVCache]:
+                 impl: str, mesh: Mesh | None,
+                 stacked: bool = False) -> tuple[jax.Array, KVCache]:
         T = x.shape[0]
-        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        at = layer if stacked else None
+        q = _project(self.q_proj, x, at).reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
+        k = _project(self.k_proj, x, at).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = _project(self.v_proj, x, at).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh)
-        return self.o_proj(out.reshape(T, -1)), kv_cache
+        return _project(self.o_proj, out.reshape(T, -1), at), kv_cache
 
 
 class MLP(nnx.Module):
@@ -102,8 +138,10 @@ class MLP(nnx.Module):
         self.up_proj = _linear(D, F, False, dtype, rngs)
         self.down_proj = _linear(F, D, False, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, stacked_layer: jax.Array | None = None) -> jax.Array:
+        gate = _project(self.gate_proj, x, stacked_layer)
+        up = _project(self.up_proj, x, stacked_layer)
+        return _project(self.down_proj, jax.nn.silu(gate) * up, stacked_layer)
 
 
 class DecoderLayer(nnx.Module):
@@ -113,11 +151,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl, mesh):
+    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl, mesh, stacked=False):
+        """`stacked`: the projections' kernels are the whole [L, ...] stacks (see _project)."""
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                            kv_cache, layer, md, impl, mesh)
+                                            kv_cache, layer, md, impl, mesh, stacked)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), layer if stacked else None)
         return x, kv_cache
 
 
@@ -142,18 +181,28 @@ class CausalLM(nnx.Module):
 
     def __call__(self, kv_cache: KVCache, input_ids: jax.Array, positions: jax.Array,
                  md: AttentionMetadata, impl: str = "reference",
-                 mesh: Mesh | None = None, unroll: bool = False) -> tuple[KVCache, jax.Array]:
+                 mesh: Mesh | None = None, unroll: bool = False,
+                 stacked_matmul: bool | None = None) -> tuple[KVCache, jax.Array]:
         """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices).
-        `mesh`: tensor parallelism; the parameters and cache arrive sharded on it."""
+        `mesh`: tensor parallelism; the parameters and cache arrive sharded on it.
+        `stacked_matmul`: None follows JAXPAGED_STACKED_MATMUL (see the module docstring)."""
         x = self.embed_tokens(input_ids)  # [T, D]
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a compile-time constant
-        layer_def, layer_state = nnx.split(self.layers)
+        if stacked_matmul is None:
+            stacked_matmul = stacked_matmul_setting()
+        stacked = stacked_matmul and md.decode_only and impl == "pallas" and mesh is None
+        if stacked:
+            # The projection kernels stay whole, closed over by the body, never sliced.
+            layer_def, kernels, layer_state = nnx.split(self.layers, _is_projection_kernel, ...)
+        else:
+            layer_def, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
             x, cache = carry
             state, layer = xs
-            x, cache = nnx.merge(layer_def, state)(x, positions, inv_freq, cache, layer, md, impl,
-                                                   mesh)
+            layer_mod = (nnx.merge(layer_def, kernels, state) if stacked
+                         else nnx.merge(layer_def, state))
+            x, cache = layer_mod(x, positions, inv_freq, cache, layer, md, impl, mesh, stacked)
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
@@ -169,8 +218,10 @@ class CausalLM(nnx.Module):
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata,
-            impl: str = "reference", mesh: Mesh | None = None,
-            unroll: bool = False) -> tuple[KVCache, jax.Array]:
-    """The pure forward (STYLE rule 6): jit it with graphdef, impl, mesh and unroll static,
-    the cache donated."""
-    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh, unroll)
+            impl: str = "reference", mesh: Mesh | None = None, unroll: bool = False,
+            stacked_matmul: bool | None = None) -> tuple[KVCache, jax.Array]:
+    """The pure forward (STYLE rule 6): jit it with graphdef, impl, mesh, unroll and
+    stacked_matmul static, the cache donated. stacked_matmul=None reads
+    JAXPAGED_STACKED_MATMUL when traced."""
+    return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh, unroll,
+                                       stacked_matmul)

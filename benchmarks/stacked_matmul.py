@@ -1,0 +1,234 @@
+"""The decode layer loop's seven projections: XLA on scanned weights vs stacked_matmul.
+
+For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, gate, up, down
+(with a cheap dependency between layers, as a real layer has, so nothing is hoisted), in:
+
+  xla-scan     jnp.dot on the weights the scan slices out of the stacks (today's path: XLA
+               copies each layer's matrices before the GEMMs)
+  xla-unroll   the same scan with unroll=True (static slices, no copies, long compiles)
+  stacked-*    pallas_kernels.stacked_matmul reading each layer's weights in place: the
+               defaults, then a sweep of tile and launch settings
+
+Reports ms per scan (all L layers), weight bandwidth (bytes of all the weights / time), its
+ratio to a device-to-device copy's bandwidth measured in the same run (read + write bytes), the
+compile seconds, and each stacked variant's error against xla-scan. The JSON is rewritten
+after every row, so a run cut short keeps what it measured. One model per run keeps a run
+within a few minutes (xla-unroll compiles for long; --quick sweeps fewer settings).
+
+    PYTHONPATH=. python benchmarks/stacked_matmul.py --models llama-3.2-1b --json "$OUT/"
+    PYTHONPATH=. python benchmarks/stacked_matmul.py --interpret --small   # CPU smoke test
+"""
+
+import argparse
+import functools
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.bench_common import env_info, format_table, slug, write_json
+from pallas_kernels import stacked_matmul
+
+# L layers; D model; F MLP; Q = N * H query width; KV = K * H key/value width.
+MODELS = {
+    "llama-3.2-1b": dict(L=16, D=2048, F=8192, Q=2048, KV=512),
+    "llama-3.1-8b": dict(L=32, D=4096, F=14336, Q=4096, KV=1024),
+}
+SMALL_MODELS = {"tiny": dict(L=2, D=64, F=128, Q=64, KV=32)}
+NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+# stacked_matmul settings tried after its defaults ({}); block_t is capped at T's power of two.
+# Defaults (T >= 128): block_t 128, block_n 64, block_k 128, 4 warps, 3 stages (4 below T 128),
+# D_in split only when fewer than 264 programs. Shared memory of each setting, from Triton 3.8
+# for sm_90: 64-192 KB, so fewer stages also means two programs per SM instead of one.
+SWEEP = [
+    dict(block_n=128),
+    dict(block_n=32),
+    dict(num_stages=3),
+    dict(block_k=64),
+    dict(block_k=256),
+    dict(num_warps=8),
+    dict(num_stages=2),
+    dict(num_stages=5, block_t=64),
+    dict(num_splits=1),
+    dict(block_t=64),
+    dict(block_t=256, num_warps=8),
+    dict(block_n=128, num_warps=8, num_stages=3),
+]
+QUICK_SWEEP = SWEEP[:3]
+
+
+def make_weights(shape: dict, dtype, seed: int = 0) -> dict[str, jax.Array]:
+    """The stacks [L, D_in, D_out], drawn on the device (14 GB for llama-3.1-8b)."""
+    L, D, F, Q, KV = (shape[k] for k in ("L", "D", "F", "Q", "KV"))
+    dims = dict(q=(D, Q), k=(D, KV), v=(D, KV), o=(Q, D), gate=(D, F), up=(D, F), down=(F, D))
+    keys = jax.random.split(jax.random.key(seed), len(NAMES))
+    return {n: jax.jit(lambda key, s=dims[n]: (jax.random.normal(key, (L, *s), jnp.float32)
+                                               * s[0] ** -0.5).astype(dtype))(k)
+            for n, k in zip(NAMES, keys)}
+
+
+def layer(h: jax.Array, mm) -> jax.Array:
+    """One decoder layer's projections; mm(x, name) is x @ this layer's weight `name`."""
+    q, k, v = mm(h, "q"), mm(h, "k"), mm(h, "v")
+    # Attention stand-in: the output depends on k and v, as it would, for the price of a mean.
+    a = q * (1 + k.mean(axis=-1, keepdims=True) + v.mean(axis=-1, keepdims=True))
+    h = h + mm(a, "o")
+    h = h + mm(jax.nn.silu(mm(h, "gate")) * mm(h, "up"), "down")
+    h32 = h.astype(jnp.float32)
+    return (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)).astype(h.dtype)
+
+
+def xla_scan(h: jax.Array, ws: dict[str, jax.Array], unroll: bool) -> jax.Array:
+    def body(h, w):
+        return layer(h, lambda x, n: jnp.dot(x, w[n])), None
+
+    return jax.lax.scan(body, h, ws, unroll=unroll)[0]
+
+
+def stacked_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Array:
+    num_layers = ws["q"].shape[0]
+
+    def body(h, layer_id):
+        return layer(h, lambda x, n: stacked_matmul(x, ws[n], layer_id, **tuning)), None
+
+    return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+
+
+def time_calls(fn, x, min_calls: int, min_seconds: float) -> float:
+    """Median seconds per call of x = fn(x), calls queued back to back (the host enqueues the
+    next while the device runs one), over batches of `min_calls` and at least `min_seconds`."""
+    jax.block_until_ready(fn(x))
+    times: list[float] = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(min_calls):
+            y = fn(y)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - t0) / min_calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(num_bytes: int, dtype, min_seconds: float) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting read + write (XLA's `a + 1`)."""
+    a = jnp.ones((num_bytes // jnp.dtype(dtype).itemsize,), dtype)
+    seconds = time_calls(jax.jit(lambda a: a + jnp.asarray(1, dtype)), a, 4, min_seconds)
+    return 2 * a.nbytes / seconds / 1e12
+
+
+def measure(name: str, fn, h: jax.Array, weight_bytes: int, copy_tbps: float, args) -> dict:
+    row = {"variant": name}
+    try:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(h))
+        row["compile_s"] = time.perf_counter() - t0
+        seconds = time_calls(fn, h, args.calls, args.min_seconds)
+    except Exception as e:  # a tile setting the GPU cannot run: record it and go on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        traceback.print_exc(limit=2)
+        return row
+    row["ms"] = seconds * 1e3
+    row["weight_TBps"] = weight_bytes / seconds / 1e12
+    row["of_copy"] = row["weight_TBps"] / copy_tbps
+    row["_out"] = out
+    return row
+
+
+def rel_err(a: jax.Array, b: jax.Array) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bench_shape(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float, args) -> list:
+    weight_bytes = sum(w.nbytes for w in ws.values())
+    h = jax.random.normal(jax.random.key(num_tokens), (num_tokens, shape["D"]), jnp.float32)
+    h = h.astype(ws["q"].dtype)
+    variants = []
+    if "xla-scan" in args.variants:
+        variants.append(("xla-scan", jax.jit(functools.partial(xla_scan, unroll=False))))
+    if "xla-unroll" in args.variants:
+        variants.append(("xla-unroll", jax.jit(functools.partial(xla_scan, unroll=True))))
+    if "stacked" in args.variants:
+        sweep = [{}] + (QUICK_SWEEP if args.quick else SWEEP)
+        for tuning in sweep:
+            tuning = {**tuning, "interpret": True} if args.interpret else tuning
+            label = "stacked-" + (",".join(f"{k}={v}" for k, v in tuning.items()
+                                           if k != "interpret") or "default")
+            variants.append((label, jax.jit(functools.partial(stacked_scan, tuning=tuning))))
+    rows, baseline = [], None
+    for name, fn in variants:
+        row = measure(name, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps, args)
+        out = row.pop("_out", None)
+        if name == "xla-scan":
+            baseline = out
+        elif out is not None and baseline is not None:
+            row["rel_err_vs_xla"] = rel_err(out, baseline)
+        row.update(model=model, T=num_tokens, weight_GB=weight_bytes / 1e9)
+        print(f"{model} T={num_tokens} {name}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            if k not in ("model", "T", "variant")), flush=True)
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Per (model, T): xla-scan, xla-unroll, stacked defaults and the best stacked setting."""
+    table = []
+    for key in dict.fromkeys((r["model"], r["T"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["T"]) == key and "ms" in r]
+        stacked = [r for r in group if r["variant"].startswith("stacked")]
+        best = min(stacked, key=lambda r: r["ms"], default=None)
+        picks = [r for r in group if not r["variant"].startswith("stacked")]
+        picks += [r for r in stacked if r["variant"] == "stacked-default"]
+        if best is not None and best["variant"] != "stacked-default":
+            picks.append({**best, "variant": "best " + best["variant"]})
+        table += [[*key, r["variant"], r["ms"], r["weight_TBps"], r["of_copy"], r["compile_s"],
+                   r.get("rel_err_vs_xla")] for r in picks]
+    return format_table(["model", "T", "variant", "ms/scan", "weight TB/s", "of copy",
+                         "compile s", "err vs xla"], table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--variants", nargs="+", default=["xla-scan", "xla-unroll", "stacked"],
+                   choices=["xla-scan", "xla-unroll", "stacked"])
+    p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} settings, "
+                   f"not {len(SWEEP)}")
+    p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")
+    p.add_argument("--interpret", action="store_true", help="run the Pallas interpreter")
+    p.add_argument("--calls", type=int, default=10, help="scans queued per timed batch")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="timing per variant")
+    p.add_argument("--json", default=None, help="file, or directory for the default name")
+    args = p.parse_args()
+    models = SMALL_MODELS if args.small else {m: MODELS[m] for m in args.models}
+    args.models = list(models)
+    if args.small:
+        args.tokens = [t for t in args.tokens if t <= 32] or [8, 20]
+        args.calls, args.min_seconds = min(args.calls, 2), min(args.min_seconds, 0.05)
+    dtype = jnp.bfloat16
+    env = env_info()
+    result = {"env": env, "args": vars(args), "dtype": "bfloat16", "rows": []}
+    copy_tbps = copy_bandwidth(1 << (20 if args.small else 31), dtype, args.min_seconds)
+    result["copy_TBps"] = copy_tbps
+    print(f"{env['card']}: copy bandwidth {copy_tbps:.3f} TB/s (read + write)", flush=True)
+    default_name = f"stacked_matmul_{'_'.join(models)}_{slug(env['card'])}.json"
+    for model, shape in models.items():
+        ws = make_weights(shape, dtype)
+        for num_tokens in args.tokens:
+            result["rows"] += bench_shape(model, shape, num_tokens, ws, copy_tbps, args)
+            write_json(result, args.json, default_name)
+        del ws
+    path = write_json(result, args.json, default_name)
+    print()
+    print(f"{env['card']}, bf16, copy {copy_tbps:.2f} TB/s" + (f"; JSON: {path}" if path else ""))
+    print(summary(result["rows"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""stacked_matmul vs its pure-jnp reference (the Pallas interpreter on the CPU), its Triton
+lowering for an H100 (lowered, not run, from the CPU), and the model's decode step with
+JAXPAGED_STACKED_MATMUL=1 against the default path."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import stacked_matmul, stacked_matmul_reference
+from pallas_kernels.stacked_matmul import choose_num_splits
+
+from kernel_cases import assert_close
+
+L = 3
+
+
+def make_inputs(seed: int, num_tokens: int, d_in: int, d_out: int, dtype, num_layers: int = L):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((num_tokens, d_in)), dtype)
+    w = jnp.asarray(rng.standard_normal((num_layers, d_in, d_out)) / np.sqrt(d_in), dtype)
+    return x, w
+
+
+def check_every_layer(x, w, **tuning):
+    # One compile per shape: the layer index is traced, as it is in the model's scan.
+    run = jax.jit(functools.partial(stacked_matmul, **tuning))
+    for layer in range(w.shape[0]):
+        out = run(x, w, jnp.int32(layer))
+        assert out.shape == (x.shape[0], w.shape[2]) and out.dtype == x.dtype
+        assert_close(out, stacked_matmul_reference(x, w, layer), x.dtype.type)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 13, 16, 40])
+def test_matches_reference_for_every_layer(num_tokens, dtype):
+    # D_in 96 and D_out 80 shrink the default blocks to 32 and 16; block_t 16 makes T = 40 three
+    # blocks, the last one part masked.
+    x, w = make_inputs(num_tokens, num_tokens, 96, 80, dtype)
+    check_every_layer(x, w, block_t=16)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_split_k_partials_add_up(num_splits):
+    x, w = make_inputs(7, 21, 128, 48, jnp.float32)
+    check_every_layer(x, w, block_k=32, block_n=16, num_splits=num_splits)
+
+
+def test_default_blocks_on_model_like_widths():
+    # SmolLM2's D = 576 = 9 * 64 (block_k 128 -> 64) into its K * H = 192 kv width.
+    x, w = make_inputs(3, 24, 576, 192, jnp.bfloat16, num_layers=2)
+    check_every_layer(x, w)
+
+
+def test_layer_traced_in_a_scan_under_jit():
+    """Each step's layer comes from the scan, as in the model: x <- tanh(x @ w[l])."""
+    x, w = make_inputs(5, 12, 64, 64, jnp.float32, num_layers=4)
+
+    def run(mm, x, w):
+        def body(x, layer):
+            return jnp.tanh(mm(x, w, layer)), None
+
+        return jax.lax.scan(body, x, jnp.arange(w.shape[0], dtype=jnp.int32))[0]
+
+    got = jax.jit(functools.partial(run, stacked_matmul))(x, w)
+    want = run(stacked_matmul_reference, x, w)
+    assert_close(got, want, jnp.float32)
+
+
+def test_choose_num_splits_fills_small_launches_only():
+    # llama-3.1-8b k_proj at T = 64: 16 column blocks, D_in 4096 in 32 steps of 128.
+    assert choose_num_splits(1, 16, 32, 64, 4096, 2) == 8
+    # gate_proj at T = 256: 2 * 224 programs already fill the GPU.
+    assert choose_num_splits(2, 224, 32, 256, 4096, 2) == 1
+    # Never fewer than 4 k steps per split, and never a split that does not divide the steps.
+    assert choose_num_splits(1, 1, 8, 16, 1024, 2) == 2
+    assert choose_num_splits(1, 1, 9, 16, 1152, 2) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_n=48), "block_n=48"),
+    (dict(block_k=8), "block_k=8"),
+    (dict(num_splits=3), "num_splits=3"),
+])
+def test_rejects_bad_tuning(kwargs, match):
+    x, w = make_inputs(0, 8, 64, 32, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        stacked_matmul(x, w, jnp.int32(0), **kwargs)
+
+
+def test_rejects_bad_shapes():
+    x, w = make_inputs(0, 8, 64, 32, jnp.float32)
+    with pytest.raises(ValueError, match="D_in"):
+        stacked_matmul(x[:, :40], w[:, :40], jnp.int32(0))
+    with pytest.raises(ValueError, match="x must be"):
+        stacked_matmul(x, w[0], jnp.int32(0))
+
+
+# -- the Triton lowering, checked from the CPU --------------------------------------------------
+
+
+def lower_for_h100(x_shape, w_shape, dtype, **tuning) -> str:
+    """StableHLO of the kernel lowered through Pallas-Triton for an (abstract) H100: catches
+    what the Triton lowering rejects (tile shapes, indexers, dot shapes) without a GPU. It does
+    not run Triton's own compiler, so shared-memory limits are not checked."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+    args = (jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    fn = functools.partial(stacked_matmul, interpret=False, **tuning)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated")
+@pytest.mark.parametrize("num_tokens,d_in,d_out,dtype,tuning", [
+    (8, 4096, 1024, jnp.bfloat16, {}),  # llama-3.1-8b k_proj, tiny batch: split over D_in
+    (64, 4096, 14336, jnp.bfloat16, {}),  # gate_proj
+    (200, 14336, 4096, jnp.bfloat16, {}),  # down_proj, T not a power of two
+    (256, 576, 192, jnp.bfloat16, dict(block_t=256, num_warps=8)),  # SmolLM2 k_proj
+    (64, 2048, 512, jnp.float32, {}),
+])
+def test_lowers_through_triton_for_h100(num_tokens, d_in, d_out, dtype, tuning):
+    hlo = lower_for_h100((num_tokens, d_in), (4, d_in, d_out), dtype, **tuning)
+    assert hlo.count("__gpu$xla.gpu.triton") == 1
+    # The weight goes in whole (a free reshape), never a dynamic slice of the stack.
+    assert f"tensor<{4 * d_in}x{d_out}x" in hlo and "dynamic_slice" not in hlo
+
+
+# -- the model: JAXPAGED_STACKED_MATMUL=1 in a decode-only step ---------------------------------
+
+
+def tiny_model(attention_bias: bool):
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.models import CausalLM
+
+    cfg = ModelConfig(family="qwen2" if attention_bias else "llama", vocab_size=96,
+                      hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      attention_bias=attention_bias)
+    graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
+    # Fresh biases are zero and norm scales one: perturb them so they show up in the logits.
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape, p.dtype) if p.ndim <= 2 else p,
+        params)
+    return cfg, graphdef, params
+
+
+def decode_step_inputs(cfg, block_size: int = 16):
+    from jaxpaged.attention import KVCache
+    from jaxpaged.metadata import build_step_inputs
+
+    rng = np.random.default_rng(2)
+    lens = [5, 17, 1]  # tokens already cached; a fourth, padded sequence slot stays empty
+    tables = [[3, 1], [2, 5], [4]]
+    ids, pos, md = build_step_inputs(
+        [[int(t)] for t in rng.integers(0, cfg.vocab_size, len(lens))], lens, tables,
+        block_size, num_tokens=4, num_seqs=4, max_blocks_per_seq=2, logits_indices=[0, 1, 2],
+        num_logits=4, decode_only=True)
+    shape = (cfg.num_hidden_layers, 6, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    cache = KVCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                    jnp.asarray(rng.standard_normal(shape), jnp.float32))
+    return cache, jnp.asarray(ids), jnp.asarray(pos), jax.tree.map(jnp.asarray, md)
+
+
+@pytest.mark.parametrize("attention_bias", [False, True], ids=["llama", "qwen2-bias"])
+def test_model_decode_step_with_env_matches_default(attention_bias, monkeypatch):
+    from jaxpaged.models import forward
+
+    cfg, graphdef, params = tiny_model(attention_bias)
+    cache, ids, pos, md = decode_step_inputs(cfg)
+    results, jaxprs = {}, {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", setting)
+        # A fresh jit per setting: the variable is read when the forward is traced.
+        step = jax.jit(functools.partial(forward, graphdef, impl="pallas"))
+        jaxprs[setting] = str(jax.make_jaxpr(step)(params, cache, ids, pos, md))
+        results[setting] = step(params, cache, ids, pos, md)
+    assert "stacked_matmul" in jaxprs["1"] and "stacked_matmul" not in jaxprs["0"]
+    (cache0, logits0), (cache1, logits1) = results["0"], results["1"]
+    np.testing.assert_allclose(np.asarray(logits1)[:3], np.asarray(logits0)[:3],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache1.k), np.asarray(cache0.k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache1.v), np.asarray(cache0.v), rtol=1e-5, atol=1e-5)
+
+
+def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
+    """The reference impl and non-decode steps ignore the setting; a bad value is an error."""
+    from jaxpaged.models import forward
+
+    cfg, graphdef, params = tiny_model(False)
+    cache, ids, pos, md = decode_step_inputs(cfg)
+    mixed = dataclasses.replace(md, decode_only=False)
+    for impl, metadata in (("reference", md), ("pallas", mixed)):
+        jaxpr = jax.make_jaxpr(functools.partial(forward, graphdef, impl=impl,
+                                                 stacked_matmul=True))(params, cache, ids, pos,
+                                                                       metadata)
+        assert "stacked_matmul" not in str(jaxpr)
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "yes")
+    with pytest.raises(ValueError, match="JAXPAGED_STACKED_MATMUL"):
+        forward(graphdef, params, cache, ids, pos, md, "pallas")
