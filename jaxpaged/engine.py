@@ -294,6 +294,7 @@ class LLMEngine:
     def _schedule_and_dispatch(self) -> tuple[Any, Any]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.runner.update_states(sched)
             return sched, None
         return sched, self.runner.dispatch(sched, *self._runner_inputs(sched))
 

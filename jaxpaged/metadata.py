@@ -31,14 +31,17 @@ class AttentionMetadata:
 
 
 def build_step_inputs(token_ids: list[list[int]], start_positions: list[int],
-                      block_tables: list[list[int]], block_size: int, *, num_tokens: int,
-                      num_seqs: int, max_blocks_per_seq: int, logits_indices: list[int],
-                      num_logits: int, decode_only: bool = False,
+                      block_tables: list[list[int]] | tuple[np.ndarray, np.ndarray],
+                      block_size: int, *, num_tokens: int, num_seqs: int,
+                      max_blocks_per_seq: int, logits_indices: list[int], num_logits: int,
+                      decode_only: bool = False,
                       ) -> tuple[np.ndarray, np.ndarray, AttentionMetadata]:
     """Host-side (NumPy) inputs for one step, padded to the bucket sizes given.
 
     Sequence s feeds `token_ids[s]`, which sit at positions `start_positions[s]` onwards and are
-    written into its blocks `block_tables[s]`. Returns (input_ids, positions, metadata).
+    written into its blocks `block_tables[s]`. `block_tables` may also come already padded, as
+    (i32[num_seqs, max_blocks_per_seq] tables, i32[n] blocks per real sequence), the way
+    `InputBatch.block_tables` gathers them. Returns (input_ids, positions, metadata).
     """
     # Vectorised over the batch (a Python loop per sequence cost ~5 us each, 1.3 ms at 256).
     n = len(token_ids)
@@ -48,15 +51,13 @@ def build_step_inputs(token_ids: list[list[int]], start_positions: list[int],
         raise ValueError(f"step of {total} tokens / {n} seqs exceeds the bucket "
                          f"({num_tokens} tokens / {num_seqs} seqs)")
     starts = np.fromiter(start_positions, np.int32, n)
-    table_lens = np.fromiter(map(len, block_tables), np.int32, n)
-    tables = np.full((num_seqs, max_blocks_per_seq), NULL_BLOCK_ID, np.int32)
-    if table_lens.size and table_lens.max() > max_blocks_per_seq:
-        raise ValueError(f"a block table has {table_lens.max()} blocks, more than "
-                         f"max_blocks_per_seq={max_blocks_per_seq}")
-    rows_of = np.repeat(np.arange(n), table_lens)
-    cols_of = np.arange(rows_of.size) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
-    tables[rows_of, cols_of] = np.fromiter(itertools.chain.from_iterable(block_tables),
-                                           np.int32, rows_of.size)
+    if isinstance(block_tables, tuple):
+        tables, table_lens = block_tables
+        if tables.shape != (num_seqs, max_blocks_per_seq) or table_lens.shape != (n,):
+            raise ValueError(f"padded block tables of shape {tables.shape} with {table_lens.shape} "
+                             f"lengths; expected ({num_seqs}, {max_blocks_per_seq}) and ({n},)")
+    else:
+        tables, table_lens = _padded_tables(block_tables, num_seqs, max_blocks_per_seq)
     cu_q_lens = np.full(num_seqs + 1, total, np.int32)
     cu_q_lens[0] = 0
     cu_q_lens[1:n + 1] = np.cumsum(q_lens)
@@ -76,3 +77,18 @@ def build_step_inputs(token_ids: list[list[int]], start_positions: list[int],
     rows[:len(logits_indices)] = logits_indices
     md = AttentionMetadata(slot_mapping, tables, kv_lens, cu_q_lens, rows, decode_only)
     return input_ids, positions, md
+
+
+def _padded_tables(block_tables: list[list[int]], num_seqs: int,
+                   max_blocks_per_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(block_tables)
+    table_lens = np.fromiter(map(len, block_tables), np.int32, n)
+    tables = np.full((num_seqs, max_blocks_per_seq), NULL_BLOCK_ID, np.int32)
+    if table_lens.size and table_lens.max() > max_blocks_per_seq:
+        raise ValueError(f"a block table has {table_lens.max()} blocks, more than "
+                         f"max_blocks_per_seq={max_blocks_per_seq}")
+    rows_of = np.repeat(np.arange(n), table_lens)
+    cols_of = np.arange(rows_of.size) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+    tables[rows_of, cols_of] = np.fromiter(itertools.chain.from_iterable(block_tables),
+                                           np.int32, rows_of.size)
+    return tables, table_lens

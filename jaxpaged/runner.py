@@ -30,12 +30,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpaged.attention import KVCache
 from jaxpaged.buckets import bucket_for, make_buckets
+from jaxpaged.input_batch import InputBatch
 from jaxpaged.loader import LoadedModel, cache_dir
 from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward
 from jaxpaged.packed import pack, unpack
-from jaxpaged.sampler import (MAX_LOGPROBS, SamplingRow, build_sampling_metadata,
-                              compute_logprobs, sample, sampling_metadata_variants)
+from jaxpaged.sampler import (MAX_LOGPROBS, NUM_SAMPLER_CONSTANTS, SamplingRow,
+                              build_sampling_metadata, compute_logprobs, sample,
+                              sampling_metadata_variants)
 from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, SchedulerOutput
 from jaxpaged.sharding import gather_logits, kv_cache_sharding
 
@@ -175,6 +177,8 @@ class ModelRunner:
         # request's row in them: where placeholders of the next step come from.
         self._prev_sampled = jnp.zeros(max_num_seqs, jnp.int32, device=self._logits_sharding)
         self._prev_rows: dict[str, int] = {}
+        # Block tables and sampler constants kept across steps (rows grow on demand).
+        self._batch = InputBatch(self.max_blocks_per_seq, NUM_SAMPLER_CONSTANTS, max_num_seqs)
 
     # -- shapes --------------------------------------------------------------------------
 
@@ -278,13 +282,16 @@ class ModelRunner:
         sampling inputs of requests that sample this step; `prompt_logprobs` maps requests
         that want prompt logprobs to their prompt token ids. Placeholder tokens must be
         sampled by the step dispatched just before this one."""
+        self.update_states(sched)
         reqs = sched.scheduled_requests
         want_plp = any(r.request_id in prompt_logprobs for r in reqs)
         shape = self._shape_for(sched, want_plp)
         token_ids = [r.token_ids for r in reqs]
         last_rows = [end - 1 for end in itertools.accumulate(map(len, token_ids))]
+        batch_rows = self._batch.rows(reqs)
         ids, pos, md = build_step_inputs(
-            token_ids, [r.start_pos for r in reqs], [r.block_ids for r in reqs],
+            token_ids, [r.start_pos for r in reqs],
+            self._batch.block_tables(batch_rows, shape.num_seqs),
             self.block_size, num_tokens=shape.num_tokens, num_seqs=shape.num_seqs,
             max_blocks_per_seq=self.max_blocks_per_seq,
             logits_indices=list(range(last_rows[-1] + 1)) if want_plp else last_rows,
@@ -301,7 +308,8 @@ class ModelRunner:
         self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
         sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
-        smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len)
+        smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len,
+                                      self._sampler_constants(sampling_rows, batch_rows))
         plp, prompt_rows = None, {}
         if want_plp:
             plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
@@ -309,6 +317,24 @@ class ModelRunner:
         sampled, self._prev_sampled = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
         self._prev_rows = {r.request_id: s for s, r in enumerate(reqs) if r.sample}
         return StepHandle(sched, sampled, plp, pos, prompt_rows)
+
+    def update_states(self, sched: SchedulerOutput) -> None:
+        """Forget the requests `sched` reports finished or preempted. `dispatch` does it; the
+        engine calls it for the outputs it does not dispatch (those that schedule nothing)."""
+        self._batch.release(sched.finished_req_ids)
+        self._batch.release(sched.preempted_req_ids)
+
+    def _sampler_constants(self, sampling_rows: list[SamplingRow | None],
+                           batch_rows: list[int]) -> np.ndarray:
+        """The sampling rows' `sampler_constants`, from the batch's rows (filled the first
+        time a request samples)."""
+        batch = self._batch
+        real = [(b, row) for b, row in zip(batch_rows, sampling_rows) if row is not None]
+        for b, row in real:
+            if not batch.has_constants[b]:
+                batch.constants[b] = row.sampling_params.sampler_constants
+                batch.has_constants[b] = True
+        return batch.constants[[b for b, _ in real]]
 
     def fetch(self, handle: StepHandle) -> ModelRunnerOutput:
         """Wait for a dispatched step; its one device-to-host transfer."""

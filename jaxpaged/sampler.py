@@ -271,18 +271,21 @@ def _check_suppressed(i: int, suppressed: list[int], vocab_size: int) -> None:
 # flags greedy, penalties, truncation, logprobs and min_tokens follow them.
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalties",
                  "frequency_penalties", "repetition_penalties")
-_NUM_CONSTANTS = len(_PARAM_FIELDS) + 5
+NUM_SAMPLER_CONSTANTS = len(_PARAM_FIELDS) + 5
 
 
 def build_sampling_metadata(
-    rows: Sequence[SamplingRow | None], num_rows_padded: int, vocab_size: int, max_model_len: int
+    rows: Sequence[SamplingRow | None], num_rows_padded: int, vocab_size: int, max_model_len: int,
+    constants: np.ndarray | None = None,
 ) -> SamplingMetadata:
     """NumPy ``SamplingMetadata`` for one step; row i describes logits row i, None is padding.
 
     Rows past ``len(rows)`` are padding too. Static flags are derived from the real rows.
     Filled a column at a time from every row's ``SamplingParams.sampler_constants`` stacked
     into one array: per-row scalar stores cost ~1.3 ms a step at 256 rows, and a batch whose
-    requests each bring their own (equal) SamplingParams is the usual case.
+    requests each bring their own (equal) SamplingParams is the usual case. ``constants``, when
+    given, is that array already made (f64[real rows, NUM_SAMPLER_CONSTANTS], the real rows in
+    order), as the runner keeps it across steps.
     """
     if len(rows) > num_rows_padded:
         raise ValueError(f"got {len(rows)} rows, more than num_rows_padded={num_rows_padded}.")
@@ -295,8 +298,14 @@ def build_sampling_metadata(
             f"rows[{index[j]}].token_ids has {len(real[j].token_ids)} (+ {real[j].num_pending_tokens} "
             f"pending) tokens, more than max_model_len={max_model_len}."
         )
-    consts = np.array([row.sampling_params.sampler_constants for row in real],
-                      np.float64).reshape(len(real), _NUM_CONSTANTS)
+    if constants is None:
+        consts = np.array([row.sampling_params.sampler_constants for row in real],
+                          np.float64).reshape(len(real), NUM_SAMPLER_CONSTANTS)
+    elif constants.shape != (len(real), NUM_SAMPLER_CONSTANTS):
+        raise ValueError(f"constants has shape {constants.shape}; expected "
+                         f"({len(real)}, {NUM_SAMPLER_CONSTANTS}), one row per real row")
+    else:
+        consts = constants
     greedy, penalties, truncation, logprobs, min_tokens = consts[:, len(_PARAM_FIELDS):].T
     no_penalties = not penalties.any()
     # Without penalties the history is never read; a zero-width array saves the transfer.

@@ -88,6 +88,9 @@ class ScheduledRequest:
     start_pos: int  # num_computed_tokens before this step
     block_ids: list[int]  # the whole block table (a copy), covering start_pos + len(token_ids)
     sample: bool  # this chunk reaches the last known token: sample one from its last row
+    # Admitted from the waiting queue by this step (first time, or resumed after preemption):
+    # its block table is new, not an extension of one sent before.
+    admitted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class _Plan:
 
     token_budget: int
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, num_new_tokens)
+    num_running_scheduled: int = 0  # scheduled[:this] were running, the rest were admitted
     preempted: list[Request] = field(default_factory=list)
 
 
@@ -255,9 +259,12 @@ class Scheduler:
             )
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
+        plan.num_running_scheduled = len(plan.scheduled)
         if not plan.preempted:  # if blocks ran out for running requests, admit nobody
             self._schedule_waiting(plan)
         scheduled = [_scheduled_request(request, n) for request, n in plan.scheduled]
+        for s in scheduled[plan.num_running_scheduled:]:
+            s.admitted = True
         for (request, n), s in zip(plan.scheduled, scheduled):
             request.num_computed_tokens += n
             request.num_output_placeholders += s.sample

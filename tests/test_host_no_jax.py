@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST_MODULES = ["jaxpaged.sequence", "jaxpaged.block_manager", "jaxpaged.scheduler", "jaxpaged.buckets"]
+HOST_MODULES = ["jaxpaged.sequence", "jaxpaged.block_manager", "jaxpaged.scheduler", "jaxpaged.buckets",
+                "jaxpaged.input_batch"]
 
 _REPORT_JAX = (
     "import importlib, sys\n"

@@ -58,6 +58,13 @@ def test_matches_a_per_sequence_loop(step, pad_tokens, pad_seqs):
     got = (ids, pos, md.slot_mapping, md.block_tables, md.kv_lens, md.cu_q_lens, md.logits_indices)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+    # The same step from tables already padded (as the runner's InputBatch gathers them).
+    padded = (want[3], np.array([len(t) for t in tables], np.int32).reshape(-1))
+    ids2, pos2, md2 = build_step_inputs(token_ids, starts, padded, block_size, num_tokens=T,
+                                        num_seqs=S, max_blocks_per_seq=width,
+                                        logits_indices=rows, num_logits=max(T, 1))
+    for g, w in zip((ids2, pos2, md2.slot_mapping, md2.block_tables, md2.kv_lens), got):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_a_block_table_too_short_is_an_error():

@@ -286,3 +286,19 @@ def test_logprobs_are_skipped_when_no_row_asks() -> None:
     ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     np.testing.assert_allclose(with_lp.sampled_logprobs,
                                ref[np.arange(4), np.asarray(with_lp.sampled_token_ids)], rtol=1e-6)
+
+
+def test_given_constants_fill_like_stacked_ones() -> None:
+    """The runner passes the rows' constants kept across steps; the metadata is the same."""
+    rows = [row(seed=3, temperature=0.7, top_k=3), None,
+            row(temperature=0.0, min_tokens=4, eos=1), row(presence_penalty=0.5)]
+    real = [r for r in rows if r is not None]
+    constants = np.array([r.sampling_params.sampler_constants for r in real], np.float64)
+    want = build_sampling_metadata(rows, 6, V, L)
+    got = build_sampling_metadata(rows, 6, V, L, constants)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (got.all_greedy, got.no_penalties, got.no_top_k_top_p, got.max_num_logprobs) == \
+        (want.all_greedy, want.no_penalties, want.no_top_k_top_p, want.max_num_logprobs)
+    with pytest.raises(ValueError, match="constants has shape"):
+        build_sampling_metadata(rows, 6, V, L, constants[:2])

@@ -187,6 +187,24 @@ def test_preemption_victim_is_the_most_recently_admitted():
     assert a.num_output_tokens == b.num_output_tokens == 8
 
 
+def test_admitted_marks_first_and_resumed_schedules_only():
+    """The runner rebuilds a request's block-table row exactly when `admitted` says its table
+    is new: at its first schedule and when it resumes after preemption."""
+    sched = make_scheduler(num_blocks=7, block_size=2, max_model_len=12)  # 6 usable blocks
+    for rid, prompt in (("a", [3, 4, 5]), ("b", [6, 7, 8])):
+        sched.add_request(make_request(rid, prompt, max_tokens=8, ignore_eos=True))
+    seen: set[str] = set()
+    preempted: set[str] = set()
+    while sched.has_requests():
+        out, _ = step(sched)
+        for s in out.scheduled_requests:
+            assert s.admitted == (s.request_id not in seen or s.request_id in preempted)
+            seen.add(s.request_id)
+            preempted.discard(s.request_id)
+        preempted.update(out.preempted_req_ids)
+    assert sched.num_preemptions > 0
+
+
 def test_too_long_requests_are_rejected_alone():
     sched = make_scheduler(max_model_len=16, num_blocks=5, block_size=4)  # 4 usable blocks
     too_long = make_request("long", list(range(17)))
