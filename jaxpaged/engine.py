@@ -85,7 +85,11 @@ class _Tracked:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        # A loop, not all() over a generator: asked for every touched request every step.
+        for c in self.completions:
+            if c.finish_reason is None:
+                return False
+        return True
 
 
 class LLMEngine:

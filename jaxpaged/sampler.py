@@ -311,11 +311,15 @@ def build_sampling_metadata(
     # Without penalties the history is never read; a zero-width array saves the transfer.
     arrays = _padded_metadata(num_rows_padded, 0 if no_penalties else max_model_len)
     if real:
+        # Usually every row samples: a slice then, else the row indices converted once.
+        at = slice(0, len(real)) if index[-1] == len(real) - 1 else np.asarray(index)
         for j, field in enumerate(_PARAM_FIELDS):
-            arrays[field][index] = consts[:, j]
-        arrays["seeds"][index] = [row.seed % 2**32 for row in real]
-        arrays["output_positions"][index] = [row.num_output_tokens for row in real]
-        arrays["num_prompt_tokens"][index] = [row.num_prompt_tokens for row in real]
+            arrays[field][at] = consts[:, j]
+        arrays["seeds"][at] = [row.seed % 2**32 for row in real]
+        num_prompt = np.fromiter([row.num_prompt_tokens for row in real], np.int32, len(real))
+        arrays["num_prompt_tokens"][at] = num_prompt
+        # SamplingRow.num_output_tokens for every row at once.
+        arrays["output_positions"][at] = np.asarray(lengths, np.int32) - num_prompt
     for k in np.flatnonzero(min_tokens).tolist():  # rows still under min_tokens suppress ids
         i, ids = index[k], real[k].suppressed_token_ids()
         _check_suppressed(i, ids, vocab_size)
