@@ -128,14 +128,17 @@ class _Plan:
 
 
 def _scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    """The step's view of `request`, whose progress it then advances: num_computed_tokens
+    by the tokens fed, and a placeholder for the token a sampling chunk will produce."""
     # Positional arguments and no helper calls: this runs for every request of every step.
     start = request.num_computed_tokens
     token_ids = request.all_token_ids[start : start + num_new_tokens]
     if len(token_ids) < num_new_tokens:
         token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new_tokens - len(token_ids))
-    total = len(request.all_token_ids) + request.num_output_placeholders
-    return ScheduledRequest(request.request_id, token_ids, start, request.block_ids.copy(),
-                            start + num_new_tokens == total)
+    sample = start + num_new_tokens == len(request.all_token_ids) + request.num_output_placeholders
+    request.num_computed_tokens = start + num_new_tokens
+    request.num_output_placeholders += sample
+    return ScheduledRequest(request.request_id, token_ids, start, request.block_ids.copy(), sample)
 
 
 class Scheduler:
@@ -265,12 +268,9 @@ class Scheduler:
         scheduled = [_scheduled_request(request, n) for request, n in plan.scheduled]
         for s in scheduled[plan.num_running_scheduled:]:
             s.admitted = True
-        for (request, n), s in zip(plan.scheduled, scheduled):
-            request.num_computed_tokens += n
-            request.num_output_placeholders += s.sample
         output = SchedulerOutput(
             scheduled_requests=scheduled,
-            total_num_scheduled_tokens=sum(n for _, n in plan.scheduled),
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.token_budget,
             preempted_req_ids=[r.request_id for r in plan.preempted],
             finished_req_ids=self._finished_req_ids,
             errored_req_ids=list(self._errored),
