@@ -26,7 +26,7 @@ import numpy as np
 
 import jaxpaged.runner as runner_module
 from jaxpaged import LLM, SamplingParams
-from jaxpaged.bench_common import timed
+from jaxpaged.bench_common import env_info, timed
 
 # (row label, owner, attribute): an owner string names a module-level function of the runner.
 PHASES = [
@@ -136,7 +136,7 @@ def main() -> None:
         results.append(report(args, calls["engine.step"], time.perf_counter() - t0, totals))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": results}, f, indent=1)
+            json.dump({"args": vars(args), "runs": results, **env_info()}, f, indent=1)
 
 
 def report(args, n: int, wall: float, totals: dict[str, float]) -> dict:
