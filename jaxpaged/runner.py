@@ -13,6 +13,10 @@ Invariants:
     engine may dispatch the next step (async scheduling): a token the scheduler marks
     PLACEHOLDER_TOKEN_ID is then taken, on the device, from the previous dispatched step's
     sampled ids, so the host never waits for them before launching the next step.
+  * Each request's block table and sampler constants stay in a row of an `InputBatch` across
+    steps. Every scheduler output reaches `dispatch` or `update_states`, which release the rows
+    of requests it reports finished or preempted; a missed release would only waste a row,
+    since an admitted request's row always starts afresh.
 """
 
 import dataclasses
