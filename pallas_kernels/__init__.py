@@ -3,7 +3,8 @@
 from pallas_kernels.kv_cache_write import write_kv_cache, write_kv_cache_reference
 from pallas_kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
+from pallas_kernels.stacked_matmul import (stacked_matmul, stacked_matmul_fused,
+                                           stacked_matmul_fused_reference, stacked_matmul_reference)
 
 __all__ = [
     "paged_decode_attention",
@@ -11,6 +12,8 @@ __all__ = [
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "stacked_matmul",
+    "stacked_matmul_fused",
+    "stacked_matmul_fused_reference",
     "stacked_matmul_reference",
     "write_kv_cache",
     "write_kv_cache_reference",

@@ -22,9 +22,24 @@ Design:
 - Rows of x past T are masked (read as 0, never stored), so T needs no padding. ``block_n`` and
   ``block_k`` must divide D_out and D_in (no column masks in the streaming loop); the defaults
   are shrunk to the largest power of two that does (576 -> 64).
+
+Fused variant (``stacked_matmul_fused``): on an H100 the host pays ~4 us per kernel launch in a
+rolled layer loop, so the projections that share an input go in one launch.
+- Several stacks of one D_in (q, k, v): the grid's column axis runs over the column blocks of
+  all of them in turn (one ``block_n`` dividing every width); program n finds its weight from
+  the static block offsets and runs that weight's loop under ``pl.when``. Each weight has its
+  own output, returned as a tuple: one concatenated [T, sum D_out] output would need a copy for
+  every slice that feeds another custom call (v goes straight into the KV-cache write).
+- ``epilogue="silu_mul"`` for (gate, up): each program loads the x tile once per k step, runs
+  the gate and the up tile of the same columns and stores ``silu(gate) * up`` in f32, so the
+  [T, F] gate and up never reach memory. silu cannot apply to partial sums: when D_in is split
+  (chosen as if each program were two), the kernel writes both f32 partials as the unfused
+  path would and XLA adds them up and applies the epilogue.
 """
 
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -98,12 +113,31 @@ def _default_num_stages(block_t: int, block_n: int, block_k: int, x_itemsize: in
     return max(2, min(4, _SMEM_BUDGET // per_stage))
 
 
+def _accumulate(x_ref, w_refs, col0, *, rows, row_ok, w_row0, k_first, steps, block_t, block_n,
+                block_k) -> tuple[jax.Array, ...]:
+    """f32 [BT, BN] tiles ``x[rows, ks] @ w[layer][ks, col0:col0 + BN]`` for each of ``w_refs``
+    over ``steps`` k blocks from ``k_first``: the x tile is loaded once per step for all of them."""
+
+    def body(j, accs):
+        k0 = (k_first + j) * block_k
+        k = k0 + jnp.arange(block_k)  # [BK]
+        x = plt.load(x_ref.at[rows[:, None], k[None, :]], mask=row_ok, other=0.0)
+        out = []
+        for w_ref, acc in zip(w_refs, accs):
+            w = w_ref[pl.ds(w_row0 + k0, block_k), pl.ds(col0, block_n)]
+            out.append(acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32))
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((block_t, block_n), jnp.float32) for _ in w_refs)
+    return jax.lax.fori_loop(0, steps, body, zeros)
+
+
 def _stacked_matmul_kernel(
     layer_ref,  # i32[1]
     x_ref,  # [T, D_in]
-    w_ref,  # [L * D_in, D_out]
-    o_ref,  # [T, D_out] in x.dtype, or f32[splits * T, D_out] when split
-    *,
+    # The weights [L * D_in, D_out_i], then the outputs: [T, D_out_i] in x.dtype, or
+    # f32[splits * T, D_out_i] when split; with silu_mul (gate, up) and one [T, F] output.
+    *refs,
     num_tokens: int,
     d_in: int,
     block_t: int,
@@ -111,31 +145,156 @@ def _stacked_matmul_kernel(
     block_k: int,
     split_steps: int,
     split: bool,
+    col_starts: tuple[int, ...],
+    silu_mul: bool,
 ):
     t, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
     rows = t * block_t + jnp.arange(block_t)  # [BT] token rows
     row_ok = (rows < num_tokens)[:, None]
-    cols = n * block_n + jnp.arange(block_n)  # [BN] output columns
-    w_row0 = layer * d_in  # where this layer's [D_in, D_out] starts in the flat stack
-    k_first = s * split_steps
-
-    def body(j, acc):
-        k = (k_first + j) * block_k + jnp.arange(block_k)  # [BK]
-        x = plt.load(x_ref.at[rows[:, None], k[None, :]], mask=row_ok, other=0.0)
-        w = w_ref[pl.ds(w_row0 + (k_first + j) * block_k, block_k), pl.ds(n * block_n, block_n)]
-        return acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, split_steps, body, jnp.zeros((block_t, block_n), jnp.float32))
     out_rows = s * num_tokens + rows if split else rows
-    plt.store(o_ref.at[out_rows[:, None], cols[None, :]], acc.astype(o_ref.dtype), mask=row_ok)
+    tile = functools.partial(
+        _accumulate, x_ref, rows=rows, row_ok=row_ok,
+        w_row0=layer_ref[0] * d_in,  # where this layer's [D_in, D_out] starts in the flat stack
+        k_first=s * split_steps, steps=split_steps, block_t=block_t, block_n=block_n,
+        block_k=block_k)
+
+    def store(o_ref, col0, value):
+        cols = col0 + jnp.arange(block_n)  # [BN] output columns
+        plt.store(o_ref.at[out_rows[:, None], cols[None, :]], value.astype(o_ref.dtype),
+                  mask=row_ok)
+
+    if silu_mul:  # (gate, up) -> silu(gate) * up, both tiles of the same columns
+        (w_gate, w_up), (o_ref,) = refs[:2], refs[2:]
+        gate, up = tile((w_gate, w_up), n * block_n)
+        store(o_ref, n * block_n, _silu_mul(gate, up))
+        return
+    num_weights = len(refs) // 2
+    for i, (w_ref, o_ref) in enumerate(zip(refs[:num_weights], refs[num_weights:])):
+        def project(w_ref=w_ref, o_ref=o_ref, first=col_starts[i]):
+            col0 = (n - first) * block_n
+            (acc,) = tile((w_ref,), col0)
+            store(o_ref, col0, acc)
+
+        if num_weights == 1:
+            project()
+        else:  # column block n belongs to weight i when col_starts[i] <= n < col_starts[i + 1]
+            pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(project)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("block_t", "block_n", "block_k", "num_splits", "num_warps", "num_stages",
-                     "interpret"),
-)
+_TUNING = ("block_t", "block_n", "block_k", "num_splits", "num_warps", "num_stages", "interpret")
+
+
+def _launch(
+    x: jax.Array,  # [T, D_in]
+    ws: tuple[jax.Array, ...],  # [L, D_in, D_out_i] each
+    layer: jax.Array,
+    silu_mul: bool,
+    *,
+    block_t: int,
+    block_n: int,
+    block_k: int,
+    num_splits: int | None,
+    num_warps: int,
+    num_stages: int | None,
+    interpret: bool | None,
+) -> tuple[jax.Array, ...]:
+    """One pallas_call for all of ``ws``: a tuple of [T, D_out_i] in x.dtype, or with
+    ``silu_mul`` a 1-tuple of ``silu(x @ ws[0][layer]) * (x @ ws[1][layer])``."""
+    _check_stacks(x, ws, layer)
+    num_tokens, d_in = x.shape
+    num_layers = ws[0].shape[0]
+    d_outs = [w.shape[2] for w in ws]
+    if num_tokens == 0:
+        return (jnp.zeros((0, d_outs[0]), x.dtype),) if silu_mul else tuple(
+            jnp.zeros((0, d), x.dtype) for d in d_outs)
+    _check_block(block_t, "block_t")
+    block_t = min(block_t, max(16, _next_pow2(num_tokens)))
+    # One block_n for every weight, so that a column block is never shared by two of them.
+    block_n = _fit_block(block_n, math.gcd(*d_outs), "block_n",
+                         "D_out" if len(ws) == 1 else f"gcd of the D_outs {d_outs}")
+    block_k = _fit_block(block_k, d_in, "block_k", "D_in")
+    col_blocks = [d // block_n for d in d_outs]
+    t_blocks, k_steps = pl.cdiv(num_tokens, block_t), d_in // block_k
+    if num_splits is None:
+        # A silu_mul program streams two tiles: count it as two, like the unfused kernels.
+        num_splits = choose_num_splits(t_blocks, sum(col_blocks), k_steps, num_tokens, d_in,
+                                       max(w.dtype.itemsize for w in ws))
+    if num_splits < 1 or k_steps % num_splits:
+        raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
+    split = num_splits > 1
+    # silu cannot apply to partial sums: a split run returns both partials, epilogue in XLA.
+    paired = silu_mul and not split
+    if num_stages is None:
+        num_stages = _default_num_stages(block_t, (2 if paired else 1) * block_n, block_k,
+                                         x.dtype.itemsize, ws[0].dtype.itemsize)
+    kernel = functools.partial(
+        _stacked_matmul_kernel,
+        num_tokens=num_tokens,
+        d_in=d_in,
+        block_t=block_t,
+        block_n=block_n,
+        block_k=block_k,
+        split_steps=k_steps // num_splits,
+        split=split,
+        col_starts=tuple(itertools.accumulate(col_blocks, initial=0)),
+        silu_mul=paired,
+    )
+    if paired:
+        out_shape = (jax.ShapeDtypeStruct((num_tokens, d_outs[0]), x.dtype),)
+        grid_cols = col_blocks[0]
+    else:
+        out_shape = tuple(
+            jax.ShapeDtypeStruct((num_splits * num_tokens, d), jnp.float32) if split
+            else jax.ShapeDtypeStruct((num_tokens, d), x.dtype) for d in d_outs)
+        grid_cols = sum(col_blocks)
+    name = ("stacked_matmul" if len(ws) == 1 else
+            "stacked_matmul_silu_mul" if silu_mul else "stacked_matmul_fused")
+    outs = pl.pallas_call(
+        kernel,
+        grid=(t_blocks, grid_cols, num_splits),
+        out_shape=out_shape,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=_use_interpret(interpret),
+        name=name,
+    )(
+        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        x,
+        *(w.reshape(num_layers * d_in, w.shape[2]) for w in ws),
+    )
+    return _add_partials(outs, num_splits, silu_mul, x.dtype) if split else tuple(outs)
+
+
+def _add_partials(partials: tuple[jax.Array, ...], num_splits: int, silu_mul: bool,
+                  dtype: jnp.dtype) -> tuple[jax.Array, ...]:
+    """f32[splits * T, D_out_i] partial sums -> [T, D_out_i] (or silu(gate) * up) in dtype."""
+    sums = [p.reshape(num_splits, p.shape[0] // num_splits, -1).sum(axis=0) for p in partials]
+    if silu_mul:
+        return (_silu_mul(*sums).astype(dtype),)
+    return tuple(s.astype(dtype) for s in sums)
+
+
+def _silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jax.nn.silu(gate) * up
+
+
+def _check_stacks(x: jax.Array, ws: tuple[jax.Array, ...], layer: jax.Array) -> None:
+    for w in ws:
+        _check_shapes(x, w, layer)
+    if len({w.shape[0] for w in ws}) > 1:
+        raise ValueError(f"the stacks' layer counts differ: {[w.shape[0] for w in ws]}")
+
+
+def _check_epilogue(ws: tuple, epilogue: str | None) -> None:
+    if not isinstance(ws, (tuple, list)) or not ws:
+        raise ValueError(f"ws must be a non-empty tuple of [L, D_in, D_out] stacks; got {type(ws)}")
+    if epilogue not in (None, "silu_mul"):
+        raise ValueError(f"epilogue={epilogue!r}; allowed: None, 'silu_mul'")
+    if epilogue == "silu_mul" and (len(ws) != 2 or ws[0].shape != ws[1].shape):
+        raise ValueError("epilogue='silu_mul' takes exactly two stacks of one shape (gate, up); "
+                         f"got {[w.shape for w in ws]}")
+
+
+@functools.partial(jax.jit, static_argnames=_TUNING)
 def stacked_matmul(
     x: jax.Array,  # [T, D_in]
     w: jax.Array,  # [L, D_in, D_out]
@@ -157,52 +316,40 @@ def stacked_matmul(
     A layer index outside [0, L) is not checked (it would read out of bounds), as with
     ``lax.dynamic_slice`` it is the caller's scan index. ``interpret``: None runs the Pallas
     interpreter on a CPU backend only, True always, False never."""
-    _check_shapes(x, w, layer)
-    num_tokens, d_in = x.shape
-    num_layers, _, d_out = w.shape
-    if num_tokens == 0:
-        return jnp.zeros((0, d_out), x.dtype)
-    _check_block(block_t, "block_t")
-    block_t = min(block_t, max(16, _next_pow2(num_tokens)))
-    block_n = _fit_block(block_n, d_out, "block_n", "D_out")
-    block_k = _fit_block(block_k, d_in, "block_k", "D_in")
-    t_blocks, n_blocks, k_steps = pl.cdiv(num_tokens, block_t), d_out // block_n, d_in // block_k
-    if num_splits is None:
-        num_splits = choose_num_splits(t_blocks, n_blocks, k_steps, num_tokens, d_in,
-                                       w.dtype.itemsize)
-    if num_splits < 1 or k_steps % num_splits:
-        raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
-    if num_stages is None:
-        num_stages = _default_num_stages(block_t, block_n, block_k, x.dtype.itemsize,
-                                         w.dtype.itemsize)
-    split = num_splits > 1
-    kernel = functools.partial(
-        _stacked_matmul_kernel,
-        num_tokens=num_tokens,
-        d_in=d_in,
-        block_t=block_t,
-        block_n=block_n,
-        block_k=block_k,
-        split_steps=k_steps // num_splits,
-        split=split,
-    )
-    out_shape = (jax.ShapeDtypeStruct((num_splits * num_tokens, d_out), jnp.float32) if split
-                 else jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype))
-    out = pl.pallas_call(
-        kernel,
-        grid=(t_blocks, n_blocks, num_splits),
-        out_shape=out_shape,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=_use_interpret(interpret),
-        name="stacked_matmul",
-    )(
-        jnp.reshape(layer, (1,)).astype(jnp.int32),
-        x,
-        w.reshape(num_layers * d_in, d_out),
-    )
-    if not split:
-        return out
-    return out.reshape(num_splits, num_tokens, d_out).sum(axis=0).astype(x.dtype)
+    (out,) = _launch(x, (w,), layer, False, block_t=block_t, block_n=block_n, block_k=block_k,
+                     num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     interpret=interpret)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
+def stacked_matmul_fused(
+    x: jax.Array,  # [T, D_in]
+    ws: tuple[jax.Array, ...],  # [L, D_in, D_out_i] each, one D_in and L
+    layer: jax.Array,  # i32 scalar, may be traced
+    *,
+    epilogue: str | None = None,
+    block_t: int = DEFAULT_BLOCK_T,
+    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int = DEFAULT_BLOCK_K,
+    num_splits: int | None = None,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...] | jax.Array:
+    """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch (q/k/v, or gate/up).
+
+    epilogue=None: a tuple of [T, D_out_i] in x.dtype. epilogue="silu_mul" with ws = (gate, up)
+    of one shape: the single [T, F] array ``silu(x @ gate[layer]) * (x @ up[layer])``, computed
+    in f32; each program then streams the gate and the up tile of the same columns. ``block_n``
+    shrinks to the largest power of two dividing every D_out_i; the other arguments are as for
+    ``stacked_matmul``, with one ``num_splits`` for all the weights (a silu_mul split sums the
+    two partials and applies the epilogue in XLA)."""
+    _check_epilogue(ws, epilogue)
+    outs = _launch(x, tuple(ws), layer, epilogue == "silu_mul", block_t=block_t,
+                   block_n=block_n, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
+    return outs[0] if epilogue == "silu_mul" else outs
 
 
 def stacked_matmul_reference(
@@ -214,7 +361,28 @@ def stacked_matmul_reference(
     """Pure-jnp ``x @ w[layer]``: f32 products at full precision, result in x's dtype.
     ``tuning`` takes (and ignores) the kernel's keyword arguments, so either can be passed."""
     del tuning
+    return _matmul_f32(x, w, layer).astype(x.dtype)
+
+
+def stacked_matmul_fused_reference(
+    x: jax.Array,
+    ws: tuple[jax.Array, ...],
+    layer: jax.Array,
+    *,
+    epilogue: str | None = None,
+    **tuning,
+) -> tuple[jax.Array, ...] | jax.Array:
+    """Pure-jnp ``stacked_matmul_fused``: each product in f32 at full precision, the silu_mul
+    epilogue in f32 too, results in x's dtype. ``tuning`` is ignored."""
+    del tuning
+    _check_epilogue(ws, epilogue)
+    outs = [_matmul_f32(x, w, layer) for w in ws]
+    if epilogue == "silu_mul":
+        return _silu_mul(*outs).astype(x.dtype)
+    return tuple(o.astype(x.dtype) for o in outs)
+
+
+def _matmul_f32(x: jax.Array, w: jax.Array, layer: jax.Array) -> jax.Array:
     _check_shapes(x, w, layer)
     w_layer = jax.lax.dynamic_index_in_dim(w, jnp.reshape(layer, ()), axis=0, keepdims=False)
-    out = jnp.dot(x.astype(jnp.float32), w_layer.astype(jnp.float32), precision="highest")
-    return out.astype(x.dtype)
+    return jnp.dot(x.astype(jnp.float32), w_layer.astype(jnp.float32), precision="highest")

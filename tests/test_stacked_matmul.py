@@ -1,9 +1,10 @@
-"""stacked_matmul vs its pure-jnp reference (the Pallas interpreter on the CPU), its Triton
-lowering for an H100 (lowered, not run, from the CPU), and the model's decode step with
-JAXPAGED_STACKED_MATMUL=1 against the default path."""
+"""stacked_matmul and stacked_matmul_fused vs their pure-jnp references (the Pallas interpreter
+on the CPU), their Triton lowering for an H100 (lowered, not run, from the CPU), and the model's
+decode step with JAXPAGED_STACKED_MATMUL=1 against the default path."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels import stacked_matmul, stacked_matmul_reference
+from pallas_kernels import (stacked_matmul, stacked_matmul_fused, stacked_matmul_fused_reference,
+                            stacked_matmul_reference)
 from pallas_kernels.stacked_matmul import choose_num_splits
 
 from kernel_cases import assert_close
@@ -100,19 +102,110 @@ def test_rejects_bad_shapes():
         stacked_matmul(x, w[0], jnp.int32(0))
 
 
+# -- stacked_matmul_fused: q/k/v in one launch, gate/up with the silu_mul epilogue ---------------
+
+
+def make_stacks(seed: int, num_tokens: int, d_in: int, d_outs: tuple[int, ...], dtype,
+                num_layers: int = L):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((num_tokens, d_in)), dtype)
+    ws = tuple(jnp.asarray(rng.standard_normal((num_layers, d_in, d)) / np.sqrt(d_in), dtype)
+               for d in d_outs)
+    return x, ws
+
+
+def check_fused_every_layer(x, ws, epilogue=None, **tuning):
+    run = jax.jit(functools.partial(stacked_matmul_fused, epilogue=epilogue, **tuning))
+    for layer in range(ws[0].shape[0]):
+        got = run(x, ws, jnp.int32(layer))
+        want = stacked_matmul_fused_reference(x, ws, layer, epilogue=epilogue)
+        if epilogue == "silu_mul":
+            got, want = (got,), (want,)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == x.dtype
+            assert_close(g, w, x.dtype.type)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_tokens,d_in,d_outs,tuning", [
+    (13, 64, (64, 16, 16), dict(block_t=16)),  # GQA 4:1 widths; block_n 16, 6 column blocks
+    (40, 96, (64, 32, 32), dict(block_t=16)),  # three T blocks, the last part masked
+    (24, 576, (576, 192, 192), {}),  # SmolLM2's q/k/v: block_n 64, block_k 64
+])
+def test_fused_matches_reference(num_tokens, d_in, d_outs, tuning, dtype):
+    x, ws = make_stacks(num_tokens, num_tokens, d_in, d_outs, dtype,
+                        num_layers=2 if d_in > 128 else L)
+    check_fused_every_layer(x, ws, **tuning)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_tokens", [13, 40])
+def test_silu_mul_epilogue_matches_silu_of_products(num_tokens, dtype):
+    x, (wg, wu) = make_stacks(num_tokens + 1, num_tokens, 64, (96, 96), dtype)
+    run = jax.jit(functools.partial(stacked_matmul_fused, epilogue="silu_mul", block_t=16))
+    for layer in range(L):
+        got = run(x, (wg, wu), jnp.int32(layer))
+        gate = stacked_matmul_reference(x.astype(jnp.float32), wg, layer)
+        up = stacked_matmul_reference(x.astype(jnp.float32), wu, layer)
+        assert got.shape == (num_tokens, 96) and got.dtype == x.dtype
+        assert_close(got, jax.nn.silu(gate) * up, x.dtype.type)
+
+
+@pytest.mark.parametrize("epilogue,d_outs", [(None, (64, 32, 32)), ("silu_mul", (48, 48))])
+def test_fused_split_k_partials_add_up(epilogue, d_outs):
+    # With a split the silu_mul epilogue runs in XLA on the summed partials.
+    x, ws = make_stacks(9, 21, 128, d_outs, jnp.float32)
+    check_fused_every_layer(x, ws, epilogue, block_k=32, block_n=16, num_splits=2)
+
+
+def test_fused_layer_traced_in_a_scan_under_jit():
+    """A layer-like step, each layer from the scan: x <- tanh(q * (k + v) + silu(x Wg) * x Wu)."""
+    x, ws = make_stacks(6, 12, 32, (32, 32, 32, 32, 32), jnp.float32, num_layers=4)
+
+    def run(fused, x, ws):
+        def body(x, layer):
+            q, k, v = fused(x, ws[:3], layer)
+            return jnp.tanh(q * (k + v) + fused(x, ws[3:], layer, epilogue="silu_mul")), None
+
+        return jax.lax.scan(body, x, jnp.arange(ws[0].shape[0], dtype=jnp.int32))[0]
+
+    got = jax.jit(functools.partial(run, stacked_matmul_fused))(x, ws)
+    want = run(stacked_matmul_fused_reference, x, ws)
+    assert_close(got, want, jnp.float32)
+
+
+def test_fused_rejects_bad_arguments():
+    x, ws = make_stacks(0, 8, 64, (32, 32, 16), jnp.float32)
+    with pytest.raises(ValueError, match="epilogue='gelu'"):
+        stacked_matmul_fused(x, ws[:2], jnp.int32(0), epilogue="gelu")
+    with pytest.raises(ValueError, match="exactly two stacks"):
+        stacked_matmul_fused(x, ws, jnp.int32(0), epilogue="silu_mul")
+    with pytest.raises(ValueError, match="exactly two stacks"):
+        stacked_matmul_fused(x, ws[1:], jnp.int32(0), epilogue="silu_mul")
+    with pytest.raises(ValueError, match="x must be"):
+        stacked_matmul_fused(x, (ws[0], ws[1][:, :48]), jnp.int32(0))
+    with pytest.raises(ValueError, match="layer counts"):
+        stacked_matmul_fused(x, (ws[0], ws[1][:2]), jnp.int32(0))
+    with pytest.raises(ValueError, match="gcd of the D_outs"):
+        stacked_matmul_fused(x, (ws[0], jnp.zeros((L, 64, 40))), jnp.int32(0))
+
+
 # -- the Triton lowering, checked from the CPU --------------------------------------------------
 
 
-def lower_for_h100(x_shape, w_shape, dtype, **tuning) -> str:
+def lower_for_h100(x_shape, w_shape, dtype, fn=stacked_matmul, **kwargs) -> str:
     """StableHLO of the kernel lowered through Pallas-Triton for an (abstract) H100: catches
     what the Triton lowering rejects (tile shapes, indexers, dot shapes) without a GPU. It does
-    not run Triton's own compiler, so shared-memory limits are not checked."""
+    not run Triton's own compiler, so shared-memory limits are not checked. A tuple of
+    w_shapes is one stack each (for stacked_matmul_fused)."""
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
-    args = (jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    fn = functools.partial(stacked_matmul, interpret=False, **tuning)
+    w = (tuple(jax.ShapeDtypeStruct(s, dtype) for s in w_shape)
+         if isinstance(w_shape[0], tuple) else jax.ShapeDtypeStruct(w_shape, dtype))
+    args = (jax.ShapeDtypeStruct(x_shape, dtype), w, jax.ShapeDtypeStruct((), jnp.int32))
+    fn = functools.partial(fn, interpret=False, **kwargs)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -132,17 +225,36 @@ def test_lowers_through_triton_for_h100(num_tokens, d_in, d_out, dtype, tuning):
     assert f"tensor<{4 * d_in}x{d_out}x" in hlo and "dynamic_slice" not in hlo
 
 
+@pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated")
+@pytest.mark.parametrize("num_tokens,d_in,d_outs,epilogue,dtype", [
+    (8, 4096, (4096, 1024, 1024), None, jnp.bfloat16),  # llama-3.1-8b q/k/v: split over D_in
+    (256, 4096, (4096, 1024, 1024), None, jnp.bfloat16),
+    (200, 576, (576, 192, 192), None, jnp.bfloat16),  # SmolLM2, T not a power of two
+    (64, 4096, (14336, 14336), "silu_mul", jnp.bfloat16),  # 8b gate/up: the in-kernel epilogue
+    (64, 2048, (8192, 8192), "silu_mul", jnp.bfloat16),  # 1b gate/up: split, epilogue in XLA
+    (64, 2048, (2048, 512, 512), None, jnp.float32),
+])
+def test_fused_lowers_through_triton_for_h100(num_tokens, d_in, d_outs, epilogue, dtype):
+    w_shapes = tuple((4, d_in, d) for d in d_outs)
+    hlo = lower_for_h100((num_tokens, d_in), w_shapes, dtype, fn=stacked_matmul_fused,
+                         epilogue=epilogue)
+    assert hlo.count("__gpu$xla.gpu.triton") == 1
+    assert "dynamic_slice" not in hlo
+    for d in d_outs:
+        assert f"tensor<{4 * d_in}x{d}x" in hlo
+
+
 # -- the model: JAXPAGED_STACKED_MATMUL=1 in a decode-only step ---------------------------------
 
 
-def tiny_model(attention_bias: bool):
+def tiny_model(family: str):
+    """llama; qwen2 with q/k/v biases; qwen3 with q/k norms."""
     from jaxpaged.config import ModelConfig
     from jaxpaged.models import CausalLM
 
-    cfg = ModelConfig(family="qwen2" if attention_bias else "llama", vocab_size=96,
-                      hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      attention_bias=attention_bias)
+    cfg = ModelConfig(family=family, vocab_size=96, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, attention_bias=family == "qwen2", qk_norm=family == "qwen3")
     graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
     # Fresh biases are zero and norm scales one: perturb them so they show up in the logits.
     keys = iter(jax.random.split(jax.random.key(1), 64))
@@ -169,11 +281,11 @@ def decode_step_inputs(cfg, block_size: int = 16):
     return cache, jnp.asarray(ids), jnp.asarray(pos), jax.tree.map(jnp.asarray, md)
 
 
-@pytest.mark.parametrize("attention_bias", [False, True], ids=["llama", "qwen2-bias"])
-def test_model_decode_step_with_env_matches_default(attention_bias, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_model_decode_step_with_env_matches_default(family, monkeypatch):
     from jaxpaged.models import forward
 
-    cfg, graphdef, params = tiny_model(attention_bias)
+    cfg, graphdef, params = tiny_model(family)
     cache, ids, pos, md = decode_step_inputs(cfg)
     results, jaxprs = {}, {}
     for setting in ("0", "1"):
@@ -182,7 +294,10 @@ def test_model_decode_step_with_env_matches_default(attention_bias, monkeypatch)
         step = jax.jit(functools.partial(forward, graphdef, impl="pallas"))
         jaxprs[setting] = str(jax.make_jaxpr(step)(params, cache, ids, pos, md))
         results[setting] = step(params, cache, ids, pos, md)
-    assert "stacked_matmul" in jaxprs["1"] and "stacked_matmul" not in jaxprs["0"]
+    assert "stacked_matmul" not in jaxprs["0"]
+    # q/k/v in one launch, gate/up in another with the epilogue, o and down on their own.
+    names = set(re.findall(r"name=(stacked_matmul\w*)", jaxprs["1"]))
+    assert names >= {"stacked_matmul_fused", "stacked_matmul_silu_mul", "stacked_matmul"}, names
     (cache0, logits0), (cache1, logits1) = results["0"], results["1"]
     np.testing.assert_allclose(np.asarray(logits1)[:3], np.asarray(logits0)[:3],
                                rtol=1e-5, atol=1e-5)
@@ -194,7 +309,7 @@ def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
     """The reference impl and non-decode steps ignore the setting; a bad value is an error."""
     from jaxpaged.models import forward
 
-    cfg, graphdef, params = tiny_model(False)
+    cfg, graphdef, params = tiny_model("llama")
     cache, ids, pos, md = decode_step_inputs(cfg)
     mixed = dataclasses.replace(md, decode_only=False)
     for impl, metadata in (("reference", md), ("pallas", mixed)):

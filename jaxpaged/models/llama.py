@@ -10,9 +10,12 @@ llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x lo
 JAXPAGED_STACKED_MATMUL=1 (default 0; read when the forward is traced) keeps the loop rolled
 and avoids those copies another way in decode-only steps with impl="pallas" and no mesh: the
 seven projection kernels (q, k, v, o, gate, up, down) stay out of the scan's `xs` and each
-layer's matmul reads its slice of the stack in place (`pallas_kernels.stacked_matmul`, given
-the scan's layer index). Norm scales and biases are still sliced per layer; other steps, the
-reference impl and tensor-parallel meshes keep the plain path. The parameter tree is the same.
+layer's matmuls read their slices of the stacks in place, given the scan's layer index, in four
+launches a layer: q/k/v in one (`pallas_kernels.stacked_matmul_fused`; biases added after),
+silu(gate) * up in one (its silu_mul epilogue), o and down on their own
+(`pallas_kernels.stacked_matmul`). Norm scales and biases are still sliced per layer; other
+steps, the reference impl and tensor-parallel meshes keep the plain path. The parameter tree is
+the same.
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
@@ -104,6 +107,16 @@ def _project(linear: nnx.Linear, x: jax.Array, stacked_layer: jax.Array | None) 
     return y if linear.bias is None else y + linear.bias[...]
 
 
+def _project_fused(linears: tuple[nnx.Linear, ...], x: jax.Array,
+                   stacked_layer: jax.Array | None) -> tuple[jax.Array, ...]:
+    """Each linear(x); with `stacked_layer` (see _project) all in one launch."""
+    if stacked_layer is None:
+        return tuple(linear(x) for linear in linears)
+    ys = pallas_kernels.stacked_matmul_fused(x, tuple(lin.kernel[...] for lin in linears),
+                                             stacked_layer)
+    return tuple(y if lin.bias is None else y + lin.bias[...] for y, lin in zip(ys, linears))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -121,9 +134,10 @@ class Attention(nnx.Module):
                  stacked: bool = False) -> tuple[jax.Array, KVCache]:
         T = x.shape[0]
         at = layer if stacked else None
-        q = _project(self.q_proj, x, at).reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
-        k = _project(self.k_proj, x, at).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = _project(self.v_proj, x, at).reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        q, k, v = _project_fused((self.q_proj, self.k_proj, self.v_proj), x, at)
+        q = q.reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -139,9 +153,14 @@ class MLP(nnx.Module):
         self.down_proj = _linear(F, D, False, dtype, rngs)
 
     def __call__(self, x: jax.Array, stacked_layer: jax.Array | None = None) -> jax.Array:
-        gate = _project(self.gate_proj, x, stacked_layer)
-        up = _project(self.up_proj, x, stacked_layer)
-        return _project(self.down_proj, jax.nn.silu(gate) * up, stacked_layer)
+        if stacked_layer is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            h = jax.nn.silu(gate) * up
+        else:  # one launch; gate and up stay in f32 registers until silu(gate) * up
+            h = pallas_kernels.stacked_matmul_fused(
+                x, (self.gate_proj.kernel[...], self.up_proj.kernel[...]), stacked_layer,
+                epilogue="silu_mul")
+        return _project(self.down_proj, h, stacked_layer)  # [T, D]
 
 
 class DecoderLayer(nnx.Module):
