@@ -3,11 +3,17 @@
 For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, gate, up, down
 (with a cheap dependency between layers, as a real layer has, so nothing is hoisted), in:
 
-  xla-scan     jnp.dot on the weights the scan slices out of the stacks (today's path: XLA
-               copies each layer's matrices before the GEMMs)
-  xla-unroll   the same scan with unroll=True (static slices, no copies, long compiles)
-  stacked-*    pallas_kernels.stacked_matmul reading each layer's weights in place: the
-               defaults, then a sweep of tile and launch settings
+  (a) xla-scan     jnp.dot on the weights the scan slices out of the stacks (today's path: XLA
+                   copies each layer's matrices before the GEMMs)
+  (b) xla-unroll   the same scan with unroll=True (static slices, no copies, long compiles)
+  (c) stacked-*    pallas_kernels.stacked_matmul reading each layer's weights in place, seven
+                   launches a layer: the defaults, then a sweep of tile and launch settings
+  (d) fused-*      four launches a layer, as the model's JAXPAGED_STACKED_MATMUL=1 path:
+                   stacked_matmul_fused for q/k/v and for silu(gate) * up (its silu_mul
+                   epilogue), stacked_matmul for o and down; each setting applies to all four.
+                   Its err vs xla is not zero in bf16: the epilogue takes gate and up in f32,
+                   where XLA rounds them to bf16 first (~0.8% on the CPU smoke run, all of it
+                   from that rounding)
 
 Reports ms per scan (all L layers), weight bandwidth (bytes of all the weights / time), its
 ratio to a device-to-device copy's bandwidth measured in the same run (read + write bytes), the
@@ -30,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.bench_common import env_info, format_table, slug, write_json
-from pallas_kernels import stacked_matmul
+from pallas_kernels import stacked_matmul, stacked_matmul_fused
 
 # L layers; D model; F MLP; Q = N * H query width; KV = K * H key/value width.
 MODELS = {
@@ -58,6 +64,18 @@ SWEEP = [
     dict(block_n=128, num_warps=8, num_stages=3),
 ]
 QUICK_SWEEP = SWEEP[:3]
+# The fused kernels' settings: the split rule counts the q/k/v and gate/up programs together, so
+# (1b, 8b at small T) whether to split at all is the open question; silu_mul programs stream two
+# weight tiles, so fewer stages fit.
+FUSED_SWEEP = [
+    dict(num_splits=1),
+    dict(block_n=128),
+    dict(num_stages=2),
+    dict(num_stages=3),
+    dict(num_warps=8),
+]
+QUICK_FUSED_SWEEP = FUSED_SWEEP[:1]
+VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused")
 
 
 def make_weights(shape: dict, dtype, seed: int = 0) -> dict[str, jax.Array]:
@@ -70,13 +88,15 @@ def make_weights(shape: dict, dtype, seed: int = 0) -> dict[str, jax.Array]:
             for n, k in zip(NAMES, keys)}
 
 
-def layer(h: jax.Array, mm) -> jax.Array:
-    """One decoder layer's projections; mm(x, name) is x @ this layer's weight `name`."""
-    q, k, v = mm(h, "q"), mm(h, "k"), mm(h, "v")
+def layer(h: jax.Array, mm, qkv=None, silu_mul=None) -> jax.Array:
+    """One decoder layer's projections; mm(x, name) is x @ this layer's weight `name`; qkv(x)
+    and silu_mul(x), when given, replace the q/k/v and the silu(gate) * up matmuls."""
+    q, k, v = qkv(h) if qkv else (mm(h, "q"), mm(h, "k"), mm(h, "v"))
     # Attention stand-in: the output depends on k and v, as it would, for the price of a mean.
     a = q * (1 + k.mean(axis=-1, keepdims=True) + v.mean(axis=-1, keepdims=True))
     h = h + mm(a, "o")
-    h = h + mm(jax.nn.silu(mm(h, "gate")) * mm(h, "up"), "down")
+    g = silu_mul(h) if silu_mul else jax.nn.silu(mm(h, "gate")) * mm(h, "up")
+    h = h + mm(g, "down")
     h32 = h.astype(jnp.float32)
     return (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)).astype(h.dtype)
 
@@ -95,6 +115,35 @@ def stacked_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Ar
         return layer(h, lambda x, n: stacked_matmul(x, ws[n], layer_id, **tuning)), None
 
     return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+
+
+def fused_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Array:
+    num_layers = ws["q"].shape[0]
+
+    def body(h, layer_id):
+        def mm(x, n):
+            return stacked_matmul(x, ws[n], layer_id, **tuning)
+
+        def qkv(x):
+            return stacked_matmul_fused(x, (ws["q"], ws["k"], ws["v"]), layer_id, **tuning)
+
+        def silu_mul(x):
+            return stacked_matmul_fused(x, (ws["gate"], ws["up"]), layer_id,
+                                        epilogue="silu_mul", **tuning)
+
+        return layer(h, mm, qkv, silu_mul), None
+
+    return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+
+
+def kernel_variants(prefix: str, scan, sweep: list[dict], interpret: bool) -> list:
+    """(label, jitted scan) for the defaults and each setting of `sweep`."""
+    variants = []
+    for tuning in [{}] + sweep:
+        label = prefix + "-" + (",".join(f"{k}={v}" for k, v in tuning.items()) or "default")
+        tuning = {**tuning, "interpret": True} if interpret else tuning
+        variants.append((label, jax.jit(functools.partial(scan, tuning=tuning))))
+    return variants
 
 
 def time_calls(fn, x, min_calls: int, min_seconds: float) -> float:
@@ -153,12 +202,12 @@ def bench_shape(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float, 
     if "xla-unroll" in args.variants:
         variants.append(("xla-unroll", jax.jit(functools.partial(xla_scan, unroll=True))))
     if "stacked" in args.variants:
-        sweep = [{}] + (QUICK_SWEEP if args.quick else SWEEP)
-        for tuning in sweep:
-            tuning = {**tuning, "interpret": True} if args.interpret else tuning
-            label = "stacked-" + (",".join(f"{k}={v}" for k, v in tuning.items()
-                                           if k != "interpret") or "default")
-            variants.append((label, jax.jit(functools.partial(stacked_scan, tuning=tuning))))
+        variants += kernel_variants("stacked", stacked_scan, QUICK_SWEEP if args.quick else SWEEP,
+                                    args.interpret)
+    if "fused" in args.variants:
+        variants += kernel_variants("fused", fused_scan,
+                                    QUICK_FUSED_SWEEP if args.quick else FUSED_SWEEP,
+                                    args.interpret)
     rows, baseline = [], None
     for name, fn in variants:
         row = measure(name, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps, args)
@@ -176,16 +225,18 @@ def bench_shape(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float, 
 
 
 def summary(rows: list[dict]) -> str:
-    """Per (model, T): xla-scan, xla-unroll, stacked defaults and the best stacked setting."""
+    """Per (model, T): xla-scan, xla-unroll, and the defaults and best setting of stacked and
+    of fused."""
     table = []
     for key in dict.fromkeys((r["model"], r["T"]) for r in rows):
         group = [r for r in rows if (r["model"], r["T"]) == key and "ms" in r]
-        stacked = [r for r in group if r["variant"].startswith("stacked")]
-        best = min(stacked, key=lambda r: r["ms"], default=None)
-        picks = [r for r in group if not r["variant"].startswith("stacked")]
-        picks += [r for r in stacked if r["variant"] == "stacked-default"]
-        if best is not None and best["variant"] != "stacked-default":
-            picks.append({**best, "variant": "best " + best["variant"]})
+        picks = [r for r in group if r["variant"].startswith("xla")]
+        for kernel in ("stacked", "fused"):
+            tuned = [r for r in group if r["variant"].startswith(kernel + "-")]
+            best = min(tuned, key=lambda r: r["ms"], default=None)
+            picks += [r for r in tuned if r["variant"] == kernel + "-default"]
+            if best is not None and best["variant"] != kernel + "-default":
+                picks.append({**best, "variant": "best " + best["variant"]})
         table += [[*key, r["variant"], r["ms"], r["weight_TBps"], r["of_copy"], r["compile_s"],
                    r.get("rel_err_vs_xla")] for r in picks]
     return format_table(["model", "T", "variant", "ms/scan", "weight TB/s", "of copy",
@@ -196,10 +247,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--variants", nargs="+", default=["xla-scan", "xla-unroll", "stacked"],
-                   choices=["xla-scan", "xla-unroll", "stacked"])
-    p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} settings, "
-                   f"not {len(SWEEP)}")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
+                   f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")
     p.add_argument("--interpret", action="store_true", help="run the Pallas interpreter")
     p.add_argument("--calls", type=int, default=10, help="scans queued per timed batch")
