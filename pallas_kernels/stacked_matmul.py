@@ -31,8 +31,9 @@ rolled layer loop, so the projections that share an input go in one launch.
   own output, returned as a tuple: one concatenated [T, sum D_out] output would need a copy for
   every slice that feeds another custom call (v goes straight into the KV-cache write).
 - ``epilogue="silu_mul"`` for (gate, up): each program loads the x tile once per k step, runs
-  the gate and the up tile of the same columns and stores ``silu(gate) * up`` in f32, so the
-  [T, F] gate and up never reach memory. silu cannot apply to partial sums: when D_in is split
+  the gate and the up tile of the same columns and stores ``silu(gate) * up`` (in f32, from
+  the products rounded to the output dtype as the unfused model stores them), so the [T, F]
+  gate and up never reach memory. silu cannot apply to partial sums: when D_in is split
   (chosen as if each program were two), the kernel writes both f32 partials as the unfused
   path would and XLA adds them up and applies the epilogue.
 """
@@ -166,7 +167,7 @@ def _stacked_matmul_kernel(
     if silu_mul:  # (gate, up) -> silu(gate) * up, both tiles of the same columns
         (w_gate, w_up), (o_ref,) = refs[:2], refs[2:]
         gate, up = tile((w_gate, w_up), n * block_n)
-        store(o_ref, n * block_n, _silu_mul(gate, up))
+        store(o_ref, n * block_n, _silu_mul(gate, up, o_ref.dtype))
         return
     num_weights = len(refs) // 2
     for i, (w_ref, o_ref) in enumerate(zip(refs[:num_weights], refs[num_weights:])):
@@ -269,11 +270,15 @@ def _add_partials(partials: tuple[jax.Array, ...], num_splits: int, silu_mul: bo
     """f32[splits * T, D_out_i] partial sums -> [T, D_out_i] (or silu(gate) * up) in dtype."""
     sums = [p.reshape(num_splits, p.shape[0] // num_splits, -1).sum(axis=0) for p in partials]
     if silu_mul:
-        return (_silu_mul(*sums).astype(dtype),)
+        return (_silu_mul(*sums, dtype).astype(dtype),)
     return tuple(s.astype(dtype) for s in sums)
 
 
-def _silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
+def _silu_mul(gate: jax.Array, up: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """silu(gate) * up in f32 from f32 products first rounded to `dtype`, as the unfused model
+    stores gate_proj's and up_proj's outputs (so bf16 results match it, and Hugging Face)."""
+    gate = gate.astype(dtype).astype(jnp.float32)
+    up = up.astype(dtype).astype(jnp.float32)
     return jax.nn.silu(gate) * up
 
 
@@ -373,12 +378,13 @@ def stacked_matmul_fused_reference(
     **tuning,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """Pure-jnp ``stacked_matmul_fused``: each product in f32 at full precision, the silu_mul
-    epilogue in f32 too, results in x's dtype. ``tuning`` is ignored."""
+    epilogue in f32 on the products rounded to x's dtype, results in x's dtype. ``tuning`` is
+    ignored."""
     del tuning
     _check_epilogue(ws, epilogue)
     outs = [_matmul_f32(x, w, layer) for w in ws]
     if epilogue == "silu_mul":
-        return _silu_mul(*outs).astype(x.dtype)
+        return _silu_mul(*outs, x.dtype).astype(x.dtype)
     return tuple(o.astype(x.dtype) for o in outs)
 
 
