@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call (~8 min on an H100) that answers whether JAXPAGED_STACKED_MATMUL=1 should
+# become the default, for one model:
+#
+#   OUT=$OUT JAXPAGED_GIT_REV=<hash from the calling machine> bash benchmarks/stacked_h100.sh
+#   (MODEL=llama-3.1-8b for the device-bound model)
+#
+#   1. benchmarks/stacked_matmul.py --quick: the layer loop's projections alone, XLA scan
+#      (copies) vs unrolled vs stacked_matmul vs the fused kernels, bandwidth vs a copy.
+#   2. engine_variants.sh async-scan vs async-stacked: the whole engine, issue 5's workload.
+#   3. device_profile.py with the variable set: are the memcpy128 weight copies gone?
+#   4. host_phases.py --stub-device: the host's Python alone on this machine's CPU (compare
+#      benchmarks/results/host_phases_stub_* from the workstation).
+# Each stage has its own time limit and line-buffered log, so a stage that runs over still
+# leaves the others' results under $OUT.
+set -uo pipefail
+
+OUT=${OUT:-$PWD/stacked_out}
+PY=${PY:-python3}
+MODEL=${MODEL:-llama-3.2-1b}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-unknown}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+LOG=$OUT/stacked_h100.log
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 seconds=$2
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+  timeout "$seconds" "$@" 2>&1 | grep --line-buffered -v "Processed prompts" | tee -a "$LOG"
+}
+
+stage kernels 180 "$PY" benchmarks/stacked_matmul.py --models "$MODEL" --quick --json "$OUT/"
+stage engine 240 env OUT="$OUT" PY="$PY" MODEL="$MODEL" VARIANTS="async-scan async-stacked" \
+  bash benchmarks/engine_variants.sh
+stage profile 90 env JAXPAGED_STACKED_MATMUL=1 "$PY" benchmarks/device_profile.py \
+  --model "$MODEL" --json "$OUT/device_profile_stacked_$MODEL.json"
+stage host-stub 60 "$PY" benchmarks/host_phases.py --stub-device --model smollm2-135m \
+  --num-prompts 512 --input-len 512 --output-len 256 --num-kv-blocks 13000 \
+  --params-per-request --json "$OUT/host_phases_stub_device_host.json"
