@@ -78,8 +78,10 @@ class InputBatch:
         """(i32[num_seqs, max_blocks_per_seq] block tables padded with null rows, i32[n] the
         number of blocks of each of the n real rows)."""
         tables = np.full((num_seqs, self.block_table.shape[1]), NULL_BLOCK_ID, np.int32)
-        tables[:len(rows)] = self.block_table[rows]
         lens = np.fromiter(map(self.num_blocks.__getitem__, rows), np.int32, len(rows))
+        if rows:  # only the columns some row uses: the rest is null in both
+            width = int(lens.max())
+            tables[:len(rows), :width] = self.block_table[rows, :width]
         return tables, lens
 
     def _fresh_row(self, request_id: str, row: int | None) -> int:
