@@ -37,7 +37,7 @@ from jaxpaged.buckets import bucket_for, make_buckets
 from jaxpaged.input_batch import InputBatch
 from jaxpaged.loader import LoadedModel, cache_dir
 from jaxpaged.metadata import build_step_inputs
-from jaxpaged.models import forward
+from jaxpaged.models import forward, stacked_matmul_setting
 from jaxpaged.packed import pack, unpack
 from jaxpaged.sampler import (MAX_LOGPROBS, NUM_SAMPLER_CONSTANTS, SamplingRow,
                               build_sampling_metadata, compute_logprobs, sample,
@@ -98,7 +98,8 @@ class ModelDef:
                                  and self.params_def == other.params_def)
 
 
-def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, mesh, unroll):
+def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, mesh, unroll,
+          stacked):
     # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
     # milliseconds a step, a list of arrays costs microseconds. The step's inputs travel as
     # one packed buffer (jaxpaged.packed).
@@ -107,7 +108,7 @@ def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, 
     # Placeholders: token t is the id the previous step sampled in row source_rows[t].
     input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
     kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md,
-                               impl, mesh, unroll)
+                               impl, mesh, unroll, stacked)
     if mesh is not None:
         # The cache leaves as it came (split on KV heads, so donation reuses its buffers); the
         # logits leave replicated, so the sampler and the host see plain arrays.
@@ -126,7 +127,8 @@ def _count_compiles(event: str, duration: float, **kwargs) -> None:
 
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
-_jit_forward = jax.jit(_step, static_argnames=("model_def", "spec", "impl", "mesh", "unroll"),
+_jit_forward = jax.jit(_step, static_argnames=("model_def", "spec", "impl", "mesh", "unroll",
+                                               "stacked"),
                        donate_argnums=(2,))
 
 
@@ -161,6 +163,8 @@ class ModelRunner:
         cfg = loaded.config
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
         self.unroll_setting = unroll_setting()
+        # Read once here and passed as a static argument, so it is part of each program's key.
+        self.stacked_matmul = stacked_matmul_setting()
         self._params_leaves, params_def = jax.tree.flatten(loaded.params)
         self._model_def = ModelDef(loaded.graphdef, params_def)
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -230,7 +234,7 @@ class ModelRunner:
         packed, spec = pack((*self._empty_step(shape), _no_sources(shape.num_tokens)))
         return _jit_forward.lower(self._model_def, self._params_leaves, self.kv_cache, packed,
                                   self._prev_sampled, spec, self.impl, self.mesh,
-                                  self.unrolls(shape.decode_only))
+                                  self.unrolls(shape.decode_only), self.stacked_matmul)
 
     def warmup(self) -> tuple[int, float]:
         """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
@@ -265,7 +269,7 @@ class ModelRunner:
         packed, spec = pack((ids, pos, md, source_rows))
         return _jit_forward(self._model_def, self._params_leaves, self.kv_cache, packed,
                             self._prev_sampled, spec, self.impl, self.mesh,
-                            self.unrolls(md.decode_only))
+                            self.unrolls(md.decode_only), self.stacked_matmul)
 
     def unrolls(self, decode_only: bool) -> bool:
         """Whether a step of this kind runs its layers unrolled (see `unroll_setting`)."""

@@ -202,6 +202,21 @@ def test_pallas_kernels_in_the_engine_match_transformers():
     assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
 
 
+def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
+    """JAXPAGED_STACKED_MATMUL=1: decode steps read each layer's projections in place from the
+    stacked weights (pallas_kernels.stacked_matmul, interpreted here), same greedy tokens, and
+    warm-up still compiles every program the steps use."""
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
+                   max_num_seqs=4, max_num_batched_tokens=64, warmup=True)
+    assert llm.llm_engine.runner.stacked_matmul
+    picks = [0, 9]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
+    assert token_ids(outputs) == [EXPECTED[i][:6] for i in picks]
+    assert llm.llm_engine.runner.num_compiles_since_warmup == 0
+
+
 def test_models_with_several_eos_ids_stop_on_each():
     llm = make_llm(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     engine = llm.llm_engine

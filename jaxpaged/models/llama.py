@@ -7,7 +7,8 @@ reads it through `attention.paged_attention` (no per-layer cache slice is copied
 matmuls in place, where a rolled loop copies them out of the stack every step (on an H100,
 llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x longer.
 
-JAXPAGED_STACKED_MATMUL=1 (default 0; read when the forward is traced) keeps the loop rolled
+JAXPAGED_STACKED_MATMUL=1 (default 0; the runner reads it once and passes it to its programs
+as a static argument, `forward(stacked_matmul=None)` reads it when traced) keeps the loop rolled
 and avoids those copies another way in decode-only steps with impl="pallas" and no mesh: the
 seven projection kernels (q, k, v, o, gate, up, down) stay out of the scan's `xs` and each
 layer's matmuls read their slices of the stacks in place, given the scan's layer index, in four
