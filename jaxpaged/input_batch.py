@@ -30,6 +30,10 @@ class ScheduledRow(Protocol):  # what is read of a jaxpaged.scheduler.ScheduledR
     admitted: bool
 
 
+class HasSamplerConstants(Protocol):  # a jaxpaged.sampling_params.SamplingParams
+    sampler_constants: tuple[float, ...]
+
+
 class InputBatch:
     def __init__(self, max_blocks_per_seq: int, num_constants: int, capacity: int = 256):
         if max_blocks_per_seq < 1 or num_constants < 1 or capacity < 1:
@@ -83,6 +87,17 @@ class InputBatch:
             width = int(lens.max())
             tables[:len(rows), :width] = self.block_table[rows, :width]
         return tables, lens
+
+    def sampler_constants(self, rows: Sequence[int], params: Sequence[HasSamplerConstants]
+                          ) -> np.ndarray:
+        """f64[len(rows), num_constants]: each row's constants, taken from its params' (a
+        SamplingParams) `sampler_constants` the first time the row asks."""
+        constants, has_constants = self.constants, self.has_constants
+        for row, p in zip(rows, params):
+            if not has_constants[row]:
+                constants[row] = p.sampler_constants
+                has_constants[row] = True
+        return constants[list(rows)]
 
     def _fresh_row(self, request_id: str, row: int | None) -> int:
         if row is None:

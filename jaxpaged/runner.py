@@ -316,8 +316,11 @@ class ModelRunner:
         self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
         sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
+        real = [(b, row) for b, row in zip(batch_rows, sampling_rows) if row is not None]
+        constants = self._batch.sampler_constants([b for b, _ in real],
+                                                  [row.sampling_params for _, row in real])
         smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len,
-                                      self._sampler_constants(sampling_rows, batch_rows))
+                                      constants)
         plp, prompt_rows = None, {}
         if want_plp:
             plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
@@ -331,18 +334,6 @@ class ModelRunner:
         engine calls it for the outputs it does not dispatch (those that schedule nothing)."""
         self._batch.release(sched.finished_req_ids)
         self._batch.release(sched.preempted_req_ids)
-
-    def _sampler_constants(self, sampling_rows: list[SamplingRow | None],
-                           batch_rows: list[int]) -> np.ndarray:
-        """The sampling rows' `sampler_constants`, from the batch's rows (filled the first
-        time a request samples)."""
-        batch = self._batch
-        real = [(b, row) for b, row in zip(batch_rows, sampling_rows) if row is not None]
-        for b, row in real:
-            if not batch.has_constants[b]:
-                batch.constants[b] = row.sampling_params.sampler_constants
-                batch.has_constants[b] = True
-        return batch.constants[[b for b, _ in real]]
 
     def fetch(self, handle: StepHandle) -> ModelRunnerOutput:
         """Wait for a dispatched step; its one device-to-host transfer."""

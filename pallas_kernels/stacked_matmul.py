@@ -47,6 +47,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.paged_decode_attention import _next_pow2
+
 # H100 defaults for decode (T of 8..256); guesses to be confirmed by benchmarks/stacked_matmul.py.
 DEFAULT_BLOCK_T = 128  # covers a whole decode batch up to 128 rows: w is read once per T block
 DEFAULT_BLOCK_N = 64  # 128-byte rows of bf16 weight per load, and D_out / 64 programs
@@ -58,10 +60,6 @@ DEFAULT_NUM_WARPS = 4
 _TARGET_PROGRAMS = 264
 _MIN_K_STEPS = 4
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined x and w tiles may use
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _use_interpret(interpret: bool | None) -> bool:
