@@ -11,6 +11,10 @@
 #   3. device_profile.py with the variable set: are the memcpy128 weight copies gone?
 #   4. host_phases.py --stub-device: the host's Python alone on this machine's CPU (compare
 #      benchmarks/results/host_phases_stub_* from the workstation).
+#   gpu-tests (only when named in STAGES): tests/test_stacked_matmul.py on the GPU, the real
+#      Triton kernels against their references (f32 matmuls at full precision, not TF32).
+# STAGES="gpu-tests kernels" picks stages (default: kernels engine profile host-stub);
+# KERNEL_VARIANTS="xla-scan fused" narrows the microbenchmark.
 # Each stage has its own time limit and line-buffered log, so a stage that runs over still
 # leaves the others' results under $OUT.
 set -uo pipefail
@@ -24,14 +28,22 @@ export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-unknown}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 LOG=$OUT/stacked_h100.log
 
+STAGES=${STAGES:-"kernels engine profile host-stub"}
+KERNEL_VARIANTS=${KERNEL_VARIANTS:-"xla-scan xla-unroll stacked fused"}
+
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 seconds=$2
   shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$LOG"
   timeout "$seconds" "$@" 2>&1 | grep --line-buffered -v "Processed prompts" | tee -a "$LOG"
 }
 
-stage kernels 180 "$PY" benchmarks/stacked_matmul.py --models "$MODEL" --quick --json "$OUT/"
+stage gpu-tests 240 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+  "$PY" -m pytest tests/test_stacked_matmul.py -q -x -p no:cacheprovider
+# shellcheck disable=SC2086  # KERNEL_VARIANTS is a list
+stage kernels 180 "$PY" benchmarks/stacked_matmul.py --models "$MODEL" --quick \
+  --variants $KERNEL_VARIANTS --json "$OUT/"
 stage engine 240 env OUT="$OUT" PY="$PY" MODEL="$MODEL" VARIANTS="async-scan async-stacked" \
   bash benchmarks/engine_variants.sh
 stage profile 90 env JAXPAGED_STACKED_MATMUL=1 "$PY" benchmarks/device_profile.py \
