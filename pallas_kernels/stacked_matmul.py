@@ -49,10 +49,13 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode_attention import _next_pow2
 
-# H100 defaults for decode (T of 8..256); guesses to be confirmed by benchmarks/stacked_matmul.py.
+# H100 defaults for decode (T of 8..256). block_k is measured (benchmarks/stacked_matmul.py, the
+# four fused launches a layer, 2026-11-27): 64 beat 128 at every T and model tried, by 4% at T 64
+# and 13-24% at T 128 and 256 (llama-3.1-8b at T 256: 12.8 -> 9.7 ms a scan); the rest are
+# guesses the sweep left standing (the best other setting won at most 7% at one T).
 DEFAULT_BLOCK_T = 128  # covers a whole decode batch up to 128 rows: w is read once per T block
 DEFAULT_BLOCK_N = 64  # 128-byte rows of bf16 weight per load, and D_out / 64 programs
-DEFAULT_BLOCK_K = 128
+DEFAULT_BLOCK_K = 64
 DEFAULT_NUM_WARPS = 4
 # Split D_in until about two programs per SM (132 SMs) run, keeping >= 4 k steps per program so
 # the software pipeline has something to overlap, and the f32 partials under half the weight's

@@ -320,3 +320,15 @@ def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "yes")
     with pytest.raises(ValueError, match="JAXPAGED_STACKED_MATMUL"):
         forward(graphdef, params, cache, ids, pos, md, "pallas")
+
+
+def test_setting_defaults_to_the_backend(monkeypatch):
+    """Unset: on for a GPU backend (measured faster there), off on the CPU (interpreted)."""
+    from jaxpaged.models import llama, stacked_matmul_setting
+
+    monkeypatch.delenv("JAXPAGED_STACKED_MATMUL", raising=False)
+    assert stacked_matmul_setting() is False  # these tests run on the CPU
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    assert stacked_matmul_setting() is True
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "0")
+    assert stacked_matmul_setting() is False
