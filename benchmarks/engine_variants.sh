@@ -5,6 +5,9 @@
 #   OUT=$OUT JAXPAGED_GIT_REV=<hash> bash benchmarks/engine_variants.sh
 #
 #   async-scan    the defaults: step N + 1 dispatched while step N runs, layers in a lax.scan
+#                 (on a GPU that includes the stacked-weight projections since 5f8a6fe)
+#   async-copies  JAXPAGED_STACKED_MATMUL=0: the scan slices (copies) each layer's weights out
+#                 of the stacks for XLA's GEMMs, the default before 5f8a6fe
 #   sync-scan     --no-async-scheduling: the host waits for each step before planning the next
 #   async-unroll  JAXPAGED_UNROLL_LAYERS=1: the layer loop unrolled (slow to compile)
 #   async-unroll-decode  JAXPAGED_UNROLL_LAYERS=decode: unrolled in decode-only steps only
@@ -17,7 +20,7 @@
 #                 the kind dynamic-slice fusion handles (not run yet)
 #   async-stacked the defaults with JAXPAGED_STACKED_MATMUL=1: in decode-only steps the seven
 #                 projections read their layer's weights in place from the stacks (Pallas
-#                 stacked_matmul) instead of the scan copying them out (not run yet)
+#                 stacked_matmul) instead of the scan copying them out (the GPU default now)
 #
 # Each writes $OUT/variant_<name>.json; the last lines are one row per variant (steady decode
 # at the largest batch: step time, host busy time, wait for the device, roofline ratio).
@@ -40,17 +43,18 @@ GRAPH_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,
 for v in $VARIANTS; do
   flags=()
   unroll=0
-  stacked=0
+  stacked=${JAXPAGED_STACKED_MATMUL:-}
   [[ $v == sync* ]] && flags+=(--no-async-scheduling)
   [[ $v == *unroll ]] && unroll=1
   [[ $v == *unroll-decode ]] && unroll=decode
   [[ $v == *stacked ]] && stacked=1
+  [[ $v == *copies ]] && stacked=0
   xla_flags=${XLA_FLAGS:-}
   [[ $v == *graphs ]] && xla_flags+=" $GRAPH_FLAGS"
   [[ $v == *dsf* ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
   [[ $v == *cublas ]] && xla_flags+=" --xla_gpu_enable_triton_gemm=false"
   echo "=== $v" | tee -a "$LOG"
-  XLA_FLAGS=$xla_flags JAXPAGED_UNROLL_LAYERS=$unroll JAXPAGED_STACKED_MATMUL=$stacked "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
+  env XLA_FLAGS="$xla_flags" JAXPAGED_UNROLL_LAYERS=$unroll ${stacked:+JAXPAGED_STACKED_MATMUL=$stacked} "$PY" -m jaxpaged.bench throughput --model "$MODEL" \
     --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 \
     ${NUM_KV_BLOCKS:+--num-kv-blocks "$NUM_KV_BLOCKS"} --num-prompts "${NUM_PROMPTS:-512}" --input-len "${INPUT_LEN:-512}" \
     --output-len "${OUTPUT_LEN:-256}" --ignore-eos "${flags[@]}" --json "$OUT/variant_$v.json" 2>&1 \
