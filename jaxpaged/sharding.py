@@ -6,8 +6,10 @@ Megatron-style over one mesh axis, `tp`: QKV and gate/up projections are column-
 input features), the embedding and LM head vocabulary-parallel; norms are replicated. The KV
 cache `[L, P, B, K, H]` is split on K, and the attention seam runs its kernels per shard through
 `shard_map` (q split on N, k/v and the cache on K), so a shard only ever reads its own heads.
-XLA inserts the all-reduces after the row-parallel matmuls. The scheduler and block manager see
-none of this: page ids mean the same on every shard.
+XLA inserts the all-reduces after the row-parallel matmuls; the stacked-weight decode path
+(`models/llama.py`) runs its projection kernels per shard too, on slices given by `param_spec`,
+and all-reduces with an explicit psum. The scheduler and block manager see none of this: page
+ids mean the same on every shard.
 
 Invariants:
   * tensor_parallel_size == 1 means no mesh at all: the unsharded code path, unchanged.

@@ -57,6 +57,8 @@ DEFAULT_BLOCK_T = 128  # covers a whole decode batch up to 128 rows: w is read o
 DEFAULT_BLOCK_N = 64  # 128-byte rows of bf16 weight per load, and D_out / 64 programs
 DEFAULT_BLOCK_K = 64
 DEFAULT_NUM_WARPS = 4
+# Triton's smallest tile side: D_in and every D_out must be multiples of it.
+MIN_BLOCK = 16
 # Split D_in until about two programs per SM (132 SMs) run, keeping >= 4 k steps per program so
 # the software pipeline has something to overlap, and the f32 partials under half the weight's
 # bytes.
@@ -72,18 +74,19 @@ def _use_interpret(interpret: bool | None) -> bool:
 
 
 def _check_block(block: int, name: str) -> None:
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"{name}={block} must be a power of two >= 16 (Triton tile rule)")
+    if block < MIN_BLOCK or block & (block - 1):
+        raise ValueError(f"{name}={block} must be a power of two >= {MIN_BLOCK} (Triton tile "
+                         f"rule)")
 
 
 def _fit_block(requested: int, dim: int, name: str, dim_name: str) -> int:
     """The largest power of two <= requested (and >= 16) that divides dim."""
     _check_block(requested, name)
     block = requested
-    while block >= 16 and dim % block:
+    while block >= MIN_BLOCK and dim % block:
         block //= 2
-    if block < 16:
-        raise ValueError(f"{dim_name}={dim} must be a multiple of 16")
+    if block < MIN_BLOCK:
+        raise ValueError(f"{dim_name}={dim} must be a multiple of {MIN_BLOCK}")
     return block
 
 

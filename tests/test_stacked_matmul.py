@@ -247,14 +247,15 @@ def test_fused_lowers_through_triton_for_h100(num_tokens, d_in, d_outs, epilogue
 # -- the model: JAXPAGED_STACKED_MATMUL=1 in a decode-only step ---------------------------------
 
 
-def tiny_model(family: str):
+def tiny_model(family: str, intermediate_size: int = 96):
     """llama; qwen2 with q/k/v biases; qwen3 with q/k norms."""
     from jaxpaged.config import ModelConfig
     from jaxpaged.models import CausalLM
 
-    cfg = ModelConfig(family=family, vocab_size=96, hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, attention_bias=family == "qwen2", qk_norm=family == "qwen3")
+    cfg = ModelConfig(family=family, vocab_size=96, hidden_size=64,
+                      intermediate_size=intermediate_size, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      attention_bias=family == "qwen2", qk_norm=family == "qwen3")
     graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
     # Fresh biases are zero and norm scales one: perturb them so they show up in the logits.
     keys = iter(jax.random.split(jax.random.key(1), 64))
@@ -306,17 +307,27 @@ def test_model_decode_step_with_env_matches_default(family, monkeypatch):
 
 
 def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
-    """The reference impl and non-decode steps ignore the setting; a bad value is an error."""
+    """The reference impl, non-decode steps and widths (per shard) that are not multiples of
+    16, the kernels' smallest tile, ignore the setting; a bad value is an error."""
     from jaxpaged.models import forward
+    from jaxpaged.sharding import make_mesh
 
     cfg, graphdef, params = tiny_model("llama")
     cache, ids, pos, md = decode_step_inputs(cfg)
     mixed = dataclasses.replace(md, decode_only=False)
-    for impl, metadata in (("reference", md), ("pallas", mixed)):
-        jaxpr = jax.make_jaxpr(functools.partial(forward, graphdef, impl=impl,
-                                                 stacked_matmul=True))(params, cache, ids, pos,
-                                                                       metadata)
-        assert "stacked_matmul" not in str(jaxpr)
+
+    def uses_kernels(graphdef, params, impl="pallas", metadata=md, mesh=None) -> bool:
+        step = functools.partial(forward, graphdef, impl=impl, mesh=mesh, stacked_matmul=True)
+        return "stacked_matmul" in str(jax.make_jaxpr(step)(params, cache, ids, pos, metadata))
+
+    assert not uses_kernels(graphdef, params, impl="reference")
+    assert not uses_kernels(graphdef, params, metadata=mixed)
+    # An MLP width of 72 does not fit; 80 does, but not split over 2 shards (40 each).
+    assert not uses_kernels(*tiny_model("llama", intermediate_size=72)[1:])
+    _, graphdef80, params80 = tiny_model("llama", intermediate_size=80)
+    assert uses_kernels(graphdef80, params80)
+    if len(jax.devices()) >= 2:
+        assert not uses_kernels(graphdef80, params80, mesh=make_mesh(2))
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "yes")
     with pytest.raises(ValueError, match="JAXPAGED_STACKED_MATMUL"):
         forward(graphdef, params, cache, ids, pos, md, "pallas")

@@ -3,13 +3,17 @@ tokens with 1, 2, 3 and 4 shards equal the unsharded engine's for a tiny model o
 (3 shards pad its 4 query / 2 KV heads to 6 / 3), through the reference attention and the
 Pallas kernels; SmolLM2 (9 query / 3 KV heads) gives transformers' tokens at 3 shards as it is
 and at 2 and 4 padded to 12 / 4 heads. Also: the padding rule and its zeros, the Megatron
-specs, loaders that place weights on their shards, the compiled collectives, two processes
-joined through jax.distributed, the -tp flags."""
+specs, loaders that place weights on their shards, the compiled collectives, the stacked-weight
+decode projections run per shard, two processes joined through jax.distributed, the -tp
+flags."""
 
 import dataclasses
+import functools
 import json
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -17,11 +21,12 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.config import PRESETS
 from jaxpaged.engine_config import EngineConfig
-from jaxpaged.sharding import (load_mesh, make_mesh, pad_heads, padded_head_counts,
-                               param_spec, shard_model)
+from jaxpaged.sharding import (kv_cache_sharding, load_mesh, make_mesh, pad_heads,
+                               padded_head_counts, param_spec, shard_model)
 from reference import PagedRunner
 from test_engine import EXPECTED, PROMPTS
 from test_models import FAMILIES, _tiny_hf_model
+from test_stacked_matmul import decode_step_inputs, tiny_model
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices: run with "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=4")
@@ -203,22 +208,26 @@ def test_tensor_parallel_compiles_every_bucket_at_warmup(tmp_path):
     assert llm.llm_engine.runner.kv_cache.k.shape[3] == 4  # split, not replicated
 
 
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(result shape, op) of every collective in a compiled program's text, sorted. A loop's
+    body appears once, so a layer's collectives count once whatever the depth."""
+    return sorted(re.findall(r"= (\w+\[[\d,]*\])\S* (all-reduce|all-gather|all-to-all|"
+                             r"reduce-scatter|collective-permute)(?:-start)?\(", hlo))
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_collectives_are_megatrons(tied, tmp_path):
     """Per layer one all-reduce after o_proj and one after down_proj, one for the embedding,
     and the only all-gather is the R x V logits' (never a weight's or the KV cache's)."""
-    import re
-
     _tiny_hf_model("llama", tmp_path, tie_word_embeddings=tied)
     llm = LLM(str(tmp_path), tensor_parallel_size=2, dtype="float32", max_num_seqs=4,
               max_num_batched_tokens=16, max_model_len=64, warmup=False)
     runner = llm.llm_engine.runner
     shape = runner.bucket_shapes()[-1]
     hlo = runner.lower_forward(shape).compile().as_text()
-    ops = re.findall(r"= (\w+\[[\d,]*\])\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                     r"collective-permute)(?:-start)?\(", hlo)
     T, R = shape.num_tokens, shape.num_logits
-    assert sorted(ops) == [(f"f32[{R},160]", "all-gather")] + [(f"f32[{T},64]", "all-reduce")] * 3
+    assert collectives(hlo) == [(f"f32[{R},160]", "all-gather")] + [(f"f32[{T},64]",
+                                                                     "all-reduce")] * 3
     # The sharded cache is still donated: outputs 0 and 1 (k, v) reuse their input buffers.
     assert re.search(r"input_output_alias=\{ \{0\}: \(\d+, \{\}, may-alias\), \{1\}: ", hlo)
 
@@ -231,6 +240,73 @@ def test_pallas_kernels_run_per_shard(tmp_path):
     for tp in (2, 3, 4):
         _, got = run(str(tmp_path), tp, attention_impl="pallas")
         assert_same_completions(got, want)
+
+
+# -- the stacked-weight decode projections, per shard --------------------------------------
+
+def kv_layout(cache: jax.Array, config, tp: int) -> np.ndarray:
+    """An unsharded cache [L, P, B, K, H] in the layout of the model shard_model makes for tp
+    shards: zero heads appended up to K', then each KV head repeated where tp > K'."""
+    K, (_, K2) = cache.shape[3], padded_head_counts(config, tp)
+    padded = np.pad(np.asarray(cache), [(0, 0)] * 3 + [(0, K2 - K), (0, 0)])
+    return np.repeat(padded, max(1, tp // K2), axis=3)
+
+
+@pytest.mark.parametrize("family,tp,intermediate_size", [
+    *[(family, tp, 192) for family in ("llama", "qwen2", "qwen3") for tp in (2, 3, 4)],
+    ("llama", 3, 112),  # 112 / 3 does not split: the MLP is replicated, only o_proj all-reduces
+], ids=lambda v: str(v))
+def test_stacked_decode_step_per_shard_matches_unsharded(family, tp, intermediate_size):
+    """stacked_matmul=True under a mesh: the projection kernels run per shard inside shard_map
+    on each shard's slice of the stacks and the decode step's logits and KV cache equal the
+    unsharded default path's (qwen2's q/k/v biases and qwen3's q/k norms included). 4 query /
+    2 KV heads: 2 shards split them, 3 pad them to 6 / 3, 4 replicate each KV head twice. One
+    psum per row-parallel projection in the layer body, and the compiled step's collectives
+    are the plain mesh path's: Megatron's all-reduce after o_proj and down_proj and one for
+    the embedding, nothing resharded."""
+    from jaxpaged.loader import LoadedModel
+    from jaxpaged.models import forward
+
+    cfg, graphdef, params = tiny_model(family, intermediate_size)
+    cache, ids, pos, md = decode_step_inputs(cfg)
+    want_cache, want_logits = jax.jit(functools.partial(
+        forward, graphdef, impl="pallas", stacked_matmul=False))(params, cache, ids, pos, md)
+    mesh = make_mesh(tp)
+    model = shard_model(LoadedModel("tiny", cfg, graphdef, params, None, jnp.float32), mesh)
+    sharded_cache = jax.device_put(jax.tree.map(lambda c: kv_layout(c, cfg, tp), cache),
+                                   kv_cache_sharding(mesh))
+    args = (model.params, sharded_cache, ids, pos, md)
+    steps = {stacked: jax.jit(functools.partial(forward, model.graphdef, impl="pallas",
+                                                mesh=mesh, stacked_matmul=stacked))
+             for stacked in (False, True)}
+    jaxpr = str(jax.make_jaxpr(steps[True])(*args))
+    names = set(re.findall(r"name=(stacked_matmul\w*)", jaxpr))
+    assert names == {"stacked_matmul_fused", "stacked_matmul_silu_mul", "stacked_matmul"}, names
+    mlp_split = intermediate_size % tp == 0
+    assert len(re.findall(r"\bpsum\[", jaxpr)) == (2 if mlp_split else 1)
+    want_ops = [("f32[4,64]", "all-reduce")] * (3 if mlp_split else 2)
+    for stacked, step in steps.items():
+        assert collectives(step.lower(*args).compile().as_text()) == want_ops, stacked
+    got_cache, got_logits = steps[True](*args)
+    np.testing.assert_allclose(np.asarray(got_logits)[:3], np.asarray(want_logits)[:3],
+                               rtol=1e-5, atol=1e-5)
+    for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+        np.testing.assert_allclose(np.asarray(got), kv_layout(want, cfg, tp), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_stacked_matmul_engine_on_2_shards_matches_unsharded(monkeypatch, tmp_path):
+    """JAXPAGED_STACKED_MATMUL=1 with tensor_parallel_size=2: the unsharded engine's greedy
+    tokens, and the decode programs call the stacked kernels."""
+    _tiny_hf_model("qwen2", tmp_path)
+    _, want = run(str(tmp_path), 1)
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    llm, got = run(str(tmp_path), 2, attention_impl="pallas")
+    assert_same_completions(got, want)
+    runner = llm.llm_engine.runner
+    assert runner.stacked_matmul
+    decode = next(shape for shape in runner.bucket_shapes() if shape.decode_only)
+    assert "stacked_matmul" in runner.lower_forward(decode).as_text()
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])

@@ -10,16 +10,23 @@ llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x lo
 JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU, off on the CPU; the runner
 reads it once and passes it to its programs as a static argument, `forward(stacked_matmul=None)`
 reads it when traced) keeps the loop rolled and avoids those copies another way in decode-only
-steps with impl="pallas" and no mesh: the seven projection kernels (q, k, v, o, gate, up, down)
-stay out of the scan's `xs` and each layer's matmuls read their slices of the stacks in place,
-given the scan's layer index, in four launches a layer: q/k/v in one
-(`pallas_kernels.stacked_matmul_fused`; biases added after), silu(gate) * up in one (its
-silu_mul epilogue), o and down on their own (`pallas_kernels.stacked_matmul`). Norm scales and
-biases are still sliced per layer; other steps, the reference impl and tensor-parallel meshes
-keep the plain path. The parameter tree is the same.
+steps with impl="pallas": the seven projection kernels (q, k, v, o, gate, up, down) stay out of
+the scan's `xs` and each layer's matmuls read their slices of the stacks in place, given the
+scan's layer index, in four launches a layer: q/k/v in one (`pallas_kernels.stacked_matmul_fused`;
+biases added after), silu(gate) * up in one (its silu_mul epilogue), o and down on their own
+(`pallas_kernels.stacked_matmul`). Norm scales and biases are still sliced per layer; other
+steps and the reference impl keep the plain path, as does a model whose projection widths (per
+shard) are not multiples of the kernels' smallest tile, 16. Under a tensor-parallel mesh each
+launch runs per shard through `shard_map` on the shard's own slice of the stacks, exactly as
+`sharding.param_spec` places them: q/k/v and gate/up on their output columns (x whole; silu_mul
+pairs gate and up column by column, so it holds per shard), o and down on their input rows, then
+a psum over the shards, the all-reduce Megatron has there (the plain path lets XLA insert it).
+The parameter tree is the same.
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
+import dataclasses
+import logging
 import math
 import os
 
@@ -27,12 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
+from jaxpaged.sharding import TP_AXIS, param_spec
+from pallas_kernels.stacked_matmul import MIN_BLOCK
+
+logger = logging.getLogger(__name__)
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -105,23 +116,88 @@ def _linear(d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs)
                       kernel_init=init, rngs=rngs)
 
 
-def _project(linear: nnx.Linear, x: jax.Array, stacked_layer: jax.Array | None) -> jax.Array:
-    """linear(x). With `stacked_layer`, the linear holds the whole stack as its kernel
-    [L, D_in, D_out] (its bias is this layer's) and the layer's slice is read in place."""
-    if stacked_layer is None:
-        return linear(x)
-    y = pallas_kernels.stacked_matmul(x, linear.kernel[...], stacked_layer)
-    return y if linear.bias is None else y + linear.bias[...]
+@dataclasses.dataclass(frozen=True)
+class StackedLayer:
+    """Where a decode step's projections read their weights in place: the projections' kernels
+    are the whole [L, D_in, D_out] stacks (their biases this layer's) and `layer` indexes them;
+    under a `mesh` each shard reads its own slice of the stacks."""
+    layer: jax.Array  # i32[], the scan's
+    mesh: Mesh | None
 
 
-def _project_fused(linears: tuple[nnx.Linear, ...], x: jax.Array,
-                   stacked_layer: jax.Array | None) -> tuple[jax.Array, ...]:
-    """Each linear(x); with `stacked_layer` (see _project) all in one launch."""
-    if stacked_layer is None:
-        return tuple(linear(x) for linear in linears)
-    ys = pallas_kernels.stacked_matmul_fused(x, tuple(lin.kernel[...] for lin in linears),
-                                             stacked_layer)
-    return tuple(y if lin.bias is None else y + lin.bias[...] for y, lin in zip(ys, linears))
+def _split_axis(spec: PartitionSpec) -> int | None:
+    """The axis a kernel's spec splits over the mesh, from the end: -1 column-parallel, -2
+    row-parallel; None replicated."""
+    return next((i - len(spec) for i, axis in enumerate(spec) if axis == TP_AXIS), None)
+
+
+def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLayer,
+                     epilogue: str | None = None) -> tuple[jax.Array, ...]:
+    """x [T, D_in] @ each linear's kernel[at.layer], in one launch: a tuple of [T, D_out_i]
+    (biases added after), or with epilogue="silu_mul" (gate, up) the 1-tuple silu(gate) * up.
+
+    Under a mesh the launch runs once per shard on the slices `sharding.param_spec` gave the
+    stacks (in_specs equal to the weights' shardings, so nothing is resharded). Column-parallel
+    (split on D_out): x whole, the outputs split on their columns. Row-parallel (split on D_in):
+    x split on its columns, each shard's partial sums added over the shards (psum). Replicated
+    (a width the shards do not divide): every shard runs the whole launch."""
+    ws = tuple(linear.kernel[...] for linear in linears.values())
+
+    def launch(x, ws, layer) -> tuple[jax.Array, ...]:
+        if epilogue is None and len(ws) == 1:
+            return (pallas_kernels.stacked_matmul(x, ws[0], layer),)
+        out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue)
+        return (out,) if epilogue is not None else out
+
+    if at.mesh is None:
+        outs = launch(x, ws, at.layer)
+    else:
+        tp = at.mesh.shape[TP_AXIS]
+        specs = tuple(param_spec(("layers", name, "kernel"), w.shape, tp)
+                      for name, w in zip(linears, ws))
+        split = {_split_axis(spec) for spec in specs}
+        if len(split) > 1:  # cannot happen for the Megatron specs: one launch, one split
+            raise ValueError(f"{tuple(linears)} share one launch but split differently over "
+                             f"the mesh: {specs}")
+        (axis,) = split
+        sliced = PartitionSpec(None, TP_AXIS)  # [T, D] split on its columns
+
+        def per_shard(x, ws, layer) -> tuple[jax.Array, ...]:
+            outs = launch(x, ws, layer)
+            return tuple(jax.lax.psum(o, TP_AXIS) for o in outs) if axis == -2 else outs
+
+        num_outs = 1 if epilogue is not None else len(ws)
+        # check_vma off: pallas_call does not type its outputs as varying over the mesh axis.
+        outs = jax.shard_map(
+            per_shard, mesh=at.mesh, check_vma=False,
+            in_specs=(sliced if axis == -2 else PartitionSpec(), specs, PartitionSpec()),
+            out_specs=(sliced if axis == -1 else PartitionSpec(),) * num_outs,
+        )(x, ws, at.layer)
+    if epilogue is not None:
+        return outs
+    return tuple(y if lin.bias is None else y + lin.bias[...]
+                 for y, lin in zip(outs, linears.values()))
+
+
+def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
+    """Whether every projection stack's per-shard [D_in, D_out] (the whole one without a mesh)
+    is a multiple of MIN_BLOCK both ways, as the stacked kernels need. A tp that leaves an odd
+    MLP width on each shard (96 / 4 = 24), say, does not: those steps take the plain path."""
+    tp = 1 if mesh is None else mesh.shape[TP_AXIS]
+    for module in (layers.self_attn, layers.mlp):
+        for name in PROJECTIONS:
+            linear = getattr(module, name, None)
+            if linear is None:
+                continue
+            shape = list(linear.kernel.shape)  # [L, D_in, D_out]
+            axis = _split_axis(param_spec(("layers", name, "kernel"), tuple(shape), tp))
+            if axis is not None:
+                shape[axis] //= tp
+            if shape[-2] % MIN_BLOCK or shape[-1] % MIN_BLOCK:
+                logger.info("%s's [D_in, D_out] per shard %s is not a multiple of %d: decode "
+                            "steps keep the plain path", name, shape[-2:], MIN_BLOCK)
+                return False
+    return True
 
 
 class Attention(nnx.Module):
@@ -138,10 +214,13 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
                  impl: str, mesh: Mesh | None,
-                 stacked: bool = False) -> tuple[jax.Array, KVCache]:
+                 at: StackedLayer | None = None) -> tuple[jax.Array, KVCache]:
         T = x.shape[0]
-        at = layer if stacked else None
-        q, k, v = _project_fused((self.q_proj, self.k_proj, self.v_proj), x, at)
+        if at is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = _stacked_matmuls(
+                x, {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}, at)
         q = q.reshape(T, self.num_heads, self.head_dim)  # [T, N, H]
         k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
@@ -149,7 +228,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh)
-        return _project(self.o_proj, out.reshape(T, -1), at), kv_cache
+        out = out.reshape(T, -1)  # [T, N * H]
+        if at is None:
+            return self.o_proj(out), kv_cache
+        return _stacked_matmuls(out, {"o_proj": self.o_proj}, at)[0], kv_cache
 
 
 class MLP(nnx.Module):
@@ -159,15 +241,14 @@ class MLP(nnx.Module):
         self.up_proj = _linear(D, F, False, dtype, rngs)
         self.down_proj = _linear(F, D, False, dtype, rngs)
 
-    def __call__(self, x: jax.Array, stacked_layer: jax.Array | None = None) -> jax.Array:
-        if stacked_layer is None:
+    def __call__(self, x: jax.Array, at: StackedLayer | None = None) -> jax.Array:
+        if at is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
-            h = jax.nn.silu(gate) * up
-        else:  # one launch; gate and up stay in f32 registers until silu(gate) * up
-            h = pallas_kernels.stacked_matmul_fused(
-                x, (self.gate_proj.kernel[...], self.up_proj.kernel[...]), stacked_layer,
-                epilogue="silu_mul")
-        return _project(self.down_proj, h, stacked_layer)  # [T, D]
+            return self.down_proj(jax.nn.silu(gate) * up)  # [T, D]
+        # One launch; gate and up stay in f32 registers until silu(gate) * up.
+        (h,) = _stacked_matmuls(x, {"gate_proj": self.gate_proj, "up_proj": self.up_proj}, at,
+                                epilogue="silu_mul")  # [T, F]
+        return _stacked_matmuls(h, {"down_proj": self.down_proj}, at)[0]  # [T, D]
 
 
 class DecoderLayer(nnx.Module):
@@ -178,11 +259,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl, mesh, stacked=False):
-        """`stacked`: the projections' kernels are the whole [L, ...] stacks (see _project)."""
+        """`stacked`: the projections' kernels are the whole [L, ...] stacks (StackedLayer)."""
+        at = StackedLayer(layer, mesh) if stacked else None
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                            kv_cache, layer, md, impl, mesh, stacked)
+                                            kv_cache, layer, md, impl, mesh, at)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x), layer if stacked else None)
+        x = x + self.mlp(self.post_attention_layernorm(x), at)
         return x, kv_cache
 
 
@@ -216,7 +298,8 @@ class CausalLM(nnx.Module):
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a compile-time constant
         if stacked_matmul is None:
             stacked_matmul = stacked_matmul_setting()
-        stacked = stacked_matmul and md.decode_only and impl == "pallas" and mesh is None
+        stacked = (stacked_matmul and md.decode_only and impl == "pallas"
+                   and _stacked_tiles_fit(self.layers, mesh))
         if stacked:
             # The projection kernels stay whole, closed over by the body, never sliced.
             layer_def, kernels, layer_state = nnx.split(self.layers, _is_projection_kernel, ...)
