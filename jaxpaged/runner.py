@@ -220,7 +220,7 @@ class ModelRunner:
             logits, smd = args
             _jit_sample.lower(logits, *pack(smd), width=self.max_num_seqs).compile()
 
-        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32,
+        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), self.loaded.dtype,
                                           sharding=self._logits_sharding), smd)
                     for S in self.seq_buckets
                     for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)]
@@ -244,6 +244,9 @@ class ModelRunner:
             ids, pos, md = self._empty_step(shape)
             self.kv_cache, logits = self._run_forward(ids, pos, md,
                                                       _no_sources(shape.num_tokens))
+            if logits.dtype != self.loaded.dtype:  # the samplers were compiled for that dtype
+                raise RuntimeError(f"the forward returns {logits.dtype} logits, not the "
+                                   f"model's {self.loaded.dtype}")
             count += 1
             if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
                 jax.block_until_ready(_jit_prompt_logprobs(
@@ -252,7 +255,8 @@ class ModelRunner:
                 count += 2
         for S in self.seq_buckets:
             for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
-                logits = jnp.zeros((S, self.vocab_size), device=self._logits_sharding)
+                logits = jnp.zeros((S, self.vocab_size), self.loaded.dtype,
+                                   device=self._logits_sharding)
                 jax.block_until_ready(_jit_sample(logits, *pack(smd), width=self.max_num_seqs))
                 count += 1
         self._compiles_at_warmup = _compile_count[0]

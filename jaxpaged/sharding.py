@@ -130,7 +130,7 @@ def kv_cache_sharding(mesh: Mesh | None) -> NamedSharding | None:
 
 
 def gather_logits(logits: jax.Array, mesh: Mesh) -> jax.Array:
-    """f32[R, V] logits of the vocabulary-parallel head -> replicated on every device. Pinning
+    """[R, V] logits of the vocabulary-parallel head -> replicated on every device. Pinning
     them split on V first makes XLA gather R x V logits, not the V x D head's weights."""
     if logits.shape[-1] % mesh.shape[TP_AXIS] == 0:
         logits = jax.lax.with_sharding_constraint(

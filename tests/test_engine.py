@@ -217,6 +217,26 @@ def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
     assert llm.llm_engine.runner.num_compiles_since_warmup == 0
 
 
+def test_bfloat16_logits_reach_the_sampler_as_compiled():
+    """A bf16 model's forward leaves its logits in bf16 (the sampler widens them): warm-up
+    compiles the samplers for that dtype, so serving compiles nothing new, and greedy picks
+    the top logprob."""
+    llm = make_llm(dtype="bfloat16", num_kv_blocks=24, max_model_len=128, max_num_seqs=4,
+                   max_num_batched_tokens=64, warmup=True)
+    runner = llm.llm_engine.runner
+    shape = runner.bucket_shapes()[0]
+    out_logits = runner.lower_forward(shape).out_info[1]
+    assert str(out_logits.dtype) == "bfloat16"
+    outputs = llm.generate([PROMPTS[0], PROMPTS[3]],
+                           SamplingParams(temperature=0.0, max_tokens=4, logprobs=2),
+                           use_tqdm=False)
+    assert runner.num_compiles_since_warmup == 0
+    for out in outputs:
+        for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+            assert np.isfinite(top[token].logprob)
+            assert top[token].logprob == max(lp.logprob for lp in top.values())
+
+
 def test_models_with_several_eos_ids_stop_on_each():
     llm = make_llm(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     engine = llm.llm_engine

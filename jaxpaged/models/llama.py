@@ -291,7 +291,9 @@ class CausalLM(nnx.Module):
                  md: AttentionMetadata, impl: str = "reference",
                  mesh: Mesh | None = None, unroll: bool = False,
                  stacked_matmul: bool | None = None) -> tuple[KVCache, jax.Array]:
-        """input_ids, positions i32[T] -> (updated cache, f32[R, V] logits at md.logits_indices).
+        """input_ids, positions i32[T] -> (updated cache, [R, V] logits at md.logits_indices,
+        in the model's dtype: the LM head's GEMM rounds to it, so widening to f32 here would
+        only write (and the sampler read) twice the bytes; the sampler widens them).
         `mesh`: tensor parallelism; the parameters and cache arrive sharded on it.
         `stacked_matmul`: None follows JAXPAGED_STACKED_MATMUL (see the module docstring)."""
         x = self.embed_tokens(input_ids)  # [T, D]
@@ -322,7 +324,7 @@ class CausalLM(nnx.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
-        return kv_cache, logits.astype(jnp.float32)
+        return kv_cache, logits
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
