@@ -151,3 +151,32 @@ def test_unrolling_only_decode_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXPAGED_UNROLL_LAYERS", "sometimes")
     with pytest.raises(ValueError, match="JAXPAGED_UNROLL_LAYERS"):
         LLM(str(tmp_path), dtype="float32", warmup=False, max_model_len=64)
+
+
+def test_rope_tables_are_computed_once_outside_the_layer_loop():
+    """cos/sin depend on the positions only: the forward computes them before the layer scan,
+    so no layer recomputes them (inside a scan XLA kept them per layer: a kernel a layer)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpaged.attention import KVCache
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.metadata import build_step_inputs
+    from jaxpaged.models import CausalLM, forward
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16)
+    graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
+    ids, pos, md = build_step_inputs([[1, 2, 3]], [0], [[1]], 16, num_tokens=4, num_seqs=1,
+                                     max_blocks_per_seq=1, logits_indices=[2], num_logits=1,
+                                     decode_only=False)
+    cache = KVCache.zeros(3, 2, 16, 2, 16, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, c, i, q, m: forward(graphdef, p, c, i, q, m))(
+        params, cache, jnp.asarray(ids), jnp.asarray(pos), jax.tree.map(jnp.asarray, md))
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    outside = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    body = str(scan.params["jaxpr"])
+    assert {"cos", "sin"} <= outside
+    assert " cos" not in body and " sin" not in body

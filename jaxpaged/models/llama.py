@@ -88,11 +88,18 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, H], positions i32[T]."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin f32[T, 1, H] for the rotate-half layout, computed once per step and shared by
+    every layer (inside the scan XLA recomputed them in each layer: one kernel a layer)."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, H], rope from rope_tables."""
+    cos, sin = rope
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos + rotated * sin).astype(x.dtype)
@@ -211,7 +218,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
                  kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
                  impl: str, mesh: Mesh | None,
                  at: StackedLayer | None = None) -> tuple[jax.Array, KVCache]:
@@ -226,7 +233,7 @@ class Attention(nnx.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh)
         out = out.reshape(T, -1)  # [T, N * H]
         if at is None:
@@ -258,11 +265,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_cache, layer, md, impl, mesh, stacked=False):
+    def __call__(self, x, rope, kv_cache, layer, md, impl, mesh, stacked=False):
         """`stacked`: the projections' kernels are the whole [L, ...] stacks (StackedLayer)."""
         at = StackedLayer(layer, mesh) if stacked else None
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                            kv_cache, layer, md, impl, mesh, at)
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, layer, md,
+                                            impl, mesh, at)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x), at)
         return x, kv_cache
@@ -297,7 +304,8 @@ class CausalLM(nnx.Module):
         `mesh`: tensor parallelism; the parameters and cache arrive sharded on it.
         `stacked_matmul`: None follows JAXPAGED_STACKED_MATMUL (see the module docstring)."""
         x = self.embed_tokens(input_ids)  # [T, D]
-        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a compile-time constant
+        # inv_freq is a compile-time constant; the tables are computed once, outside the scan.
+        rope = rope_tables(positions, jnp.asarray(rope_inv_freq(self.config)))
         if stacked_matmul is None:
             stacked_matmul = stacked_matmul_setting()
         stacked = (stacked_matmul and md.decode_only and impl == "pallas"
@@ -313,7 +321,7 @@ class CausalLM(nnx.Module):
             state, layer = xs
             layer_mod = (nnx.merge(layer_def, kernels, state) if stacked
                          else nnx.merge(layer_def, state))
-            x, cache = layer_mod(x, positions, inv_freq, cache, layer, md, impl, mesh, stacked)
+            x, cache = layer_mod(x, rope, cache, layer, md, impl, mesh, stacked)
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
