@@ -164,7 +164,7 @@ class ModelRunner:
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
         self.unroll_setting = unroll_setting()
         # Read once here and passed as a static argument, so it is part of each program's key.
-        self.stacked_matmul = stacked_matmul_setting()
+        self.stacked_matmul = stacked_matmul_setting(mesh)
         self._params_leaves, params_def = jax.tree.flatten(loaded.params)
         self._model_def = ModelDef(loaded.graphdef, params_def)
         self.block_size, self.max_model_len = block_size, max_model_len

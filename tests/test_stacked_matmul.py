@@ -334,12 +334,18 @@ def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
 
 
 def test_setting_defaults_to_the_backend(monkeypatch):
-    """Unset: on for a GPU backend (measured faster there), off on the CPU (interpreted)."""
+    """Unset: on for a GPU backend without a mesh (measured faster there), off on the CPU
+    (interpreted) and under a mesh (not yet run on several GPUs); "1" and "0" force it."""
     from jaxpaged.models import llama, stacked_matmul_setting
+    from jaxpaged.sharding import make_mesh
 
+    mesh = make_mesh(2)
     monkeypatch.delenv("JAXPAGED_STACKED_MATMUL", raising=False)
     assert stacked_matmul_setting() is False  # these tests run on the CPU
     monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
     assert stacked_matmul_setting() is True
+    assert stacked_matmul_setting(mesh) is False
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    assert stacked_matmul_setting(mesh) is True
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "0")
     assert stacked_matmul_setting() is False
