@@ -160,15 +160,18 @@ class LLMEngine:
                 * mc.head_dim * itemsize)
 
     def _activation_reserve(self) -> int:
-        """Bytes the largest step needs beside weights and cache: the prompt-logprobs
-        variant's f32 logits over every token of a full step (logits, log-softmax and a
-        temporary), plus the layer activations. Without it a KV cache sized from the free
-        memory left the 8192-token logprobs program of a 128k-vocabulary model out of memory."""
+        """Bytes a device needs for the largest step beside weights and cache: the
+        prompt-logprobs variant's f32 logits over every token of a full step (logits,
+        log-softmax and a temporary; gathered whole on every shard), plus the layer activations
+        (of which a shard holds the head and MLP columns' 1/tp). Without it a KV cache sized
+        from the free memory left the 8192-token logprobs program of a 128k-vocabulary model
+        out of memory."""
         mc = self.model.config
         T = self.max_num_batched_tokens
+        tp = self.config.tensor_parallel_size
         itemsize = jax.numpy.dtype(self.model.dtype).itemsize
-        width = (2 * mc.hidden_size + 2 * mc.intermediate_size
-                 + (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim)
+        width = (2 * mc.hidden_size + (2 * mc.intermediate_size + (
+            mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim) // tp)
         return 3 * T * mc.vocab_size * 4 + 2 * T * width * itemsize
 
     def _blocks_from_memory(self, on_cpu: bool) -> int:
