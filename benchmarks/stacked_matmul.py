@@ -3,8 +3,9 @@
 For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, gate, up, down
 (with a cheap dependency between layers, as a real layer has, so nothing is hoisted), in:
 
-  (a) xla-scan     jnp.dot on the weights the scan slices out of the stacks (today's path: XLA
-                   copies each layer's matrices before the GEMMs)
+  (a) xla-scan     jnp.dot on the weights the scan slices out of the stacks (the model's path
+                   before stacked_matmul, and still on the CPU: XLA copies each layer's
+                   matrices before the GEMMs)
   (b) xla-unroll   the same scan with unroll=True (static slices, no copies, long compiles)
   (c) stacked-*    pallas_kernels.stacked_matmul reading each layer's weights in place, seven
                    launches a layer: the defaults, then a sweep of tile and launch settings
@@ -17,10 +18,11 @@ For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, 
 
 Reports ms per scan (all L layers), weight bandwidth (bytes of all the weights / time), its
 ratio to a device-to-device copy's bandwidth measured in the same run (read + write bytes), the
-compile seconds, and each stacked variant's error against xla-scan and every variant's against the
-same scan in f32 (the scale for the former: bf16 roundings drift over L chained layers). The JSON is rewritten
-after every row, so a run cut short keeps what it measured. One model per run keeps a run
-within a few minutes (xla-unroll compiles for long; --quick sweeps fewer settings).
+compile seconds, and each stacked variant's error against xla-scan and every variant's against
+the same scan in f32 (the scale for the former: bf16 roundings drift over L chained layers).
+The JSON is rewritten after every row, so a run cut short keeps what it measured. One model per
+run keeps a run within a few minutes (xla-unroll compiles for long; --quick sweeps fewer
+settings).
 
     PYTHONPATH=. python benchmarks/stacked_matmul.py --models llama-3.2-1b --json "$OUT/"
     PYTHONPATH=. python benchmarks/stacked_matmul.py --interpret --small   # CPU smoke test

@@ -160,19 +160,20 @@ class LLMEngine:
                 * mc.head_dim * itemsize)
 
     def _activation_reserve(self) -> int:
-        """Bytes a device needs for the largest step beside weights and cache: the
-        prompt-logprobs variant's f32 logits over every token of a full step (logits,
-        log-softmax and a temporary; gathered whole on every shard), plus the layer activations
-        (of which a shard holds the head and MLP columns' 1/tp). Without it a KV cache sized
-        from the free memory left the 8192-token logprobs program of a 128k-vocabulary model
-        out of memory."""
-        mc = self.model.config
+        """Bytes a device needs for the largest step beside weights and cache: three [T, V]
+        f32 buffers for the prompt-logprobs variant over every token of a full step (gathered
+        whole on every shard), plus the layer activations, of which a shard holds its heads'
+        and (when the MLP splits) its MLP's columns. Without it a KV cache sized from the free
+        memory left the 8192-token logprobs program of a 128k-vocabulary model out of memory.
+        That was measured while the forward returned f32 logits; it returns the model's dtype
+        now, so the logits term is likely about twice what bf16 needs (not re-measured)."""
+        mc = self.model.config  # after shard_model: head counts padded to split over tp
         T = self.max_num_batched_tokens
         tp = self.config.tensor_parallel_size
         itemsize = jax.numpy.dtype(self.model.dtype).itemsize
-        width = (2 * mc.hidden_size + (2 * mc.intermediate_size + (
-            mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim) // tp)
-        return 3 * T * mc.vocab_size * 4 + 2 * T * width * itemsize
+        heads = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim // tp
+        mlp = 2 * mc.intermediate_size // (tp if mc.intermediate_size % tp == 0 else 1)
+        return 3 * T * mc.vocab_size * 4 + 2 * T * (2 * mc.hidden_size + heads + mlp) * itemsize
 
     def _blocks_from_memory(self, on_cpu: bool) -> int:
         stats = None if on_cpu else jax.local_devices()[0].memory_stats()

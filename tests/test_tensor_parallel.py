@@ -397,25 +397,3 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256}
 
-
-def test_activation_reserve_counts_a_shards_columns():
-    """The per-device reserve keeps the whole gathered logits and the replicated [T, D]
-    activations, and 1/tp of the head and MLP columns (llama-3.1-70b at tp 4: ~1.7 GB less a
-    GPU for the KV cache to use)."""
-    from types import SimpleNamespace
-
-    from jaxpaged.engine import LLMEngine
-
-    mc = PRESETS["llama-3.1-70b"]
-    T, V, D = 8192, mc.vocab_size, mc.hidden_size
-    columns = 2 * mc.intermediate_size + (mc.num_attention_heads
-                                          + 2 * mc.num_key_value_heads) * mc.head_dim
-
-    def reserve(tp: int) -> int:
-        engine = SimpleNamespace(model=SimpleNamespace(config=mc, dtype="bfloat16"),
-                                 max_num_batched_tokens=T,
-                                 config=SimpleNamespace(tensor_parallel_size=tp))
-        return LLMEngine._activation_reserve(engine)
-
-    assert reserve(1) == 3 * T * V * 4 + 2 * T * (2 * D + columns) * 2
-    assert reserve(4) == 3 * T * V * 4 + 2 * T * (2 * D + columns // 4) * 2

@@ -9,19 +9,19 @@ llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x lo
 
 JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU and there is no mesh; the
 runner reads it once and passes it to its programs as a static argument,
-`forward(stacked_matmul=None)` reads it when traced) keeps the loop rolled and avoids those copies another way in decode-only
-steps with impl="pallas": the seven projection kernels (q, k, v, o, gate, up, down) stay out of
-the scan's `xs` and each layer's matmuls read their slices of the stacks in place, given the
-scan's layer index, in four launches a layer: q/k/v in one (`pallas_kernels.stacked_matmul_fused`;
-biases added after), silu(gate) * up in one (its silu_mul epilogue), o and down on their own
-(`pallas_kernels.stacked_matmul`). Norm scales and biases are still sliced per layer; other
-steps and the reference impl keep the plain path, as does a model whose projection widths (per
-shard) are not multiples of the kernels' smallest tile, 16. Under a tensor-parallel mesh each
-launch runs per shard through `shard_map` on the shard's own slice of the stacks, exactly as
-`sharding.param_spec` places them: q/k/v and gate/up on their output columns (x whole; silu_mul
-pairs gate and up column by column, so it holds per shard), o and down on their input rows, then
-a psum over the shards, the all-reduce Megatron has there (the plain path lets XLA insert it).
-The parameter tree is the same.
+`forward(stacked_matmul=None)` reads it when traced) keeps the loop rolled and avoids those
+copies another way in decode-only steps with impl="pallas": the seven projection kernels (q, k,
+v, o, gate, up, down) stay out of the scan's `xs` and each layer's matmuls read their slices of
+the stacks in place, given the scan's layer index, in four launches a layer: q/k/v in one
+(`pallas_kernels.stacked_matmul_fused`; biases added after), silu(gate) * up in one (its
+silu_mul epilogue), o and down on their own (`pallas_kernels.stacked_matmul`). Norm scales and
+biases are still sliced per layer; other steps and the reference impl keep the plain path, as
+does a model whose projection widths (per shard) are not multiples of the kernels' smallest
+tile, 16. Under a tensor-parallel mesh each launch runs per shard through `shard_map` on the
+shard's own slice of the stacks, exactly as `sharding.param_spec` places them: q/k/v and
+gate/up on their output columns (x whole; silu_mul pairs gate and up column by column, so it
+holds per shard), o and down on their input rows, then a psum over the shards, the all-reduce
+Megatron has there (the plain path lets XLA insert it). The parameter tree is the same.
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
@@ -187,6 +187,9 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
                  for y, lin in zip(outs, linears.values()))
 
 
+_LOGGED_UNFIT: set[tuple] = set()
+
+
 def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
     """Whether every projection stack's per-shard [D_in, D_out] (the whole one without a mesh)
     is a multiple of MIN_BLOCK both ways, as the stacked kernels need. A tp that leaves an odd
@@ -202,8 +205,11 @@ def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
             if axis is not None:
                 shape[axis] //= tp
             if shape[-2] % MIN_BLOCK or shape[-1] % MIN_BLOCK:
-                logger.info("%s's [D_in, D_out] per shard %s is not a multiple of %d: decode "
-                            "steps keep the plain path", name, shape[-2:], MIN_BLOCK)
+                key = (name, tuple(shape), tp)
+                if key not in _LOGGED_UNFIT:  # this runs at every trace: say it once
+                    _LOGGED_UNFIT.add(key)
+                    logger.info("%s's [D_in, D_out] per shard %s is not a multiple of %d: "
+                                "decode steps keep the plain path", name, shape[-2:], MIN_BLOCK)
                 return False
     return True
 
