@@ -93,6 +93,9 @@ class KVWaste:
         return (self.reserved - self.used) / self.reserved if self.reserved else 0.0
 
 
+SMALL_BATCH = 16  # decode-only steps below this many sequences count as the drain
+
+
 @dataclass
 class RunStats:
     scheduler: str
@@ -107,6 +110,13 @@ class RunStats:
     # Per step with any decoding request: how many decoded (continuous batching mixes
     # prefill chunks into most steps, so decode-only steps alone would show only the tail).
     decode_batches: list[int] = field(default_factory=list)
+    # Where the time went: steps that prefilled (chunks of prompts, decodes mixed in) and
+    # decode-only steps, the latter also split at SMALL_BATCH (the drain: the long outputs
+    # that run on after the queue is empty).
+    mixed_s: float = 0.0
+    decode_only_s: float = 0.0
+    small_batch_s: float = 0.0
+    num_mixed_steps: int = 0
 
     def row(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "cap": self.cap, "elapsed_s": self.elapsed_s,
@@ -116,7 +126,10 @@ class RunStats:
                 "max_batch": self.max_batch, "num_steps": self.num_steps,
                 "mean_decode_batch": (sum(self.decode_batches) / len(self.decode_batches)
                                       if self.decode_batches else 0.0),
-                "kv_waste": self.waste.fraction, "num_preemptions": self.num_preemptions}
+                "kv_waste": self.waste.fraction, "num_preemptions": self.num_preemptions,
+                "mixed_steps_s": self.mixed_s, "num_mixed_steps": self.num_mixed_steps,
+                "decode_only_steps_s": self.decode_only_s,
+                f"decode_only_under_{SMALL_BATCH}_seqs_s": self.small_batch_s}
 
 
 def region_blocks(prompt_len: int, max_tokens: int, block_size: int) -> int:
@@ -166,6 +179,13 @@ def run_scheduler(engine: Any, name: str, prompts: list[list[int]], output_lens:
     recorder.uninstall()
     bar.close()
     stats.decode_batches = [s.num_decode_seqs for s in recorder.steps if s.num_decode_seqs]
+    for s in recorder.steps:
+        if s.decode_only:
+            stats.decode_only_s += s.seconds
+            stats.small_batch_s += s.seconds if s.num_seqs < SMALL_BATCH else 0.0
+        else:
+            stats.mixed_s += s.seconds
+            stats.num_mixed_steps += 1
     stats.num_preemptions = sched.num_preemptions - preemptions0
     return stats
 
@@ -223,7 +243,9 @@ def run_batching(args: argparse.Namespace,
             r["compiles_after_warmup"] = engine.runner.num_compiles_since_warmup
             tqdm.write(f"cap {cap:>5} {name:>7}: {row['output_tokens_per_s']:,.0f} output tok/s,"
                        f" decode batch {row['mean_decode_batch']:.1f}, KV waste "
-                       f"{row['kv_waste']:.1%}")
+                       f"{row['kv_waste']:.1%}; {row['elapsed_s']:.1f} s: prefilling steps "
+                       f"{row['mixed_steps_s']:.1f} s, decode-only {row['decode_only_steps_s']:.1f}"
+                       f" s (under {SMALL_BATCH} sequences {stats.small_batch_s:.1f} s)")
             if on_row is not None:
                 on_row(r)
     return r

@@ -50,9 +50,10 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.paged_decode_attention import _next_pow2
 
 # H100 defaults for decode (T of 8..256). block_k is measured (benchmarks/stacked_matmul.py, the
-# four fused launches a layer, 2026-11-27): 64 beat 128 at every T and model tried, by 4% at T 64
-# and 13-24% at T 128 and 256 (llama-3.1-8b at T 256: 12.8 -> 9.7 ms a scan); the rest are
-# guesses the sweep left standing (the best other setting won at most 7% at one T).
+# four fused launches a layer, 2026-11-27): 64 beat 128 at every T and model tried, by 3-4% at
+# T 64 and 13-24% at T 128 and 256 (llama-3.1-8b at T 256: 12.8 -> 9.7 ms a scan). The other
+# settings were swept against block_k 128 only; num_stages=3 won 13-17% there at T 128/256 and
+# has not been tried with block_k 64. The rest are guesses.
 DEFAULT_BLOCK_T = 128  # covers a whole decode batch up to 128 rows: w is read once per T block
 DEFAULT_BLOCK_N = 64  # 128-byte rows of bf16 weight per load, and D_out / 64 programs
 DEFAULT_BLOCK_K = 64

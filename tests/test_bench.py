@@ -210,6 +210,12 @@ def test_schedulers_serve_every_request(tiny_llm, name):
     if name != "paged":  # 8 blocks hold 4 regions of ceil((12 + 16) / 16) = 2 blocks
         assert stats.max_batch <= 4 and stats.num_preemptions == 0
     assert engine.scheduler.block_manager.num_free_blocks == engine.num_kv_blocks - 1
+    # The step times split into prefilling and decode-only steps, about the whole run's time
+    # (the loop's own bookkeeping between steps is the rest).
+    row = stats.row()
+    assert row["num_mixed_steps"] >= 1 and row["mixed_steps_s"] > 0
+    assert 0 <= row["decode_only_under_16_seqs_s"] <= row["decode_only_steps_s"]
+    assert row["mixed_steps_s"] + row["decode_only_steps_s"] <= stats.elapsed_s
 
 
 def test_step_recorder_sees_every_step_and_uninstalls(tiny_llm):
