@@ -83,8 +83,10 @@ FUSED_SWEEP = [
     dict(block_n=32),
     dict(block_n=32, num_splits=1),
     dict(block_n=128, num_warps=8),
-    dict(block_k=64),
-    dict(block_k=64, num_stages=5),
+    # block_k 64 is the default since the first sweep; 128 was the one before it.
+    dict(block_k=128),
+    dict(block_k=32),
+    dict(num_stages=5),
 ]
 QUICK_FUSED_SWEEP = FUSED_SWEEP[:1]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused")
