@@ -73,6 +73,9 @@ class InputBatch:
                 if len(blocks) < known:  # never for a running request; be safe anyway
                     table[row] = NULL_BLOCK_ID
                     known = 0
+                if len(blocks) > table.shape[1]:  # the scheduler caps requests at max_model_len
+                    raise ValueError(f"request {s.request_id!r} holds {len(blocks)} KV blocks; "
+                                     f"a block table has room for {table.shape[1]}")
                 table[row, known:len(blocks)] = blocks[known:]
                 num_blocks[row] = len(blocks)
             rows.append(row)

@@ -34,6 +34,12 @@ def test_rows_follow_growing_tables_and_fresh_admissions():
     np.testing.assert_array_equal(tables, [[9, NULL_BLOCK_ID, NULL_BLOCK_ID, NULL_BLOCK_ID]])
 
 
+def test_a_table_longer_than_a_row_is_refused_by_name():
+    batch = InputBatch(max_blocks_per_seq=2, num_constants=1, capacity=1)
+    with pytest.raises(ValueError, match=r"request 'big' holds 3 KV blocks; .* room for 2"):
+        batch.rows([Sched("big", [1, 2, 3], admitted=True)])
+
+
 def test_rows_are_reused_after_release_and_grow_past_capacity():
     batch = InputBatch(max_blocks_per_seq=2, num_constants=1, capacity=1)
     reqs = [Sched(str(i), [i + 1], admitted=True) for i in range(3)]
