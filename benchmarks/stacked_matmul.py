@@ -49,14 +49,14 @@ MODELS = {
 SMALL_MODELS = {"tiny": dict(L=2, D=64, F=128, Q=64, KV=32)}
 NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 # stacked_matmul settings tried after its defaults ({}); block_t is capped at T's power of two.
-# Defaults (T >= 128): block_t 128, block_n 64, block_k 128, 4 warps, 3 stages (4 below T 128),
+# Defaults (T >= 128): block_t 128, block_n 64, block_k 64, 4 warps, stages from shared memory,
 # D_in split only when fewer than 264 programs. Shared memory of each setting, from Triton 3.8
 # for sm_90: 64-192 KB, so fewer stages also means two programs per SM instead of one.
 SWEEP = [
     dict(block_n=128),
     dict(block_n=32),
     dict(num_stages=3),
-    dict(block_k=64),
+    dict(block_k=128),
     dict(block_k=256),
     dict(num_warps=8),
     dict(num_stages=2),

@@ -35,7 +35,8 @@ from jaxpaged.sampler import SamplingRow
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.sequence import Request, RequestStatus
-from jaxpaged.sharding import initialize_distributed, make_mesh, shard_model
+from jaxpaged.sharding import (TP_AXIS, initialize_distributed, make_mesh, param_spec,
+                               shard_model)
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ class LLMEngine:
         tp = self.config.tensor_parallel_size
         itemsize = jax.numpy.dtype(self.model.dtype).itemsize
         heads = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim // tp
-        mlp = 2 * mc.intermediate_size // (tp if mc.intermediate_size % tp == 0 else 1)
+        mlp_spec = param_spec(("layers", "mlp", "gate_proj", "kernel"),
+                              (mc.hidden_size, mc.intermediate_size), tp)
+        mlp = 2 * mc.intermediate_size // (tp if TP_AXIS in mlp_spec else 1)
         return 3 * T * mc.vocab_size * 4 + 2 * T * (2 * mc.hidden_size + heads + mlp) * itemsize
 
     def _blocks_from_memory(self, on_cpu: bool) -> int:

@@ -28,6 +28,7 @@ Invariants:
 """
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -98,6 +99,12 @@ def make_mesh(tensor_parallel_size: int) -> Mesh | None:
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
 
 
+@functools.cache  # param_spec also runs at trace time (the stacked projections): say it once
+def _say_replicated(path: str, axis: int, shape: tuple[int, ...], tp: int) -> None:
+    logger.info("%s: dimension %d of %s is not divisible by tensor_parallel_size=%d; "
+                "replicated", path, shape[axis], shape, tp)
+
+
 def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> PartitionSpec:
     """The PartitionSpec of one parameter, from its path (e.g. layers/self_attn/q_proj/kernel)."""
     module = next((p for p in reversed(path) if p in _SPLIT_AXIS), None)
@@ -105,8 +112,7 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> Partit
         return PartitionSpec()  # norms, and row-parallel biases (added after the all-reduce)
     axis = len(shape) - 1 if path[-1] == "bias" else len(shape) + _SPLIT_AXIS[module]
     if shape[axis] % tp:
-        logger.info("%s: dimension %d of %s is not divisible by tensor_parallel_size=%d; "
-                    "replicated", "/".join(path), shape[axis], shape, tp)
+        _say_replicated("/".join(path), axis, tuple(shape), tp)
         return PartitionSpec()
     spec: list[str | None] = [None] * len(shape)
     spec[axis] = TP_AXIS

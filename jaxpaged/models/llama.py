@@ -26,6 +26,7 @@ Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V v
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -187,7 +188,10 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
                  for y, lin in zip(outs, linears.values()))
 
 
-_LOGGED_UNFIT: set[tuple] = set()
+@functools.cache  # _stacked_tiles_fit runs at every trace: say it once
+def _say_unfit(name: str, shape: tuple[int, int], tp: int) -> None:
+    logger.info("%s's [D_in, D_out] per shard %s is not a multiple of %d (tp %d): decode steps "
+                "keep the plain path", name, list(shape), MIN_BLOCK, tp)
 
 
 def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
@@ -205,11 +209,7 @@ def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
             if axis is not None:
                 shape[axis] //= tp
             if shape[-2] % MIN_BLOCK or shape[-1] % MIN_BLOCK:
-                key = (name, tuple(shape), tp)
-                if key not in _LOGGED_UNFIT:  # this runs at every trace: say it once
-                    _LOGGED_UNFIT.add(key)
-                    logger.info("%s's [D_in, D_out] per shard %s is not a multiple of %d: "
-                                "decode steps keep the plain path", name, shape[-2:], MIN_BLOCK)
+                _say_unfit(name, tuple(shape[-2:]), tp)
                 return False
     return True
 
