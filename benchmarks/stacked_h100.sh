@@ -11,6 +11,11 @@
 #   3. device_profile.py with the variable set: are the memcpy128 weight copies gone?
 #   4. host_phases.py --stub-device: the host's Python alone on this machine's CPU (compare
 #      benchmarks/results/host_phases_stub_* from the workstation).
+#   launches (only when named): stacked_matmul.py --variants launch, each of the four launches
+#      a layer alone over LAUNCH_SWEEP, for LAUNCH_MODELS at LAUNCH_TOKENS.
+#   throughput (only when named): issue 5's workload for MODEL, no peers, the current defaults.
+#   DUMP_HLO=1 makes the profile stage also keep the engine step programs' optimized HLO
+#      ($OUT/hlo_<model>.tgz), to read which small fusions and copies the step launches.
 #   gpu-tests (only when named in STAGES): tests/test_stacked_matmul.py on the GPU, the real
 #      Triton kernels against their references (f32 matmuls at full precision, not TF32).
 # STAGES="gpu-tests kernels" picks stages (default: kernels engine profile host-stub);
@@ -44,10 +49,23 @@ stage gpu-tests 240 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest 
 # shellcheck disable=SC2086  # KERNEL_VARIANTS is a list
 stage kernels 180 "$PY" benchmarks/stacked_matmul.py --models "$MODEL" --quick \
   --variants $KERNEL_VARIANTS --json "$OUT/"
+# shellcheck disable=SC2086  # LAUNCH_MODELS and LAUNCH_TOKENS are lists
+stage launches 300 "$PY" benchmarks/stacked_matmul.py --models ${LAUNCH_MODELS:-$MODEL} \
+  --tokens ${LAUNCH_TOKENS:-64 256} --variants launch --min-seconds 0.3 --json "$OUT/"
+stage throughput 150 "$PY" -m jaxpaged.bench throughput --model "$MODEL" --load-format dummy \
+  --max-num-seqs 256 --max-num-batched-tokens 8192 --dtype bfloat16 --num-prompts 512 \
+  --input-len 512 --output-len 256 --ignore-eos --json "$OUT/"
 stage engine 240 env OUT="$OUT" PY="$PY" MODEL="$MODEL" VARIANTS="async-copies async-scan" \
   bash benchmarks/engine_variants.sh
-stage profile 90 env JAXPAGED_STACKED_MATMUL=1 "$PY" benchmarks/device_profile.py \
-  --model "$MODEL" --json "$OUT/device_profile_stacked_$MODEL.json"
+HLO_DIR=$(mktemp -d)
+HLO_FLAGS=()
+[[ ${DUMP_HLO:-0} == 1 ]] && HLO_FLAGS=(XLA_FLAGS="--xla_dump_to=$HLO_DIR --xla_dump_hlo_as_text \
+--xla_dump_hlo_module_re=.*_step.*")
+stage profile 120 env "${HLO_FLAGS[@]}" "$PY" benchmarks/device_profile.py \
+  --model "$MODEL" --json "$OUT/device_profile_$MODEL.json"
+if [[ ${DUMP_HLO:-0} == 1 ]]; then
+  (cd "$HLO_DIR" && tar czf "$OUT/hlo_$MODEL.tgz" ./*after_optimizations.txt) 2>&1 | tee -a "$LOG"
+fi
 stage host-stub 60 "$PY" benchmarks/host_phases.py --stub-device --model smollm2-135m \
   --num-prompts 512 --input-len 512 --output-len 256 --num-kv-blocks 13000 \
   --params-per-request --json "$OUT/host_phases_stub_device_host.json"

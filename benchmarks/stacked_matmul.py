@@ -15,6 +15,9 @@ For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, 
                    Its err vs xla is not zero in bf16: the epilogue takes gate and up in f32,
                    where XLA rounds them to bf16 first (~0.8% on the CPU smoke run, all of it
                    from that rounding)
+  (e) launch-*     (only when asked: --variants launch) each of those four launches alone in
+                   the scan, at the defaults and each setting of LAUNCH_SWEEP, to pick a
+                   setting per launch
 
 Reports ms per scan (all L layers), weight bandwidth (bytes of all the weights / time), its
 ratio to a device-to-device copy's bandwidth measured in the same run (read + write bytes), the
@@ -89,7 +92,33 @@ FUSED_SWEEP = [
     dict(num_stages=5),
 ]
 QUICK_FUSED_SWEEP = FUSED_SWEEP[:1]
-VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused")
+# The "launch" variant times each of the model's four launches a layer on its own, so that each
+# can get its own setting: q/k/v fused (D_in = D), silu(gate) * up (D_in = D), o (D_in = Q) and
+# down (D_in = F). Their shapes differ enough (down streams F-long columns into a narrow D_out,
+# which the split rule cuts into four f32 partials at T 256) that one setting need not suit all.
+LAUNCHES = {
+    "qkv": ("D", ("q", "k", "v"), None),
+    "gate_up": ("D", ("gate", "up"), "silu_mul"),
+    "o": ("Q", ("o",), None),
+    "down": ("F", ("down",), None),
+}
+LAUNCH_SWEEP = [
+    dict(num_stages=3),
+    dict(num_stages=2),
+    dict(num_splits=1),
+    dict(num_splits=2),
+    dict(num_stages=3, num_splits=1),
+    dict(block_n=32),
+    dict(block_n=32, num_splits=1),
+    dict(block_n=128, num_warps=8),
+    dict(block_t=64),
+    dict(block_t=64, num_splits=1),
+    dict(block_t=256, num_warps=8, num_stages=3),
+    dict(num_warps=8),
+    dict(block_k=128, num_stages=3),
+    dict(block_k=32),
+]
+VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
 def make_weights(shape: dict, dtype, seed: int = 0) -> dict[str, jax.Array]:
@@ -158,6 +187,62 @@ def fused_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Arra
         return layer(h, mm, qkv, silu_mul), None
 
     return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+
+
+def launch_scan(h: jax.Array, ws: dict[str, jax.Array], names: tuple[str, ...],
+                epilogue: str | None, tuning: dict) -> jax.Array:
+    """One of the model's launches (LAUNCHES) in each of the L layers, alone. Each layer's input
+    depends on the last one's output through a row mean (a few microseconds, the same for every
+    setting), so nothing is hoisted or dropped."""
+    num_layers = ws[names[0]].shape[0]
+
+    def body(h, layer_id):
+        if len(names) == 1:
+            outs = (stacked_matmul(h, ws[names[0]], layer_id, **tuning),)
+        else:
+            outs = stacked_matmul_fused(h, tuple(ws[n] for n in names), layer_id,
+                                        epilogue=epilogue, **tuning)
+            outs = (outs,) if epilogue else outs
+        dep = sum(o.astype(jnp.float32).mean(axis=-1, keepdims=True) for o in outs)
+        return (h.astype(jnp.float32) + 1e-3 * dep).astype(h.dtype), None
+
+    return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+
+
+def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float,
+                   args) -> list:
+    """Each launch of LAUNCHES alone, at the defaults and each setting of LAUNCH_SWEEP."""
+    rows = []
+    sweep = LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP
+    for launch, (d_in, names, epilogue) in LAUNCHES.items():
+        h = jax.random.normal(jax.random.key(num_tokens), (num_tokens, shape[d_in]),
+                              jnp.float32).astype(ws["q"].dtype)
+        weight_bytes = sum(ws[n].nbytes for n in names)
+        scan = functools.partial(launch_scan, names=names, epilogue=epilogue)
+        for label, fn in kernel_variants("launch", scan, sweep, args.interpret):
+            row = measure(label, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps, args)
+            row.pop("_out", None)
+            row.update(model=model, T=num_tokens, launch=launch, weight_GB=weight_bytes / 1e9)
+            print(f"{model} T={num_tokens} {launch} {label}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                if k not in ("model", "T", "variant", "launch")), flush=True)
+            rows.append(row)
+    return rows
+
+
+def launch_summary(rows: list[dict]) -> str:
+    """Per (model, T, launch): the defaults and the best setting."""
+    table = []
+    for key in dict.fromkeys((r["model"], r["T"], r["launch"]) for r in rows if "launch" in r):
+        group = [r for r in rows if (r["model"], r["T"], r.get("launch")) == key and "ms" in r]
+        default = next((r for r in group if r["variant"] == "launch-default"), None)
+        best = min(group, key=lambda r: r["ms"], default=None)
+        if default is None or best is None:
+            continue
+        table.append([*key, default["ms"], default["of_copy"], best["variant"], best["ms"],
+                      best["of_copy"], default["ms"] / best["ms"]])
+    return format_table(["model", "T", "launch", "default ms", "of copy", "best", "best ms",
+                         "of copy", "gain"], table)
 
 
 def kernel_variants(prefix: str, scan, sweep: list[dict], interpret: bool) -> list:
@@ -277,7 +362,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "launch"],
+                   choices=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")
@@ -301,13 +387,20 @@ def main() -> None:
     for model, shape in models.items():
         ws = make_weights(shape, dtype)
         for num_tokens in args.tokens:
-            result["rows"] += bench_shape(model, shape, num_tokens, ws, copy_tbps, args)
+            if set(args.variants) - {"launch"}:
+                result["rows"] += bench_shape(model, shape, num_tokens, ws, copy_tbps, args)
+            if "launch" in args.variants:
+                result["rows"] += bench_launches(model, shape, num_tokens, ws, copy_tbps, args)
             write_json(result, args.json, default_name)
         del ws
     path = write_json(result, args.json, default_name)
     print()
     print(f"{env['card']}, bf16, copy {copy_tbps:.2f} TB/s" + (f"; JSON: {path}" if path else ""))
-    print(summary(result["rows"]))
+    whole = [r for r in result["rows"] if "launch" not in r]
+    if whole:
+        print(summary(whole))
+    if len(whole) < len(result["rows"]):
+        print(launch_summary(result["rows"]))
 
 
 if __name__ == "__main__":
