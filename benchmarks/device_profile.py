@@ -4,7 +4,9 @@
 
 Fills the batch with dummy-weight requests, steps until every request decodes, then records
 `--steps` engine steps with the JAX profiler and sums the device's kernel events by name
-(jax.profiler.ProfileData, no TensorBoard needed). Prints the top kernels in ms per step and
+(jax.profiler.ProfileData, no TensorBoard needed). `--phase prefill` records the prompts' steps
+instead (from the first, at most `--steps` of them, each a full `--max-num-batched-tokens`
+chunk but the last): where issue 5's workload spends its prefill time. Prints the top kernels in ms per step and
 the share of the step each takes; `--json` keeps the table. Compare the total with the roofline
 that `jaxpaged-bench throughput` prints for the same batch and context.
 """
@@ -55,6 +57,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--phase", choices=("decode", "prefill"), default="decode")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.batch,
@@ -67,21 +70,32 @@ def main() -> None:
     for i in range(args.batch):
         engine.add_request(str(i), {"prompt_token_ids": rng.integers(0, vocab, args.context)
                                     .tolist()}, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens
-              for r in engine.scheduler.requests.values()):
-        engine.step()
-    for _ in range(4):  # past the last prefill's step in flight
-        engine.step()
-    trace_dir = tempfile.mkdtemp(prefix="jaxpaged_trace_")
-    with jax.profiler.trace(trace_dir):
-        for _ in range(args.steps):
+    def prefilling() -> bool:
+        return any(r.num_computed_tokens < r.num_prompt_tokens
+                   for r in engine.scheduler.requests.values())
+
+    if args.phase == "decode":
+        while prefilling():
             engine.step()
+        for _ in range(4):  # past the last prefill's step in flight
+            engine.step()
+    trace_dir = tempfile.mkdtemp(prefix="jaxpaged_trace_")
+    steps, tokens = 0, 0
+    with jax.profiler.trace(trace_dir):
+        while steps < args.steps and (args.phase == "decode" or prefilling()):
+            before = sum(r.num_computed_tokens for r in engine.scheduler.requests.values())
+            engine.step()
+            tokens += sum(r.num_computed_tokens
+                          for r in engine.scheduler.requests.values()) - before
+            steps += 1
         jax.effects_barrier()
+    args.steps = steps
     seconds, counts, planes = kernel_times(trace_dir)
     total = sum(seconds.values())
     rows = sorted(seconds.items(), key=lambda kv: -kv[1])
-    print(f"{args.model}: batch {args.batch}, context {args.context}, {args.steps} steps "
-          f"traced on {planes}; device busy {total / args.steps * 1e3:.2f} ms/step")
+    print(f"{args.model}: batch {args.batch}, context {args.context}, {args.phase}: {steps} "
+          f"steps ({tokens} tokens scheduled) traced on {planes}; device busy "
+          f"{total / steps * 1e3:.2f} ms/step")
     print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
     for name, s in rows[:args.top]:
         print(f"{s / args.steps * 1e3:8.3f} {s / total:6.1%} {counts[name] / args.steps:10.1f}"
@@ -89,6 +103,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(jax.devices()[0].device_kind),
+                       "git_revision": os.environ.get("JAXPAGED_GIT_REV"),
+                       "tokens_scheduled": tokens,
                        "device_busy_ms_per_step": total / args.steps * 1e3,
                        "kernels": [{"name": n, "ms_per_step": s / args.steps * 1e3,
                                     "calls_per_step": counts[n] / args.steps}

@@ -133,13 +133,15 @@ _jit_forward = jax.jit(_step, static_argnames=("model_def", "spec", "impl", "mes
 
 
 def _sample_padded(logits, packed, spec, width: int):
-    """`sample` of the packed metadata, plus its token ids padded to `width` rows: the next
-    step's `prev_sampled`."""
-    out = sample(logits, unpack(packed, spec))
-    return out, jnp.pad(out.sampled_token_ids, (0, width - out.sampled_token_ids.shape[0]))
+    """`sample` of the packed metadata, plus its token ids padded to `width` rows (the next
+    step's `prev_sampled`) and the suppressed logits, which nobody reads: returning them lets
+    the donated input alias them, so the suppression writes in place (sampler.sample)."""
+    out, logits = sample(logits, unpack(packed, spec), return_logits=True)
+    return out, jnp.pad(out.sampled_token_ids, (0, width - out.sampled_token_ids.shape[0])), logits
 
 
-_jit_sample = jax.jit(_sample_padded, static_argnames=("spec", "width"))
+# The forward's logits are donated: the sampler is their last reader.
+_jit_sample = jax.jit(_sample_padded, static_argnames=("spec", "width"), donate_argnums=0)
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
 _jit_take_rows = jax.jit(lambda x, rows: x[rows])
 
@@ -255,7 +257,7 @@ class ModelRunner:
             for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len):
                 logits = jnp.zeros((S, self.vocab_size), self.loaded.dtype,
                                    device=self._logits_sharding)
-                jax.block_until_ready(_jit_sample(logits, *pack(smd), width=self.max_num_seqs))
+                jax.block_until_ready(_jit_sample(logits, *pack(smd), width=self.max_num_seqs)[:2])
                 count += 1
         self._compiles_at_warmup = _compile_count[0]
         return count, time.perf_counter() - start
@@ -327,7 +329,7 @@ class ModelRunner:
         if want_plp:
             plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
             logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
-        sampled, self._prev_sampled = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
+        sampled, self._prev_sampled, _ = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
         self._prev_rows = {r.request_id: s for s, r in enumerate(reqs) if r.sample}
         return StepHandle(sched, sampled, plp, pos, prompt_rows)
 

@@ -166,14 +166,27 @@ def _random_sample(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return jnp.argmax(logits + noise, axis=-1)
 
 
-def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
+def sample(logits: jax.Array, md: SamplingMetadata,
+           return_logits: bool = False) -> SamplerOutput | tuple[SamplerOutput, jax.Array]:
     """Draws one token per row of ``logits`` ([R, V] in the model's dtype, widened to f32
-    here); jit it with ``md`` as an argument."""
-    logits = logits.astype(jnp.float32)
+    here); jit it with ``md`` as an argument. ``return_logits`` also returns the logits after
+    the min_tokens suppression, in their own dtype: a jit that donates ``logits`` and returns
+    them aliases the two, so the suppression writes its -inf in place and, without logprobs or
+    penalties, the step reads the logits once (no f32 copy of them reaches memory)."""
     num_rows, vocab_size = logits.shape
     raw_logits = logits  # the reported logprobs are of these, before suppression and penalties
     suppressed = jnp.where(md.suppressed_token_ids >= 0, md.suppressed_token_ids, vocab_size)
-    logits = logits.at[jnp.arange(num_rows)[:, None], suppressed].set(-jnp.inf, mode="drop")
+    # -inf is exact in every float dtype, so suppressing before widening changes nothing.
+    suppressed_logits = logits.at[jnp.arange(num_rows)[:, None], suppressed].set(-jnp.inf,
+                                                                                 mode="drop")
+    out = _sample(suppressed_logits.astype(jnp.float32), raw_logits, md)
+    return (out, suppressed_logits) if return_logits else out
+
+
+def _sample(logits: jax.Array, raw_logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
+    """`sample` after the suppression: `logits` f32 and suppressed; `raw_logits` as given, for
+    the reported logprobs."""
+    num_rows = logits.shape[0]
     if not md.no_penalties:
         logits = apply_penalties(logits, md)
     sampled = jnp.argmax(logits, axis=-1)
@@ -186,7 +199,8 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         zeros = jnp.zeros(num_rows, jnp.float32)
         return SamplerOutput(sampled, zeros, jnp.zeros(num_rows, jnp.int32),
                              jnp.zeros((num_rows, 0), jnp.int32), jnp.zeros((num_rows, 0), jnp.float32))
-    lp = _gather_logprobs(jax.nn.log_softmax(raw_logits, axis=-1), sampled, md.max_num_logprobs)
+    lp = _gather_logprobs(jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1), sampled,
+                          md.max_num_logprobs)
     return SamplerOutput(sampled, lp.token_logprobs, lp.token_ranks, lp.topk_token_ids, lp.topk_logprobs)
 
 

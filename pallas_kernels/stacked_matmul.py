@@ -51,21 +51,27 @@ from pallas_kernels.paged_decode_attention import _next_pow2
 
 # H100 defaults for decode (T of 8..256). block_k is measured (benchmarks/stacked_matmul.py, the
 # four fused launches a layer, 2026-11-27): 64 beat 128 at every T and model tried, by 3-4% at
-# T 64 and 13-24% at T 128 and 256 (llama-3.1-8b at T 256: 12.8 -> 9.7 ms a scan). The other
-# settings were swept against block_k 128 only; num_stages=3 won 13-17% there at T 128/256 and
-# has not been tried with block_k 64. The rest are guesses.
+# T 64 and 13-24% at T 128 and 256 (llama-3.1-8b at T 256: 12.8 -> 9.7 ms a scan). The split
+# rule and silu_mul's pipeline depth were then measured launch by launch (below); block_t,
+# block_n and num_warps won no consistent gain in either sweep.
 DEFAULT_BLOCK_T = 128  # covers a whole decode batch up to 128 rows: w is read once per T block
 DEFAULT_BLOCK_N = 64  # 128-byte rows of bf16 weight per load, and D_out / 64 programs
 DEFAULT_BLOCK_K = 64
 DEFAULT_NUM_WARPS = 4
 # Triton's smallest tile side: D_in and every D_out must be multiples of it.
 MIN_BLOCK = 16
-# Split D_in until about two programs per SM (132 SMs) run, keeping >= 4 k steps per program so
-# the software pipeline has something to overlap, and the f32 partials under half the weight's
-# bytes.
-_TARGET_PROGRAMS = 264
+# Split D_in until about one program per SM (132 SMs) runs, at most in two, keeping >= 4 k steps
+# per program so the software pipeline has something to overlap, and the f32 partials under half
+# the weight's bytes. Measured per launch on an H100 (benchmarks/stacked_matmul.py --variants
+# launch, 2026-11-27): two splits beat four (the old rule, up to two programs per SM) on every o
+# and down shape tried (llama-3.2-1b at T 128/256, llama-3.1-8b at T 256: 6-22%); the partials
+# of four (eight for the 1B's down at T 256: 16 MB a layer) cost more bandwidth than the extra
+# programs win. The 8B's q/k/v (192 programs at T 256) was 17% faster unsplit.
+_TARGET_PROGRAMS = 132
+_MAX_SPLITS = 2
 _MIN_K_STEPS = 4
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined x and w tiles may use
+_PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a stage)
 
 
 def _use_interpret(interpret: bool | None) -> bool:
@@ -103,7 +109,7 @@ def choose_num_splits(t_blocks: int, n_blocks: int, k_steps: int, num_tokens: in
                       w_itemsize: int) -> int:
     """K splits (a power of two dividing ``k_steps``) so that small launches still fill the GPU."""
     splits = 1
-    while t_blocks * n_blocks * splits < _TARGET_PROGRAMS:
+    while t_blocks * n_blocks * splits < _TARGET_PROGRAMS and splits < _MAX_SPLITS:
         more = 2 * splits
         # Per output column: the f32 partials (more * T values) vs the weight's D_in values.
         partial_bytes, weight_bytes = more * num_tokens * 4, d_in * w_itemsize
@@ -222,9 +228,12 @@ def _launch(
     col_blocks = [d // block_n for d in d_outs]
     t_blocks, k_steps = pl.cdiv(num_tokens, block_t), d_in // block_k
     if num_splits is None:
-        # A silu_mul program streams two tiles: count it as two, like the unfused kernels.
-        num_splits = choose_num_splits(t_blocks, sum(col_blocks), k_steps, num_tokens, d_in,
-                                       max(w.dtype.itemsize for w in ws))
+        # silu_mul is never split unless asked: a split loses the fused epilogue (both f32
+        # partials of gate and up reach memory), which measured 21-27% slower at llama-3.2-1b's
+        # T 128, the one shape where the old rule split it.
+        num_splits = 1 if silu_mul else choose_num_splits(
+            t_blocks, sum(col_blocks), k_steps, num_tokens, d_in,
+            max(w.dtype.itemsize for w in ws))
     if num_splits < 1 or k_steps % num_splits:
         raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
     split = num_splits > 1
@@ -233,6 +242,8 @@ def _launch(
     if num_stages is None:
         num_stages = _default_num_stages(block_t, (2 if paired else 1) * block_n, block_k,
                                          x.dtype.itemsize, ws[0].dtype.itemsize)
+        if paired:  # 3 measured 13-14% faster than 4 at T 256 (llama-3.2-1b and llama-3.1-8b)
+            num_stages = min(num_stages, _PAIRED_STAGES)
     kernel = functools.partial(
         _stacked_matmul_kernel,
         num_tokens=num_tokens,

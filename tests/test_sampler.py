@@ -302,3 +302,31 @@ def test_given_constants_fill_like_stacked_ones() -> None:
         (want.all_greedy, want.no_penalties, want.no_top_k_top_p, want.max_num_logprobs)
     with pytest.raises(ValueError, match="constants has shape"):
         build_sampling_metadata(rows, 6, V, L, constants[:2])
+
+
+def test_runner_sampler_suppresses_in_place_in_the_model_dtype() -> None:
+    """The runner's jitted sampler donates the forward's bf16 logits and returns them
+    suppressed, so XLA aliases the two (the -inf is written in place, no f32 copy of the
+    logits); tokens and logprobs equal `sample` on the same logits widened to f32 first."""
+    from jaxpaged.packed import pack
+    from jaxpaged.runner import _jit_sample
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, V)).astype(np.float32)
+    logits[:, 0] = 9.0  # EOS would win where it is not suppressed
+    rows = [row(seed=s, tokens=[5, 5], prompt_len=1, eos=0, temperature=t, min_tokens=m,
+                logprobs=1) for s, (t, m) in enumerate([(0.0, 3), (0.0, 0), (0.8, 3), (0.8, 0)])]
+    md = build_sampling_metadata(rows, 4, V, L)
+    bf16 = jnp.asarray(logits, jnp.bfloat16)
+    want = sample_jit(bf16.astype(jnp.float32), md)
+    compiled = _jit_sample.lower(bf16, *pack(md), width=8).compile().as_text()
+    assert "input_output_alias={ {6}: (0, {}, may-alias) }" in compiled
+    got, padded, suppressed = _jit_sample(bf16, *pack(md), width=8)
+    assert bf16.is_deleted()  # donated
+    for field in ("sampled_token_ids", "sampled_logprobs", "sampled_token_ranks"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    np.testing.assert_array_equal(padded, np.pad(want.sampled_token_ids, (0, 4)))
+    assert suppressed.dtype == jnp.bfloat16
+    assert np.isneginf(np.asarray(suppressed, np.float32)[[0, 2], 0]).all()
+    assert not np.isneginf(np.asarray(suppressed, np.float32)[[1, 3], 0]).any()
+    assert int(got.sampled_token_ids[1]) == 0 and int(got.sampled_token_ids[0]) != 0

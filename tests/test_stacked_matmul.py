@@ -75,13 +75,46 @@ def test_layer_traced_in_a_scan_under_jit():
 
 
 def test_choose_num_splits_fills_small_launches_only():
-    # llama-3.1-8b k_proj at T = 64: 16 column blocks, D_in 4096 in 32 steps of 128.
-    assert choose_num_splits(1, 16, 32, 64, 4096, 2) == 8
-    # gate_proj at T = 256: 2 * 224 programs already fill the GPU.
+    # llama-3.1-8b k_proj at T = 64: 16 column blocks, D_in 4096 in 32 steps of 128. Splitting
+    # stops at two: four or more measured slower (their f32 partials cost more than they win).
+    assert choose_num_splits(1, 16, 32, 64, 4096, 2) == 2
+    # llama-3.2-1b down_proj at T = 256: 2 * 32 programs, D_in 8192 in 128 steps of 64.
+    assert choose_num_splits(2, 32, 128, 256, 8192, 2) == 2
+    # gate_proj at T = 256: 2 * 224 programs already fill the GPU; so do the 8B's q/k/v (2 * 96).
     assert choose_num_splits(2, 224, 32, 256, 4096, 2) == 1
+    assert choose_num_splits(2, 96, 64, 256, 4096, 2) == 1
     # Never fewer than 4 k steps per split, and never a split that does not divide the steps.
     assert choose_num_splits(1, 1, 8, 16, 1024, 2) == 2
     assert choose_num_splits(1, 1, 9, 16, 1152, 2) == 1
+    assert choose_num_splits(1, 1, 4, 16, 1024, 2) == 1
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
+            elif hasattr(param, "eqns"):
+                yield from _all_eqns(param)
+
+
+def test_silu_mul_is_not_split_by_default():
+    # One T block and two column blocks (block_n shrinks to 32): the split rule splits a plain
+    # launch of this shape in two (the q/k/v-style launch below returns f32 partials), but a
+    # split silu_mul would lose its fused epilogue, so it writes [T, F] in x's dtype.
+    x = jnp.ones((16, 1024), jnp.bfloat16)
+    ws = (jnp.ones((2, 1024, 32), jnp.bfloat16),) * 2
+    assert choose_num_splits(1, 2, 1024 // 64, 16, 1024, 2) == 2
+    for epilogue, outs in (("silu_mul", [((16, 32), jnp.bfloat16)]),
+                           (None, [((32, 32), jnp.float32)] * 2)):
+        jaxpr = jax.make_jaxpr(functools.partial(stacked_matmul_fused, epilogue=epilogue,
+                                                 interpret=True))(x, ws, jnp.int32(1))
+        pallas = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        assert len(pallas) == 1
+        assert [(v.aval.shape, v.aval.dtype) for v in pallas[0].outvars] == outs
 
 
 @pytest.mark.parametrize("kwargs,match", [
