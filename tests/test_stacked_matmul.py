@@ -101,20 +101,28 @@ def _all_eqns(jaxpr):
                 yield from _all_eqns(param)
 
 
-def test_silu_mul_is_not_split_by_default():
-    # One T block and two column blocks (block_n shrinks to 32): the split rule splits a plain
-    # launch of this shape in two (the q/k/v-style launch below returns f32 partials), but a
-    # split silu_mul would lose its fused epilogue, so it writes [T, F] in x's dtype.
+def test_fused_launches_are_not_split_by_default():
+    # One T block and two column blocks (block_n shrinks to 32): the split rule splits a
+    # single-weight launch of this shape in two (f32 partials), but a launch of several weights
+    # is not split unless asked: silu_mul would lose its fused epilogue, and q/k/v measured no
+    # faster split. Each writes its outputs in x's dtype.
     x = jnp.ones((16, 1024), jnp.bfloat16)
     ws = (jnp.ones((2, 1024, 32), jnp.bfloat16),) * 2
     assert choose_num_splits(1, 2, 1024 // 64, 16, 1024, 2) == 2
-    for epilogue, outs in (("silu_mul", [((16, 32), jnp.bfloat16)]),
-                           (None, [((32, 32), jnp.float32)] * 2)):
-        jaxpr = jax.make_jaxpr(functools.partial(stacked_matmul_fused, epilogue=epilogue,
-                                                 interpret=True))(x, ws, jnp.int32(1))
+
+    def pallas_outputs(fn, *args, **kwargs) -> list:
+        jaxpr = jax.make_jaxpr(functools.partial(fn, interpret=True, **kwargs))(*args)
         pallas = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
         assert len(pallas) == 1
-        assert [(v.aval.shape, v.aval.dtype) for v in pallas[0].outvars] == outs
+        return [(v.aval.shape, v.aval.dtype) for v in pallas[0].outvars]
+
+    layer = jnp.int32(1)
+    assert pallas_outputs(stacked_matmul_fused, x, ws, layer, epilogue="silu_mul") == [
+        ((16, 32), jnp.bfloat16)]
+    assert pallas_outputs(stacked_matmul_fused, x, ws, layer) == [((16, 32), jnp.bfloat16)] * 2
+    assert pallas_outputs(stacked_matmul_fused, x, ws, layer, num_splits=2) == [
+        ((32, 32), jnp.float32)] * 2
+    assert pallas_outputs(stacked_matmul, x, ws[0], layer) == [((32, 32), jnp.float32)]
 
 
 @pytest.mark.parametrize("kwargs,match", [
