@@ -153,6 +153,20 @@ def test_unrolling_only_decode_steps(tmp_path, monkeypatch):
         LLM(str(tmp_path), dtype="float32", warmup=False, max_model_len=64)
 
 
+def test_unroll_defaults_to_decode_where_the_stacked_path_runs(monkeypatch):
+    """Unset: decode steps are unrolled exactly where they take the stacked-weight path (one
+    GPU), where it costs no warm-up; elsewhere the loop stays rolled. A set value wins."""
+    from jaxpaged.runner import unroll_setting
+
+    monkeypatch.delenv("JAXPAGED_UNROLL_LAYERS", raising=False)
+    assert unroll_setting(stacked_matmul=True) == "decode"
+    assert unroll_setting(stacked_matmul=False) == "0"
+    assert unroll_setting() == "0"
+    for setting in ("0", "1", "decode"):
+        monkeypatch.setenv("JAXPAGED_UNROLL_LAYERS", setting)
+        assert unroll_setting(stacked_matmul=True) == setting
+
+
 def test_rope_tables_are_computed_once_outside_the_layer_loop():
     """cos/sin depend on the positions only: the forward computes them before the layer scan,
     so no layer recomputes them (inside a scan XLA kept them per layer: a kernel a layer)."""
