@@ -47,7 +47,7 @@ class KVCache:
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
-                    layer: jax.Array, md: AttentionMetadata, impl: str = "reference",
+                    layer: jax.Array | int, md: AttentionMetadata, impl: str = "reference",
                     mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """q [T, N, H], k/v [T, K, H] of one layer -> (attention output [T, N, H], updated cache).
 

@@ -348,6 +348,30 @@ def test_model_decode_step_with_env_matches_default(family, monkeypatch):
     np.testing.assert_allclose(np.asarray(cache1.v), np.asarray(cache0.v), rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_stacked_decode_matches_the_scan_with_constant_layer_indices():
+    """The GPU's decode default: stacked kernels in an unrolled layer loop. Same logits and
+    cache as the rolled scan; each layer's index reaches the kernels as a constant (a scan's
+    indices are slices of an iota, which XLA does not fold: a kernel launch per layer on a
+    GPU), so the unrolled program has no iota of the layer count."""
+    from jaxpaged.models import forward
+
+    cfg, graphdef, params = tiny_model("qwen3")
+    cache, ids, pos, md = decode_step_inputs(cfg)
+    got = {}
+    for unroll in (False, True):
+        step = jax.jit(functools.partial(forward, graphdef, impl="pallas", unroll=unroll,
+                                         stacked_matmul=True))
+        got[unroll] = step(params, cache, ids, pos, md)
+        hlo = step.lower(params, cache, ids, pos, md).as_text()
+        layer_iota = f"iota dim = 0 : tensor<{cfg.num_hidden_layers}xi32>"
+        assert (layer_iota in hlo.replace("stablehlo.iota", "iota")) != unroll
+    (cache0, logits0), (cache1, logits1) = got[False], got[True]
+    np.testing.assert_allclose(np.asarray(logits1)[:3], np.asarray(logits0)[:3],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache1.k), np.asarray(cache0.k), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache1.v), np.asarray(cache0.v), rtol=1e-6, atol=1e-6)
+
+
 def test_model_keeps_the_plain_path_outside_pallas_decode(monkeypatch):
     """The reference impl, non-decode steps and widths (per shard) that are not multiples of
     16, the kernels' smallest tile, ignore the setting; a bad value is an error."""

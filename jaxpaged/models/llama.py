@@ -130,7 +130,7 @@ class StackedLayer:
     """Where a decode step's projections read their weights in place: the projections' kernels
     are the whole [L, D_in, D_out] stacks (their biases this layer's) and `layer` indexes them;
     under a `mesh` each shard reads its own slice of the stacks."""
-    layer: jax.Array  # i32[], the scan's
+    layer: jax.Array | int  # the scan's i32[], or the unrolled loop's constant
     mesh: Mesh | None
 
 
@@ -226,7 +226,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
+                 kv_cache: KVCache, layer: jax.Array | int, md: AttentionMetadata,
                  impl: str, mesh: Mesh | None,
                  at: StackedLayer | None = None) -> tuple[jax.Array, KVCache]:
         T = x.shape[0]
@@ -331,9 +331,18 @@ class CausalLM(nnx.Module):
             x, cache = layer_mod(x, rope, cache, layer, md, impl, mesh, stacked)
             return (x, cache), None
 
-        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids),
-                                        unroll=unroll)
+        if unroll:
+            # A Python loop, not scan(unroll=True): each layer's index is then a constant of
+            # the program. Scan's indices are slices of an iota, which XLA does not fold: on an
+            # H100 every layer launched a kernel (or two) just to make its s32[1] index for the
+            # stacked kernels. The norm scales' slices are static either way.
+            carry = (x, kv_cache)
+            for i in range(self.config.num_hidden_layers):
+                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i))
+            x, kv_cache = carry
+        else:
+            layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+            (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids))
         x = self.norm(x[md.logits_indices])  # [R, D]
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
