@@ -7,8 +7,10 @@ pulls in jax.
 import importlib
 
 from jaxpaged import logger as _logger
+from jaxpaged import xla_flags as _xla_flags
 
 _logger.configure()
+_xla_flags.apply_default_xla_flags()  # before JAX creates a backend (see jaxpaged.xla_flags)
 
 __version__ = "0.1.0"
 _EXPORTS = {
