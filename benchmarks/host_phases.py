@@ -72,7 +72,7 @@ def stub_device() -> None:
         out = SamplerOutput(np.ones(num_rows, np.int32), np.zeros(num_rows, np.float32),
                             np.ones(num_rows, np.int32), np.zeros((num_rows, 0), np.int32),
                             np.zeros((num_rows, 0), np.float32))
-        return out, np.ones(width, np.int32)
+        return out, np.ones(width, np.int32), logits
 
     runner_module._jit_forward = forward
     runner_module._jit_sample = sample
