@@ -3,9 +3,11 @@
 Layers are stacked on a leading axis and run with `lax.scan`, so a model compiles one layer
 body whatever its depth; the whole KV cache rides in the scan carry and each layer writes and
 reads it through `attention.paged_attention` (no per-layer cache slice is copied). With
-`unroll=True` the scan is unrolled: each layer's weights are then static slices that feed the
-matmuls in place, where a rolled loop copies them out of the stack every step (on an H100,
-llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms), but compiles take ~30x longer.
+`unroll=True` the layers run in a Python loop instead: each layer's index is a constant and its
+weights are static slices that feed the matmuls in place, where a rolled loop copies them out of
+the stack every step (on an H100, llama-3.2-1b's forward at batch 256: 3.95 -> 2.41 ms); with
+XLA's GEMMs the compiles take ~30x longer, with the stacked kernels below no longer (the
+runner unrolls decode steps where those run, `runner.unroll_setting`).
 
 JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU and there is no mesh; the
 runner reads it once and passes it to its programs as a static argument,
