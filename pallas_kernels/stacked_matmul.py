@@ -231,9 +231,9 @@ def _launch(
         # A launch of several weights (q/k/v, gate/up) is not split unless asked. silu_mul
         # would lose its fused epilogue (both f32 partials of gate and up reach memory), which
         # measured 21-27% slower at llama-3.2-1b's T 128, the one shape where the old rule split
-        # it; q/k/v unsplit measured 17% faster for llama-3.1-8b at T 256 and within 3% for
-        # llama-3.2-1b at T 256, and saves the launch that adds the partials up (the host
-        # enqueues every launch of every layer each step).
+        # it. q/k/v unsplit measured 17% faster for llama-3.1-8b at T 256, within 3% for
+        # llama-3.2-1b at T 256 and 7% slower at its T 128, and saves the launch that adds the
+        # partials up (the host enqueues every launch of every layer each step).
         num_splits = 1 if len(ws) > 1 else choose_num_splits(
             t_blocks, sum(col_blocks), k_steps, num_tokens, d_in, ws[0].dtype.itemsize)
     if num_splits < 1 or k_steps % num_splits:
