@@ -135,6 +135,23 @@ def git_revision() -> str:
         return "unknown"
 
 
+def host_python_ms(repeats: int = 3) -> float:
+    """Milliseconds for a fixed piece of plain Python (dict and list work of the kind the
+    scheduler does), best of `repeats`: the engine's host-bound steps scale with it, and the
+    device machines' CPUs differ from one lease to the next, so results record it."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        table: dict[int, list[int]] = {}
+        for i in range(100_000):
+            row = table.setdefault(i & 255, [])
+            row.append(i)
+            if len(row) > 16:
+                row.clear()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def env_info() -> dict[str, Any]:
     import jax
 
@@ -142,7 +159,8 @@ def env_info() -> dict[str, Any]:
     card = cpu_model() if device.platform == "cpu" else device.device_kind
     return {"card": card, "platform": device.platform, "num_devices": jax.device_count(),
             "jax_version": jax.__version__, "git_revision": git_revision(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host_cpu": cpu_model(), "host_python_ms": round(host_python_ms(), 2)}
 
 
 def slug(text: str) -> str:
