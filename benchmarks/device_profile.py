@@ -6,8 +6,8 @@ Fills the batch with dummy-weight requests, steps until every request decodes, t
 `--steps` engine steps with the JAX profiler and sums the device's kernel events by name
 (jax.profiler.ProfileData, no TensorBoard needed). `--phase prefill` records the prompts' steps
 instead (from the first, at most `--steps` of them, each a full `--max-num-batched-tokens`
-chunk but the last): where issue 5's workload spends its prefill time. Prints the top kernels in ms per step and
-the share of the step each takes; `--json` keeps the table. Compare the total with the roofline
+chunk but the last): where issue 5's workload spends its prefill time. Prints the top kernels
+in ms per step and the share of the step each takes; `--json` keeps the table. Compare the total with the roofline
 that `jaxpaged-bench throughput` prints for the same batch and context.
 """
 
@@ -80,15 +80,16 @@ def main() -> None:
         for _ in range(4):  # past the last prefill's step in flight
             engine.step()
     trace_dir = tempfile.mkdtemp(prefix="jaxpaged_trace_")
-    steps, tokens = 0, 0
+    def computed() -> int:
+        return sum(r.num_computed_tokens for r in engine.scheduler.requests.values())
+
+    steps, start = 0, computed()
     with jax.profiler.trace(trace_dir):
         while steps < args.steps and (args.phase == "decode" or prefilling()):
-            before = sum(r.num_computed_tokens for r in engine.scheduler.requests.values())
             engine.step()
-            tokens += sum(r.num_computed_tokens
-                          for r in engine.scheduler.requests.values()) - before
             steps += 1
         jax.effects_barrier()
+    tokens = computed() - start
     args.steps = steps
     seconds, counts, planes = kernel_times(trace_dir)
     total = sum(seconds.values())

@@ -4,8 +4,11 @@
 #
 #   OUT=$OUT JAXPAGED_GIT_REV=<hash> bash benchmarks/engine_variants.sh
 #
-#   async-scan    the defaults: step N + 1 dispatched while step N runs, layers in a lax.scan
-#                 (on a GPU that includes the stacked-weight projections since 5f8a6fe)
+#   async-scan    step N + 1 dispatched while step N runs, layers in a lax.scan in every step
+#                 (JAXPAGED_UNROLL_LAYERS=0); otherwise the defaults (on a GPU that includes
+#                 the stacked-weight projections since 5f8a6fe and, since 5e9c6b6, the in-place
+#                 cuBLAS GEMMs of jaxpaged.xla_flags). The GPU default since 82959ca unrolls
+#                 decode steps: that is async-unroll-decode
 #   async-copies  JAXPAGED_STACKED_MATMUL=0: the scan slices (copies) each layer's weights out
 #                 of the stacks for XLA's GEMMs, the default before 5f8a6fe
 #   sync-scan     --no-async-scheduling: the host waits for each step before planning the next
@@ -17,7 +20,9 @@
 #                 of the stacked weights in place instead of the scan copying it out first
 #                 (measured: no effect, the copies stay)
 #   async-dsf-cublas  the same with Triton GEMM fusions off, so every GEMM is a cuBLAS call,
-#                 the kind dynamic-slice fusion handles (not run yet)
+#                 the kind dynamic-slice fusion handles (measured at 9fa7cf7, then made the
+#                 default: jaxpaged.xla_flags adds both flags, so both variants now equal
+#                 async-scan unless JAXPAGED_XLA_FLAGS=0)
 #   async-stacked the defaults with JAXPAGED_STACKED_MATMUL=1: in decode-only steps the seven
 #                 projections read their layer's weights in place from the stacks (Pallas
 #                 stacked_matmul) instead of the scan copying them out (the GPU default now)

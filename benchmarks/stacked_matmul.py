@@ -95,7 +95,7 @@ QUICK_FUSED_SWEEP = FUSED_SWEEP[:1]
 # The "launch" variant times each of the model's four launches a layer on its own, so that each
 # can get its own setting: q/k/v fused (D_in = D), silu(gate) * up (D_in = D), o (D_in = Q) and
 # down (D_in = F). Their shapes differ enough (down streams F-long columns into a narrow D_out,
-# which the split rule cuts into four f32 partials at T 256) that one setting need not suit all.
+# which the split rule cuts into f32 partials) that one setting need not suit all.
 LAUNCHES = {
     "qkv": ("D", ("q", "k", "v"), None),
     "gate_up": ("D", ("gate", "up"), "silu_mul"),
@@ -223,9 +223,7 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
             row = measure(label, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps, args)
             row.pop("_out", None)
             row.update(model=model, T=num_tokens, launch=launch, weight_GB=weight_bytes / 1e9)
-            print(f"{model} T={num_tokens} {launch} {label}: " + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                if k not in ("model", "T", "variant", "launch")), flush=True)
+            print_row(f"{model} T={num_tokens} {launch} {label}", row)
             rows.append(row)
     return rows
 
@@ -296,6 +294,13 @@ def measure(name: str, fn, h: jax.Array, weight_bytes: int, copy_tbps: float, ar
     return row
 
 
+def print_row(prefix: str, row: dict) -> None:
+    """One measured row on the console, without the keys the prefix already names."""
+    print(f"{prefix}: " + ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        if k not in ("model", "T", "variant", "launch")), flush=True)
+
+
 def rel_err(a: jax.Array, b: jax.Array) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -332,9 +337,7 @@ def bench_shape(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float, 
         if out is not None:
             row["rel_err_vs_f32"] = rel_err(out, exact)
         row.update(model=model, T=num_tokens, weight_GB=weight_bytes / 1e9)
-        print(f"{model} T={num_tokens} {name}: " + ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-            if k not in ("model", "T", "variant")), flush=True)
+        print_row(f"{model} T={num_tokens} {name}", row)
         rows.append(row)
     return rows
 

@@ -11,10 +11,11 @@ runner unrolls decode steps where those run, `runner.unroll_setting`).
 
 JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU and there is no mesh; the
 runner reads it once and passes it to its programs as a static argument,
-`forward(stacked_matmul=None)` reads it when traced) keeps the loop rolled and avoids those
-copies another way in decode-only steps with impl="pallas": the seven projection kernels (q, k,
-v, o, gate, up, down) stay out of the scan's `xs` and each layer's matmuls read their slices of
-the stacks in place, given the scan's layer index, in four launches a layer: q/k/v in one
+`forward(stacked_matmul=None)` reads it when traced) avoids those copies another way in
+decode-only steps with impl="pallas", in a rolled loop or an unrolled one: the seven projection
+kernels (q, k, v, o, gate, up, down) stay out of the loop's per-layer slices and each layer's
+matmuls read their slices of the stacks in place, given the layer index, in four launches a
+layer: q/k/v in one
 (`pallas_kernels.stacked_matmul_fused`; biases added after), silu(gate) * up in one (its
 silu_mul epilogue), o and down on their own (`pallas_kernels.stacked_matmul`). Norm scales and
 biases are still sliced per layer; other steps and the reference impl keep the plain path, as
@@ -142,6 +143,11 @@ def _split_axis(spec: PartitionSpec) -> int | None:
     return next((i - len(spec) for i, axis in enumerate(spec) if axis == TP_AXIS), None)
 
 
+def _kernel_spec(name: str, shape: tuple[int, ...], tp: int) -> PartitionSpec:
+    """How `sharding.param_spec` places projection `name`'s [L, D_in, D_out] stack over tp."""
+    return param_spec(("layers", name, "kernel"), shape, tp)
+
+
 def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLayer,
                      epilogue: str | None = None) -> tuple[jax.Array, ...]:
     """x [T, D_in] @ each linear's kernel[at.layer], in one launch: a tuple of [T, D_out_i]
@@ -164,8 +170,7 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
         outs = launch(x, ws, at.layer)
     else:
         tp = at.mesh.shape[TP_AXIS]
-        specs = tuple(param_spec(("layers", name, "kernel"), w.shape, tp)
-                      for name, w in zip(linears, ws))
+        specs = tuple(_kernel_spec(name, w.shape, tp) for name, w in zip(linears, ws))
         split = {_split_axis(spec) for spec in specs}
         if len(split) > 1:  # cannot happen for the Megatron specs: one launch, one split
             raise ValueError(f"{tuple(linears)} share one launch but split differently over "
@@ -207,7 +212,7 @@ def _stacked_tiles_fit(layers: "DecoderLayer", mesh: Mesh | None) -> bool:
             if linear is None:
                 continue
             shape = list(linear.kernel.shape)  # [L, D_in, D_out]
-            axis = _split_axis(param_spec(("layers", name, "kernel"), tuple(shape), tp))
+            axis = _split_axis(_kernel_spec(name, tuple(shape), tp))
             if axis is not None:
                 shape[axis] //= tp
             if shape[-2] % MIN_BLOCK or shape[-1] % MIN_BLOCK:
