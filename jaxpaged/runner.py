@@ -165,7 +165,7 @@ class ModelRunner:
         cfg = loaded.config
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
         # Read once here and passed as a static argument, so it is part of each program's key.
-        self.stacked_matmul = stacked_matmul_setting(mesh)
+        self.stacked_matmul = stacked_matmul_setting()
         self.unroll_setting = unroll_setting(self.stacked_matmul)
         self._params_leaves, params_def = jax.tree.flatten(loaded.params)
         self._model_def = ModelDef(loaded.graphdef, params_def)
@@ -381,7 +381,7 @@ def unroll_setting(stacked_matmul: bool = False) -> str:
     """Which steps run the layer loop unrolled (see jaxpaged.models.llama), from
     JAXPAGED_UNROLL_LAYERS: "0" none, "1" all, "decode" only decode-only steps (the steady
     state; their few buckets keep warm-up short). Unset: "decode" where decode steps take the
-    stacked-weight path (`stacked_matmul`, on for one GPU), else "0".
+    stacked-weight path (`stacked_matmul`, on for a GPU), else "0".
 
     With the stacked path an unrolled decode step launches no loop bookkeeping and no per-layer
     slices (norm scales, the layer index): on an H100, llama-3.2-1b's decode step went from

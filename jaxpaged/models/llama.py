@@ -9,7 +9,7 @@ the stack every step (on an H100, llama-3.2-1b's forward at batch 256: 3.95 -> 2
 XLA's GEMMs the compiles take ~30x longer, with the stacked kernels below no longer (the
 runner unrolls decode steps where those run, `runner.unroll_setting`).
 
-JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU and there is no mesh; the
+JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU; the
 runner reads it once and passes it to its programs as a static argument,
 `forward(stacked_matmul=None)` reads it when traced) avoids those copies another way in
 decode-only steps with impl="pallas", in a rolled loop or an unrolled one: the seven projection
@@ -53,16 +53,16 @@ logger = logging.getLogger(__name__)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def stacked_matmul_setting(mesh: Mesh | None = None) -> bool:
+def stacked_matmul_setting() -> bool:
     """JAXPAGED_STACKED_MATMUL: "1" reads decode steps' projection weights in place from the
     layer stack (see the module docstring), "0" slices them in the scan. Unset: on for a GPU
-    backend without a mesh, where it measured 12-16% more decode throughput on an H100
-    (llama-3.2-1b and llama-3.1-8b, benchmarks/NOTES_engine.md); off on the CPU, where XLA's
-    slices cost little and the kernel would run in the Pallas interpreter; off under a
-    tensor-parallel mesh until the per-shard path has run on several GPUs ("1" turns it on)."""
+    backend, where it measured 12-16% more decode throughput on one H100 (llama-3.2-1b and
+    llama-3.1-8b) and 14% more on two (llama-3.1-8b at tensor_parallel_size 2, with the same
+    greedy tokens in float32 as one GPU; benchmarks/NOTES_engine.md); off on the CPU, where
+    XLA's slices cost little and the kernel would run in the Pallas interpreter."""
     setting = os.environ.get("JAXPAGED_STACKED_MATMUL")
     if setting is None:
-        return jax.default_backend() == "gpu" and mesh is None
+        return jax.default_backend() == "gpu"
     if setting not in ("0", "1"):
         raise ValueError(f"JAXPAGED_STACKED_MATMUL={setting!r}; allowed: 0, 1 (unset: on for "
                          f"a GPU)")
@@ -321,7 +321,7 @@ class CausalLM(nnx.Module):
         # inv_freq is a compile-time constant; the tables are computed once, outside the scan.
         rope = rope_tables(positions, jnp.asarray(rope_inv_freq(self.config)))
         if stacked_matmul is None:
-            stacked_matmul = stacked_matmul_setting(mesh)
+            stacked_matmul = stacked_matmul_setting()
         stacked = (stacked_matmul and md.decode_only and impl == "pallas"
                    and _stacked_tiles_fit(self.layers, mesh))
         if stacked:
