@@ -16,6 +16,9 @@
 #   async-unroll-decode  JAXPAGED_UNROLL_LAYERS=decode: unrolled in decode-only steps only
 #   async-graphs  the defaults with while loops (the layer scan) and conditionals in XLA's CUDA
 #                 graphs (command buffers) too, so the host launches fewer kernels a step
+#   async-decode-graphs  the defaults (decode steps unrolled) with every kernel kind but loops
+#                 in XLA's command buffers and no minimum graph size: an unrolled decode step
+#                 has no while loop, so its launches can all go into graphs
 #   async-dsf     the defaults with XLA's dynamic-slice fusion: a GEMM reads its layer's slice
 #                 of the stacked weights in place instead of the scan copying it out first
 #                 (measured: no effect, the copies stay)
@@ -44,6 +47,7 @@ export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 LOG=$OUT/engine_variants.log
 GRAPH_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1'
+DECODE_GRAPH_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1'
 
 for v in $VARIANTS; do
   flags=()
@@ -51,11 +55,12 @@ for v in $VARIANTS; do
   stacked=${JAXPAGED_STACKED_MATMUL:-}
   [[ $v == sync* ]] && flags+=(--no-async-scheduling)
   [[ $v == *unroll ]] && unroll=1
-  [[ $v == *unroll-decode ]] && unroll=decode
+  [[ $v == *unroll-decode || $v == *decode-graphs ]] && unroll=decode
   [[ $v == *stacked ]] && stacked=1
   [[ $v == *copies ]] && stacked=0
   xla_flags=${XLA_FLAGS:-}
-  [[ $v == *graphs ]] && xla_flags+=" $GRAPH_FLAGS"
+  if [[ $v == *decode-graphs ]]; then xla_flags+=" $DECODE_GRAPH_FLAGS"
+  elif [[ $v == *graphs ]]; then xla_flags+=" $GRAPH_FLAGS"; fi
   [[ $v == *dsf* ]] && xla_flags+=" --xla_gpu_enable_dynamic_slice_fusion=true"
   [[ $v == *cublas ]] && xla_flags+=" --xla_gpu_enable_triton_gemm=false"
   echo "=== $v" | tee -a "$LOG"
