@@ -9,13 +9,11 @@ non-decode time in issue 5's workload 1.24 -> 1.14 s, llama-3.1-8b's mixed steps
 batching experiment 21.3 -> 18.3 s (paged throughput +12%), and the 8B's cold warm-up ~50 ->
 31 s (no Triton GEMM autotuning).
 
-Command buffers (CUDA graphs) take every kernel kind but loops and conditionals, with no
-minimum graph size: an unrolled decode step (`runner.unroll_setting`) has no while loop, so the
-host launches its ~186 kernels as a few graphs instead of one by one. Measured on an H100, same
-machine (git bb228db): llama-3.2-1b's issue-5 workload 30,748 -> 38,753 output tok/s, decode
-step 6.21 -> 4.40 ms (host busy 5.40 -> 3.78 ms), cold warm-up 39 -> 29 s. With loops in the
-graphs too (a rolled layer scan captured whole) the same workload was slower (fifth and sixth
-sessions), so WHILE and CONDITIONAL stay out.
+Not among them: XLA's command buffers (CUDA graphs) for every kernel kind with no minimum graph
+size. Over the unrolled decode step they looked +26% in one A/B on an H100 (bb228db), but an
+A/B/A/B on one machine (8d24847) gave 41,225 / 32,362 / 33,073 / 33,077 output tok/s for
+llama-3.2-1b (off / on / off / on): no effect beyond the host's run-to-run spread, which is as
+large (benchmarks/NOTES_engine.md, seventh session).
 
 XLA reads XLA_FLAGS once, when JAX first creates a backend: importing jaxpaged before any JAX
 computation runs applies them. Flags already in XLA_FLAGS are left as they are;
@@ -27,8 +25,6 @@ import os
 DEFAULT_XLA_FLAGS = {
     "xla_gpu_enable_dynamic_slice_fusion": "true",
     "xla_gpu_enable_triton_gemm": "false",
-    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
-    "xla_gpu_graph_min_graph_size": "1",
 }
 
 
