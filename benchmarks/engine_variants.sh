@@ -18,8 +18,9 @@
 #                 graphs (command buffers) too, so the host launches fewer kernels a step
 #   async-decode-graphs  the defaults (decode steps unrolled) with every kernel kind but loops
 #                 in XLA's command buffers and no minimum graph size: an unrolled decode step
-#                 has no while loop, so its launches can all go into graphs (measured at
-#                 8d24847 in an A/B/A/B: no effect beyond the host's run-to-run spread)
+#                 has no while loop, so its launches can all go into graphs (+26% in one
+#                 A/B at bb228db, inside the host's run-to-run spread of the same code:
+#                 not adopted; see jaxpaged/xla_flags.py)
 #   async-dsf     the defaults with XLA's dynamic-slice fusion: a GEMM reads its layer's slice
 #                 of the stacked weights in place instead of the scan copying it out first
 #                 (measured: no effect, the copies stay)

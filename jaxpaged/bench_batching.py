@@ -295,6 +295,89 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+# What runs of a KV-size sweep must share (their KV cache size is what varies).
+_SWEEP_ARGS = ("model", "dtype", "block_size", "num_prompts", "input_len", "mean_output_len",
+               "max_num_seqs", "max_num_batched_tokens", "seed", "temperature")
+
+
+def kv_sweep(results: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
+    """Paged over reserving continuous batching at `cap` as the KV cache changes size: one row
+    per run that measured both (each run at its own --num-kv-blocks), smallest cache first.
+    Runs must share card and workload; they may come from different revisions (each row names
+    its own). `reserved_regions` is how many prompt + cap regions the cache holds."""
+    if not results:
+        raise ValueError("no runs given")
+    first = results[0]
+    rows = []
+    for r in results:
+        diff = [k for k in _SWEEP_ARGS if r["args"].get(k) != first["args"].get(k)]
+        if r["card"] != first["card"]:
+            diff.insert(0, "card")
+        if diff:
+            raise ValueError(f"cannot sweep batching runs that differ in {diff}")
+        by = {x["scheduler"]: x for x in r["rows"] if x["cap"] == cap}
+        if "reserve" not in by or "paged" not in by:
+            continue
+        reserve, paged = by["reserve"], by["paged"]
+        args = r["args"]
+        region = region_blocks(args["input_len"], cap, args["block_size"]) * args["block_size"]
+        rows.append({
+            "kv_capacity_tokens": r["kv_capacity_tokens"],
+            "num_kv_blocks": args["num_kv_blocks"],
+            "reserved_regions": r["kv_capacity_tokens"] // region,
+            "reserve_tok_s": reserve["output_tokens_per_s"],
+            "reserve_decode_batch": reserve["mean_decode_batch"],
+            "paged_tok_s": paged["output_tokens_per_s"],
+            "paged_decode_batch": paged["mean_decode_batch"],
+            "paged_preemptions": paged["num_preemptions"],
+            "paged_kv_waste": paged["kv_waste"],
+            "paged_over_reserve": paged["output_tokens_per_s"] / reserve["output_tokens_per_s"],
+            "git_revision": r["git_revision"],
+        })
+    if not rows:
+        raise ValueError(f"no run measured both reserve and paged at cap {cap}")
+    return sorted(rows, key=lambda row: row["kv_capacity_tokens"])
+
+
+def kv_sweep_table(rows: list[dict[str, Any]]) -> str:
+    return format_table(
+        ["KV tokens (blocks)", "reserved regions", "reserve tok/s (batch)",
+         "paged tok/s (batch)", "paged preemptions", "paged KV waste", "paged / reserve", "git"],
+        [(f"{r['kv_capacity_tokens']:,} ({r['num_kv_blocks']:,})", r["reserved_regions"],
+          f"{r['reserve_tok_s']:,.0f} ({r['reserve_decode_batch']:.0f})",
+          f"{r['paged_tok_s']:,.0f} ({r['paged_decode_batch']:.0f})", r["paged_preemptions"],
+          f"{r['paged_kv_waste']:.1%}", f"{r['paged_over_reserve']:.2f}x", r["git_revision"])
+         for r in rows])
+
+
+def plot_kv_sweep(rows: list[dict[str, Any]], cap: int, title: str, path: str,
+                  shade: tuple[int, int] | None = None) -> None:
+    """Both throughputs and their ratio against the KV cache's usable tokens; `shade` marks a
+    range of KV sizes (tokens) on the ratio panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["kv_capacity_tokens"] for r in rows]
+    fig, (ax, ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.plot(x, [r["reserve_tok_s"] for r in rows], "o-", label="continuous, reserving (no paging)")
+    ax.plot(x, [r["paged_tok_s"] for r in rows], "o-", label="continuous, paged")
+    ax.set(xscale="log", xlabel="KV cache, usable tokens", ylabel="output tokens/s",
+           title=f"{title}, cap {cap}")
+    ax.legend()
+    ratio.plot(x, [r["paged_over_reserve"] for r in rows], "o-", color="C2")
+    ratio.axhline(2.0, color="grey", linestyle="--", linewidth=1)
+    if shade is not None:
+        ratio.axvspan(*shade, color="grey", alpha=0.15, label="the study's KV cache (approx.)")
+        ratio.legend()
+    ratio.set(xscale="log", xlabel="KV cache, usable tokens", ylabel="paged / reserving",
+              title="throughput ratio")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _ratios(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
     by = {(r["cap"], r["scheduler"]): r["output_tokens_per_s"] for r in rows}
     return {str(cap): by[cap, a] / by[cap, b] for cap, s in by if s == a and (cap, b) in by}

@@ -10,14 +10,11 @@ batching experiment 21.3 -> 18.3 s (paged throughput +12%), and the 8B's cold wa
 31 s (no Triton GEMM autotuning).
 
 Not among them: XLA's command buffers (CUDA graphs) for every kernel kind with no minimum graph
-size. Over the unrolled decode step they looked +26% in one A/B on an H100 (bb228db), but an
-A/B/A/B on one machine (8d24847) gave 41,225 / 32,362 / 33,073 / 33,077 output tok/s for
-llama-3.2-1b (off / on / off / on): no effect beyond the host's run-to-run spread, which is as
-large (benchmarks/NOTES_engine.md, seventh session).
-
-XLA reads XLA_FLAGS once, when JAX first creates a backend: importing jaxpaged before any JAX
-computation runs applies them. Flags already in XLA_FLAGS are left as they are;
-JAXPAGED_XLA_FLAGS=0 adds none. They affect the whole process (every jitted function).
+size. Over the unrolled decode step one A/B on an H100 (bb228db) looked +26% for llama-3.2-1b
+(30,748 -> 38,753 tok/s), but the next revision, with them on by default, then ran twelve
+times on that machine at 27,189-41,225 tok/s: the host's run-to-run spread covers the
+difference, and the host's time to dispatch a forward stayed ~1.25 ms with them
+(benchmarks/NOTES_engine.md, seventh session). Unproven, so left out.
 """
 
 import os

@@ -319,3 +319,30 @@ def test_batching_runs_of_different_caps_merge_into_one_result():
         merge_results([run([32], "a"), run([512], "a", num_prompts=500)])
     with pytest.raises(ValueError, match="repeat \\(cap, scheduler\\): \\[\\(32, 'paged'\\)"):
         merge_results([run([32], "a"), run([32], "b")])
+
+
+def test_kv_sweep_pairs_reserve_and_paged_by_cache_size(tmp_path):
+    from jaxpaged.bench_batching import kv_sweep, kv_sweep_table, plot_kv_sweep
+
+    def run(blocks, reserve, paged, rev="r", **args):
+        rows = [{"cap": 1536, "scheduler": s, "output_tokens_per_s": t, "mean_decode_batch": b,
+                 "num_preemptions": 3, "kv_waste": 0.01}
+                for s, t, b in (("reserve", reserve, 7.0), ("paged", paged, 21.0))]
+        rows.append({"cap": 32, "scheduler": "static", "output_tokens_per_s": 1.0})
+        return {"card": "H100", "model": "m", "git_revision": rev, "rows": rows,
+                "kv_capacity_tokens": (blocks - 1) * 16,
+                "args": {"num_kv_blocks": blocks, "block_size": 16, "input_len": 512,
+                         "num_prompts": 1000, **args}}
+
+    rows = kv_sweep([run(2049, 300.0, 450.0), run(129, 100.0, 250.0)], cap=1536)
+    assert [r["num_kv_blocks"] for r in rows] == [129, 2049]  # smallest cache first
+    assert [r["paged_over_reserve"] for r in rows] == [2.5, 1.5]
+    # 128 usable blocks of 16 tokens hold one 512 + 1536 region; 2048 hold sixteen.
+    assert [r["reserved_regions"] for r in rows] == [1, 16]
+    assert "2.50x" in kv_sweep_table(rows)
+    plot_kv_sweep(rows, 1536, "m", str(tmp_path / "sweep.png"), shade=(100, 200))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="differ in \\['num_prompts'\\]"):
+        kv_sweep([run(129, 1.0, 2.0), run(257, 1.0, 2.0, num_prompts=500)], cap=1536)
+    with pytest.raises(ValueError, match="no run measured both"):
+        kv_sweep([run(129, 1.0, 2.0)], cap=512)
