@@ -42,6 +42,10 @@
 # prompt + cap must hold back (at cap 1536 a region is 2048 tokens: 81 requests fit). Without
 # the limit, an H100's KV memory would hold nearly every reservation and the experiment would
 # measure nothing. To shrink further: BATCHING_CAPS=32,512,1536.
+# The study's own memory pressure (OPT-13B on a 40 GB A100 kept ~11-15k KV tokens: ~7 regions
+# of 2,048 at cap 1536): BATCHING_KV_BLOCKS=938 BATCHING_CAPS=1536 BATCHING_PROMPTS=1000
+# BATCHING_SCHEDULERS=reserve,paged (~4-5 min; static batching at 7 requests a batch would
+# take ~13 more). benchmarks/batching_kv_sweep.py puts runs at several sizes side by side.
 set -uo pipefail
 
 OUT=${OUT:-$PWD/h100_out}
@@ -51,6 +55,7 @@ BATCHING_PROMPTS=${BATCHING_PROMPTS:-500}
 BATCHING_MODEL=${BATCHING_MODEL:-llama-3.1-8b}
 BATCHING_CAPS=${BATCHING_CAPS:-32,128,512,1536}
 BATCHING_KV_BLOCKS=${BATCHING_KV_BLOCKS:-10496}
+BATCHING_SCHEDULERS=${BATCHING_SCHEDULERS:-static,reserve,paged}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -82,7 +87,8 @@ phase llama-3.1-8b SKIP_LLAMA8B "${BENCH[@]}" throughput --model llama-3.1-8b \
 
 phase batching SKIP_BATCHING "${BENCH[@]}" batching --model "$BATCHING_MODEL" --load-format dummy \
   "${GPU_ENGINE[@]}" --num-kv-blocks "$BATCHING_KV_BLOCKS" --num-prompts "$BATCHING_PROMPTS" \
-  --input-len 512 --mean-output-len 128 --caps "$BATCHING_CAPS" --json "$OUT/"
+  --input-len 512 --mean-output-len 128 --caps "$BATCHING_CAPS" \
+  --schedulers "$BATCHING_SCHEDULERS" --json "$OUT/"
 
 SKIP_LATENCY=${SKIP_LATENCY:-1}
 phase latency SKIP_LATENCY "${BENCH[@]}" latency --model llama-3.2-1b --load-format dummy \

@@ -45,6 +45,8 @@ def throughput_rows(r: dict[str, Any]) -> list[tuple]:
 
 def batching_rows(r: dict[str, Any]) -> list[tuple]:
     name = f"batching {r['model']}"
+    if r.get("kv_capacity_tokens"):  # several KV sizes may be summarized side by side
+        name += f" ({r['kv_capacity_tokens']:,} KV tokens)"
     if not r["rows"]:
         return [(name, "no runs finished", "", "", "")]
     cap = max(row["cap"] for row in r["rows"])
