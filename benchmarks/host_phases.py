@@ -131,15 +131,19 @@ def main() -> None:
         gc.set_threshold(*threshold)
         totals.clear()
         calls.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.generate(prompts, params, use_tqdm=False)
-        results.append(report(args, calls["engine.step"], time.perf_counter() - t0, totals))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        results.append(report(args, calls["engine.step"], wall, cpu, totals))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": results, **env_info()}, f, indent=1)
 
 
-def report(args, n: int, wall: float, totals: dict[str, float]) -> dict:
+def report(args, n: int, wall: float, cpu: float, totals: dict[str, float]) -> dict:
+    """`cpu`: the process's CPU seconds (all threads). Unlike the wall-clock phases it leaves
+    out time the machine gave to others, so on a shared host it is the steadier A/B measure
+    of the host's own work (with --stub-device, nearly all of it is)."""
     rows = {label: totals[label] / n * 1e3 for label, _, _ in PHASES}
     host = rows["engine.step"] - rows["  runner.fetch (wait + copy)"]
     print(f"{n} steps, {wall:.2f} s, {args.num_prompts * args.output_len / wall:,.0f} output "
@@ -148,7 +152,9 @@ def report(args, n: int, wall: float, totals: dict[str, float]) -> dict:
     for label, ms in rows.items():
         print(f"{label:36} {ms:8.3f}")
     print(f"{'host busy (step - fetch)':36} {host:8.3f}")
+    print(f"{'process CPU time':36} {cpu / n * 1e3:8.3f}")
     return {"steps": n, "wall_s": wall, "ms_per_step": rows, "host_busy_ms": host,
+            "process_cpu_ms_per_step": cpu / n * 1e3,
             "gc_threshold": gc.get_threshold()}
 
 

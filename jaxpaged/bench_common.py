@@ -192,6 +192,9 @@ class StepRecord:
     kv_usage: float  # block-manager usage right after schedule() (the step's peak)
     dispatch_seconds: float  # of which in runner.dispatch (inputs built, device work enqueued)
     wait_seconds: float  # of which in runner.fetch: the host waiting for the device
+    # Of dispatch_seconds, the call of the jitted forward alone: the launches XLA enqueues (or
+    # the host blocked inside that call), as against the host's own Python around it.
+    forward_seconds: float = 0.0
 
 
 @dataclass
@@ -199,7 +202,8 @@ class StepRecorder:
     """Times every `engine.step()` and notes what the scheduler planned in it.
 
     Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`,
-    `engine.runner.dispatch` and `engine.runner.fetch` (the engine's own code is untouched;
+    `engine.runner.dispatch`, `engine.runner._run_forward` and `engine.runner.fetch` (the
+    engine's own code is untouched;
     `LLM.generate` calls them through the instances), so one `generate` call is measured as it
     runs. The step time minus the wait time is the host's own work; with async scheduling
     (one step in flight while the next is planned) a step that waits is bound by the device.
@@ -212,11 +216,12 @@ class StepRecorder:
     _plans: list = field(default_factory=list)  # (plan, KV usage) scheduled in this call
     _dispatch: float = 0.0
     _wait: float = 0.0
+    _forward: float = 0.0
 
     def __post_init__(self) -> None:
         scheduler, engine, runner = self.engine.scheduler, self.engine, self.engine.runner
         schedule, step = scheduler.schedule, engine.step
-        dispatch, fetch = runner.dispatch, runner.fetch
+        dispatch, fetch, run_forward = runner.dispatch, runner.fetch, runner._run_forward
 
         def recorded_schedule():
             plan = schedule()
@@ -227,7 +232,7 @@ class StepRecorder:
             return lambda s: setattr(self, total, getattr(self, total) + s)
 
         def timed_step():
-            self._dispatch = self._wait = 0.0
+            self._dispatch = self._wait = self._forward = 0.0
             self._plans = []
             t0 = time.perf_counter()
             out = step()
@@ -240,18 +245,20 @@ class StepRecorder:
                 self.steps.append(StepRecord(
                     dt / k, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
                     num_decode, sum(r.start_pos + len(r.token_ids) for r in reqs), usage,
-                    self._dispatch / k, self._wait / k))
+                    self._dispatch / k, self._wait / k, self._forward / k))
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
         runner.dispatch = timed(dispatch, adding_to("_dispatch"))
         runner.fetch = timed(fetch, adding_to("_wait"))
+        runner._run_forward = timed(run_forward, adding_to("_forward"))
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule
         del self.engine.step
         del self.engine.runner.dispatch
         del self.engine.runner.fetch
+        del self.engine.runner._run_forward
 
     @property
     def peak_kv_usage(self) -> float:

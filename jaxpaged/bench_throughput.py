@@ -124,9 +124,12 @@ def steady_decode(recorder: StepRecorder, config: ModelConfig, itemsize: int,
     times = percentiles([s.seconds for s in steps])
     wait = percentiles([s.wait_seconds for s in steps])
     host = percentiles([s.seconds - s.wait_seconds for s in steps])
+    dispatch = percentiles([s.dispatch_seconds for s in steps])
+    forward = percentiles([s.forward_seconds for s in steps])
     context = round(sum(s.context_tokens for s in steps) / len(steps))
     out = {"num_seqs": batch, "num_steps": len(steps), "step_s": times, "wait_s": wait,
-           "host_s": host, "num_decode_steps": len(decode), "mean_context_tokens": context}
+           "host_s": host, "dispatch_s": dispatch, "forward_dispatch_s": forward,
+           "num_decode_steps": len(decode), "mean_context_tokens": context}
     if copy is not None:
         out["roofline"] = roofline(times["p50"], batch, context, config, itemsize,
                                    copy["best_GBps"], num_devices)
@@ -209,8 +212,11 @@ def throughput_table(r: dict[str, Any]) -> str:
         line = (f"steady decode at batch {sd['num_seqs']} ({sd['num_steps']} steps, mean "
                 f"context {sd['mean_context_tokens']} tokens): p50 "
                 f"{sd['step_s']['p50'] * 1e3:.2f} ms/step: host busy "
-                f"{sd['host_s']['p50'] * 1e3:.2f} ms, waiting for the device "
-                f"{sd['wait_s']['p50'] * 1e3:.2f} ms")
+                f"{sd['host_s']['p50'] * 1e3:.2f} ms")
+        if "dispatch_s" in sd:  # results from before it was recorded lack it
+            line += (f" (dispatch {sd['dispatch_s']['p50'] * 1e3:.2f} ms, of which the "
+                     f"forward's call {sd['forward_dispatch_s']['p50'] * 1e3:.2f} ms)")
+        line += f", waiting for the device {sd['wait_s']['p50'] * 1e3:.2f} ms"
         rl = sd.get("roofline")
         if rl:
             line += (f"; roofline {rl['roofline_s'] * 1e3:.2f} ms = ({rl['weight_bytes'] / 1e9:.2f}"

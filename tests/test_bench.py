@@ -237,6 +237,8 @@ def test_step_recorder_sees_every_step_and_uninstalls(tiny_llm):
     assert 0 < recorder.peak_kv_usage <= 1
     assert all(0 < s.dispatch_seconds and 0 <= s.wait_seconds
                and s.dispatch_seconds + s.wait_seconds <= s.seconds for s in recorder.steps)
+    # The forward's jit call is part of dispatch, and every step made one.
+    assert all(0 < s.forward_seconds <= s.dispatch_seconds for s in recorder.steps)
 
 
 def test_reservation_limits_the_batch_and_paging_does_not(tiny_llm):
@@ -272,7 +274,9 @@ def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
     assert sd["roofline"]["weight_bytes"] > 0 and sd["roofline"]["step_over_roofline"] > 0
     assert 0 <= sd["wait_s"]["p50"] <= sd["step_s"]["p50"]  # waiting is part of the step
     assert 0 < sd["host_s"]["p50"] <= sd["step_s"]["p50"]
-    assert "output tok/s" in capsys.readouterr().out
+    assert 0 < sd["forward_dispatch_s"]["p50"] <= sd["dispatch_s"]["p50"] <= sd["step_s"]["p50"]
+    printed = capsys.readouterr().out
+    assert "output tok/s" in printed and "of which the forward's call" in printed
 
 
 def test_summary_checks_the_targets(tmp_path, capsys):
