@@ -15,6 +15,10 @@ size. Over the unrolled decode step one A/B on an H100 (bb228db) looked +26% for
 times on that machine at 27,189-41,225 tok/s: the host's run-to-run spread covers the
 difference, and the host's time to dispatch a forward stayed ~1.25 ms with them
 (benchmarks/NOTES_engine.md, seventh session). Unproven, so left out.
+
+XLA reads XLA_FLAGS once, when JAX first creates a backend: importing jaxpaged before any JAX
+computation runs applies them. Flags already in XLA_FLAGS are left as they are;
+JAXPAGED_XLA_FLAGS=0 adds none. They affect the whole process (every jitted function).
 """
 
 import os

@@ -9,9 +9,9 @@ the stack every step (on an H100, llama-3.2-1b's forward at batch 256: 3.95 -> 2
 XLA's GEMMs the compiles take ~30x longer, with the stacked kernels below no longer (the
 runner unrolls decode steps where those run, `runner.unroll_setting`).
 
-JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU; the
-runner reads it once and passes it to its programs as a static argument,
-`forward(stacked_matmul=None)` reads it when traced) avoids those copies another way in
+JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU; the runner reads it once
+and passes it to its programs as a static argument, `forward(stacked_matmul=None)` reads it
+when traced) avoids those copies another way in
 decode-only steps with impl="pallas", in a rolled loop or an unrolled one: the seven projection
 kernels (q, k, v, o, gate, up, down) stay out of the loop's per-layer slices and each layer's
 matmuls read their slices of the stacks in place, given the layer index, in four launches a
