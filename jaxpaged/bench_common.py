@@ -204,10 +204,10 @@ class StepRecorder:
     Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`,
     `engine.runner.dispatch`, `engine.runner._run_forward` and `engine.runner.fetch` (the
     engine's own code is untouched; `LLM.generate` calls them through the instances), so one
-    `generate` call is measured as it runs. The step time minus the wait time is the host's own work; with async scheduling
-    (one step in flight while the next is planned) a step that waits is bound by the device.
-    A call that scheduled two steps (the first one, with async scheduling) records each with
-    half its time. `uninstall()` restores them.
+    `generate` call is measured as it runs. The step time minus the wait time is the host's
+    own work; with async scheduling (one step in flight while the next is planned) a step that
+    waits is bound by the device. A call that scheduled two steps (the first one, with async
+    scheduling) records each with half its time. `uninstall()` restores them.
     """
 
     engine: Any

@@ -9,22 +9,20 @@ the stack every step (on an H100, llama-3.2-1b's forward at batch 256: 3.95 -> 2
 XLA's GEMMs the compiles take ~30x longer, with the stacked kernels below no longer (the
 runner unrolls decode steps where those run, `runner.unroll_setting`).
 
-JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU; the runner reads it once
-and passes it to its programs as a static argument, `forward(stacked_matmul=None)` reads it
-when traced) avoids those copies another way in
-decode-only steps with impl="pallas", in a rolled loop or an unrolled one: the seven projection
-kernels (q, k, v, o, gate, up, down) stay out of the loop's per-layer slices and each layer's
-matmuls read their slices of the stacks in place, given the layer index, in four launches a
-layer: q/k/v in one
-(`pallas_kernels.stacked_matmul_fused`; biases added after), silu(gate) * up in one (its
-silu_mul epilogue), o and down on their own (`pallas_kernels.stacked_matmul`). Norm scales and
-biases are still sliced per layer; other steps and the reference impl keep the plain path, as
-does a model whose projection widths (per shard) are not multiples of the kernels' smallest
-tile, 16. Under a tensor-parallel mesh each launch runs per shard through `shard_map` on the
-shard's own slice of the stacks, exactly as `sharding.param_spec` places them: q/k/v and
-gate/up on their output columns (x whole; silu_mul pairs gate and up column by column, so it
-holds per shard), o and down on their input rows, then a psum over the shards, the all-reduce
-Megatron has there (the plain path lets XLA insert it). The parameter tree is the same.
+JAXPAGED_STACKED_MATMUL (default: on where JAX's backend is a GPU; the runner reads it once and
+passes it to its programs as a static argument, `forward(stacked_matmul=None)` reads it when traced)
+avoids those copies another way in decode-only steps with impl="pallas", in a rolled loop or an
+unrolled one: the seven projection kernels (q, k, v, o, gate, up, down) stay out of the loop's
+per-layer slices and each layer's matmuls read their slices of the stacks in place, given the layer
+index, in four launches a layer: q/k/v in one (`pallas_kernels.stacked_matmul_fused`; biases added
+after), silu(gate) * up in one (its silu_mul epilogue), o and down on their own
+(`pallas_kernels.stacked_matmul`). Norm scales and biases are still sliced per layer; other steps
+and the reference impl keep the plain path, as does a model whose projection widths (per shard) are
+not multiples of the kernels' smallest tile, 16. Under a tensor-parallel mesh each launch runs per
+shard through `shard_map` on the shard's own slice of the stacks, exactly as `sharding.param_spec`
+places them: q/k/v and gate/up on their output columns (x whole; silu_mul pairs gate and up column
+by column, so it holds per shard), o and down on their input rows, then a psum over the shards, the
+all-reduce Megatron has there (the plain path lets XLA insert it). The parameter tree is the same.
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
