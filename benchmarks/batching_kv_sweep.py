@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 
-from jaxpaged.bench_batching import kv_sweep, kv_sweep_table, plot_kv_sweep
+from jaxpaged.bench_batching import kv_sweep, kv_sweep_table, load_results, plot_kv_sweep
 
 STUDY_KV_TOKENS = (11_000, 15_000)
 
@@ -30,10 +30,7 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=1536)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    results = []
-    for path in args.results:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = load_results(args.results)
     rows = kv_sweep(results, args.cap)
     first = results[0]
     out = {"benchmark": "batching_kv_sweep", "card": first["card"], "model": first["model"],
