@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,42 @@ def env_info() -> dict[str, Any]:
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
+
+
+class ThreadUsage:
+    """The calling thread's CPU time and context switches over a `with` block (Linux's
+    RUSAGE_THREAD; elsewhere nothing is recorded). Against the block's wall time it tells a
+    host that works more (CPU time grows) from one that waits or is pushed off its core
+    (voluntary switches: it blocked; involuntary: the OS ran something else there)."""
+
+    def __enter__(self) -> "ThreadUsage":
+        self._t0, self._r0 = time.perf_counter(), _thread_rusage()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, r1 = time.perf_counter() - self._t0, _thread_rusage()
+        self.result = None if r1 is None or self._r0 is None else {
+            "wall_s": wall,
+            "cpu_s": (r1.ru_utime + r1.ru_stime) - (self._r0.ru_utime + self._r0.ru_stime),
+            "voluntary_switches": r1.ru_nvcsw - self._r0.ru_nvcsw,
+            "involuntary_switches": r1.ru_nivcsw - self._r0.ru_nivcsw,
+            "last_cpu": _current_cpu(), "cpus_allowed": len(os.sched_getaffinity(0))}
+
+
+def _thread_rusage():
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return None if who is None else resource.getrusage(who)
+
+
+def _current_cpu() -> int | None:
+    """The CPU this thread last ran on (Linux), or None."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # -- the step recorder -----------------------------------------------------------------------

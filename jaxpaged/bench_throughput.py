@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpaged.bench_common import (StepRecorder, Workload, env_info, format_table,
-                                   jsonl_workload, percentiles, random_workload, slug,
-                                   write_json)
+from jaxpaged.bench_common import (StepRecorder, ThreadUsage, Workload, env_info,
+                                   format_table, jsonl_workload, percentiles, random_workload,
+                                   slug, write_json)
 from jaxpaged.config import PRESETS, ModelConfig
 
 ENGINE_ARGS = ("dtype", "load_format", "block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -151,7 +151,9 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     engine = llm.llm_engine
     recorder = StepRecorder(engine)
     t0 = time.perf_counter()
-    outputs = llm.generate(work.prompts, sampling_params(args, work.output_lens), use_tqdm=True)
+    with ThreadUsage() as main_thread:
+        outputs = llm.generate(work.prompts, sampling_params(args, work.output_lens),
+                               use_tqdm=True)
     elapsed = time.perf_counter() - t0
     recorder.uninstall()
     errors = [o.error for o in outputs if o.error]
@@ -170,6 +172,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "compiles_after_warmup": engine.runner.num_compiles_since_warmup,
         "num_preemptions": engine.scheduler.num_preemptions,
         "peak_kv_cache_usage": recorder.peak_kv_usage, "copy_bandwidth": copy,
+        "main_thread": main_thread.result,
         # The engine's config: with tensor parallelism its padded or replicated heads are
         # really read, so the per-device roofline counts them.
         "steady_decode": steady_decode(recorder, engine.model.config,
@@ -225,6 +228,12 @@ def throughput_table(r: dict[str, Any]) -> str:
                      f"{rl['step_over_roofline']:.2f} (host busy / roofline = "
                      f"{rl['host_over_roofline']:.2f})")
         lines.append(line)
+    t = r.get("main_thread")
+    if t:  # the host's main thread over the generate call (see bench_common.ThreadUsage)
+        lines.append(f"main thread: {t['cpu_s']:.2f} s of CPU in {t['wall_s']:.2f} s; "
+                     f"{t['voluntary_switches']} voluntary and {t['involuntary_switches']} "
+                     f"involuntary context switches; last on CPU {t['last_cpu']} of "
+                     f"{t['cpus_allowed']} allowed")
     return "\n".join(lines)
 
 

@@ -275,8 +275,11 @@ def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
     assert 0 <= sd["wait_s"]["p50"] <= sd["step_s"]["p50"]  # waiting is part of the step
     assert 0 < sd["host_s"]["p50"] <= sd["step_s"]["p50"]
     assert 0 < sd["forward_dispatch_s"]["p50"] <= sd["dispatch_s"]["p50"] <= sd["step_s"]["p50"]
+    t = r["main_thread"]  # Linux: the main thread's rusage over the generate call
+    assert 0 < t["cpu_s"] <= t["wall_s"] + 0.01 and t["cpus_allowed"] >= 1
     printed = capsys.readouterr().out
     assert "output tok/s" in printed and "of which the forward's call" in printed
+    assert "involuntary context switches" in printed
 
 
 def test_summary_checks_the_targets(tmp_path, capsys):
@@ -350,3 +353,20 @@ def test_kv_sweep_pairs_reserve_and_paged_by_cache_size(tmp_path):
         kv_sweep([run(129, 1.0, 2.0), run(257, 1.0, 2.0, num_prompts=500)], cap=1536)
     with pytest.raises(ValueError, match="no run measured both"):
         kv_sweep([run(129, 1.0, 2.0)], cap=512)
+
+
+def test_thread_usage_tells_work_from_waiting():
+    import time
+
+    from jaxpaged.bench_common import ThreadUsage
+
+    with ThreadUsage() as busy:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.03:  # 30 ms of this thread's CPU, however long
+            pass
+    with ThreadUsage() as idle:
+        for _ in range(3):
+            time.sleep(0.01)
+    assert busy.result["cpu_s"] >= 0.025  # spinning is CPU time (rusage ticks are coarser)
+    assert idle.result["cpu_s"] < 0.02 and idle.result["voluntary_switches"] >= 3  # sleeps block
+    assert idle.result["wall_s"] >= 0.03
