@@ -312,14 +312,14 @@ class LLMEngine:
     def _apply_step(self, sched, result) -> list[RequestOutput]:
         changed = self.scheduler.update_from_output(
             sched, result.sampled_token_ids if result else {})
-        touched = {self._child_to_parent[r.request_id][0] for r in changed}
-        touched |= {self._child_to_parent[r][0] for r in sched.finished_req_ids
-                    if r in self._child_to_parent}
+        touched = {self._child_to_parent[r][0] for r in sched.finished_req_ids
+                   if r in self._child_to_parent}
         if result is not None:
             touched |= self._apply_prompt_logprobs(result.prompt_logprobs)
         now = time.time()
+        apply_request, touch = self._apply_request, touched.add
         for request in changed:
-            self._apply_request(request, result, now)
+            touch(apply_request(request, result, now))
         tracked = self._tracked
         report = [rid for rid in touched if rid in tracked
                   and (not tracked[rid].final_only or tracked[rid].finished)]
@@ -368,7 +368,9 @@ class LLMEngine:
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    def _apply_request(self, request: Request, result, now: float) -> None:
+    def _apply_request(self, request: Request, result, now: float) -> str:
+        """Apply `request`'s new token (or its rejection) to its parent's outputs; -> the
+        parent's id."""
         parent, index = self._child_to_parent[request.request_id]
         tracked = self._tracked[parent]
         completion = tracked.completions[index]
@@ -376,7 +378,7 @@ class LLMEngine:
             completion.finish_reason = "error"
             tracked.error = request.error
             tracked.metrics.finished_time = now
-            return
+            return parent
         new_token = request.output_token_ids[-1]
         if tracked.metrics.first_token_time is None:
             tracked.metrics.first_token_time = now
@@ -408,6 +410,7 @@ class LLMEngine:
             completion.text = detok.get_next_output_text(finished, delta=False)
         if finished:
             tracked.metrics.finished_time = now
+        return parent
 
     def _make_output(self, request_id: str, now: float) -> RequestOutput:
         tracked = self._tracked[request_id]

@@ -122,8 +122,9 @@ class _Plan:
     """What schedule() has decided so far in one step."""
 
     token_budget: int
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, num_new_tokens)
-    num_running_scheduled: int = 0  # scheduled[:this] were running, the rest were admitted
+    # Each planned request's view, made as it is planned (which advances its progress: see
+    # _scheduled_request): the running ones first, then the admitted ones.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
 
@@ -262,14 +263,10 @@ class Scheduler:
             )
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
-        plan.num_running_scheduled = len(plan.scheduled)
         if not plan.preempted:  # if blocks ran out for running requests, admit nobody
             self._schedule_waiting(plan)
-        scheduled = [_scheduled_request(request, n) for request, n in plan.scheduled]
-        for s in scheduled[plan.num_running_scheduled:]:
-            s.admitted = True
         output = SchedulerOutput(
-            scheduled_requests=scheduled,
+            scheduled_requests=plan.scheduled,
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.token_budget,
             preempted_req_ids=[r.request_id for r in plan.preempted],
             finished_req_ids=self._finished_req_ids,
@@ -282,7 +279,10 @@ class Scheduler:
         return output
 
     def _schedule_running(self, plan: _Plan) -> None:
+        """Plan the running requests in order. Preemption only takes requests from the end of
+        `running`, ones not planned yet, so a planned request's view stays valid."""
         running, allocate_slots = self.running, self.block_manager.allocate_slots
+        planned = plan.scheduled.append
         i = 0
         while i < len(running) and plan.token_budget > 0:
             request = running[i]
@@ -300,7 +300,7 @@ class Scheduler:
                 plan.preempted.append(victim)
                 if victim is request:
                     return
-            plan.scheduled.append((request, num_new))
+            planned(_scheduled_request(request, num_new))
             plan.token_budget -= num_new
             i += 1
 
@@ -332,7 +332,9 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            plan.scheduled.append((request, num_new))
+            scheduled = _scheduled_request(request, num_new)
+            scheduled.admitted = True
+            plan.scheduled.append(scheduled)
             plan.token_budget -= num_new
         self.waiting.extendleft(reversed(held_back))
 
@@ -380,23 +382,27 @@ class Scheduler:
         # here because the call alone costs more than the check, for every request every step.
         num_cached = block_manager.num_cached_blocks if block_manager.enable_prefix_caching else None
         block_size = self.config.block_size
+        append, check_stop = changed.append, self._check_stop
         for scheduled in scheduler_output.scheduled_requests:
             request = requests.get(scheduled.request_id)
             if request is None:  # finished (aborted, stopped) after schedule()
                 continue
-            if scheduled.sample:
+            sample = scheduled.sample
+            if sample:
                 request.num_output_placeholders -= 1
                 request.append_output_token(int(sampled_token_ids[scheduled.request_id]))
-            # Only known tokens can be hashed; a preempted request holds no blocks (no-op).
-            num_known = min(request.num_computed_tokens, len(request.all_token_ids))
-            if num_cached is not None and \
-                    num_known // block_size > num_cached.get(request.request_id, 0):
-                block_manager.cache_blocks(request, num_known)
-            if not scheduled.sample:
-                continue
-            changed.append(request)
-            if self._check_stop(request):
-                self._finish(request)
+            if num_cached is not None:
+                # Only known tokens can be hashed; a preempted request holds no blocks (no-op).
+                num_known = request.num_computed_tokens
+                num_tokens = len(request.all_token_ids)
+                if num_tokens < num_known:
+                    num_known = num_tokens
+                if num_known // block_size > num_cached.get(request.request_id, 0):
+                    block_manager.cache_blocks(request, num_known)
+            if sample:
+                append(request)
+                if check_stop(request):
+                    self._finish(request)
         return changed
 
     @staticmethod
