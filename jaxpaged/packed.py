@@ -8,7 +8,6 @@ costs a transfer and argument handling each (~1 ms of host time a step on an H10
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 # (treedef, ((dtype, shape), ...)): static, hashable, part of the compiled program's key. The

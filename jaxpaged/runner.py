@@ -20,7 +20,6 @@ Invariants:
 """
 
 import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -281,10 +280,11 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------
 
-    def _shape_for(self, sched: SchedulerOutput, want_plp: bool) -> BucketShape:
-        reqs = sched.scheduled_requests
-        if not want_plp and all(len(r.token_ids) == 1 for r in reqs):
-            S = bucket_for(len(reqs), self.seq_buckets)
+    def _shape_for(self, sched: SchedulerOutput, want_plp: bool, one_token_each: bool
+                   ) -> BucketShape:
+        """The bucket of a step; `one_token_each`: every scheduled request feeds one token."""
+        if not want_plp and one_token_each:
+            S = bucket_for(len(sched.scheduled_requests), self.seq_buckets)
             return BucketShape(S, S, S, True)
         return self._mixed_shape(sched.total_num_scheduled_tokens, want_plp)
 
@@ -296,30 +296,50 @@ class ModelRunner:
         sampled by the step dispatched just before this one."""
         self.update_states(sched)
         reqs = sched.scheduled_requests
-        want_plp = any(r.request_id in prompt_logprobs for r in reqs)
-        shape = self._shape_for(sched, want_plp)
-        token_ids = [r.token_ids for r in reqs]
-        last_rows = [end - 1 for end in itertools.accumulate(map(len, token_ids))]
+        want_plp = any(r.request_id in prompt_logprobs for r in reqs) if prompt_logprobs \
+            else False
+        # One pass over the requests (this runs for each of them every step): their tokens,
+        # the row of each one's last token, the rows fed a placeholder (with the request that
+        # sampled it last step), the sampling rows and this step's sampling requests' rows.
+        token_ids, starts, last_rows, sampling_rows = [], [], [], []
+        fed_rows, fed_ids, sampled_rows = [], [], {}
+        end, one_token_each = -1, True
+        for s, r in enumerate(reqs):
+            ids = r.token_ids
+            token_ids.append(ids)
+            starts.append(r.start_pos)
+            n = len(ids)
+            end += n
+            last_rows.append(end)
+            if n != 1:
+                one_token_each = False
+            if ids[-1] == PLACEHOLDER_TOKEN_ID:
+                fed_rows.append(end)
+                fed_ids.append(r.request_id)
+            if r.sample:
+                sampling_rows.append(rows.get(r.request_id))
+                sampled_rows[r.request_id] = s
+            else:
+                sampling_rows.append(None)
+        shape = self._shape_for(sched, want_plp, one_token_each)
         batch_rows = self._batch.rows(reqs)
         ids, pos, md = build_step_inputs(
-            token_ids, [r.start_pos for r in reqs],
+            token_ids, starts,
             self._batch.block_tables(batch_rows, shape.num_seqs),
             self.block_size, num_tokens=shape.num_tokens, num_seqs=shape.num_seqs,
             max_blocks_per_seq=self.max_blocks_per_seq,
             logits_indices=list(range(last_rows[-1] + 1)) if want_plp else last_rows,
             num_logits=shape.num_logits, decode_only=shape.decode_only)
         source_rows = _no_sources(shape.num_tokens)
-        fed = [(row, r.request_id) for row, r in zip(last_rows, reqs)
-               if r.token_ids[-1] == PLACEHOLDER_TOKEN_ID]
-        if fed:
-            unknown = [rid for _, rid in fed if rid not in self._prev_rows]
+        if fed_ids:
+            prev = self._prev_rows
+            unknown = [rid for rid in fed_ids if rid not in prev]
             if unknown:
                 raise ValueError(f"{unknown[0]!r} feeds a placeholder, but the previous step "
                                  f"did not sample it")
-            source_rows[[row for row, _ in fed]] = [self._prev_rows[rid] for _, rid in fed]
+            source_rows[fed_rows] = [prev[rid] for rid in fed_ids]
         self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
-        sampling_rows = [rows.get(r.request_id) if r.sample else None for r in reqs]
         real = [(b, row) for b, row in zip(batch_rows, sampling_rows) if row is not None]
         constants = self._batch.sampler_constants([b for b, _ in real],
                                                   [row.sampling_params for _, row in real])
@@ -330,7 +350,7 @@ class ModelRunner:
             plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
             logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
         sampled, self._prev_sampled, _ = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
-        self._prev_rows = {r.request_id: s for s, r in enumerate(reqs) if r.sample}
+        self._prev_rows = sampled_rows
         return StepHandle(sched, sampled, plp, pos, prompt_rows)
 
     def update_states(self, sched: SchedulerOutput) -> None:

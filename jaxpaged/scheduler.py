@@ -352,7 +352,6 @@ class Scheduler:
         if k >= (request.num_tokens - 1) // self.config.block_size:  # no further block to hit
             return False
         block_hash = request.block_hashes[k]
-        end = (k + 1) * self.config.block_size
         # The slice is empty when the other request's hashes do not reach index k.
         cached = self.block_manager.num_cached_blocks
         return any(
