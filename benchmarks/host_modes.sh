@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The same llama-3.2-1b workload (issue 5's: 512 prompts, 512 in, 256 out, EOS ignored) run
 # RUNS times in fresh processes on one GPU machine, one row per run: on an H100 lease the
-# host's time a decode step fell into two modes for identical code (3.2-3.7 ms in 3 of 12
-# runs, 5.0-6.2 ms in 9; benchmarks/NOTES_engine.md, seventh session). Each row splits the
+# host's time a decode step fell into two modes for identical code (3.2 and 3.7 ms in 2 of 12
+# runs, 5.0-6.2 ms in 10; benchmarks/NOTES_engine.md, seventh session). Each row splits the
 # step's host time (the runner's dispatch, and in it the jitted forward's call) and gives the
 # main thread's CPU time and context switches over the run, to tell a main thread that works
 # more from one that blocks or is pushed off its core.
