@@ -47,7 +47,7 @@ fi
 "$PY" - "$OUT" <<'PY' | tee -a "$LOG"
 import json, pathlib, sys
 print(f"{'run':9} {'tok/s':>7} {'step':>6} {'host':>6} {'dispatch':>8} {'forward':>7} "
-      f"{'wait':>6} {'thread CPU/wall':>15} {'vol sw':>7} {'invol sw':>8} {'py ms':>6}")
+      f"{'wait':>6} {'thread CPU/wall':>15} {'vol sw':>7} {'invol sw':>8} {'py ms before/after':>18}")
 for p in sorted(pathlib.Path(sys.argv[1]).glob("host_modes_*.json")):
     r = json.loads(p.read_text())
     sd, t = r["steady_decode"], r.get("main_thread") or {}
@@ -56,5 +56,5 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("host_modes_*.json")):
           f"{ms('host_s'):6.2f} {ms('dispatch_s'):8.2f} {ms('forward_dispatch_s'):7.2f} "
           f"{ms('wait_s'):6.2f} {t.get('cpu_s', 0):7.2f}/{t.get('wall_s', 0):<7.2f} "
           f"{t.get('voluntary_switches', -1):7d} {t.get('involuntary_switches', -1):8d} "
-          f"{r.get('host_python_ms', float('nan')):6.1f}")
+          f"{r.get('host_python_ms', float('nan')):8.1f}/{r.get('host_python_ms_after', float('nan')):<9.1f}")
 PY

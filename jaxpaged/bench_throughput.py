@@ -20,8 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxpaged.bench_common import (StepRecorder, ThreadUsage, Workload, env_info,
-                                   format_table, jsonl_workload, percentiles, random_workload,
-                                   slug, write_json)
+                                   format_table, host_python_ms, jsonl_workload, percentiles,
+                                   random_workload, slug, write_json)
 from jaxpaged.config import PRESETS, ModelConfig
 
 ENGINE_ARGS = ("dtype", "load_format", "block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -173,6 +173,9 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "num_preemptions": engine.scheduler.num_preemptions,
         "peak_kv_cache_usage": recorder.peak_kv_usage, "copy_bandwidth": copy,
         "main_thread": main_thread.result,
+        # The fixed Python timing again, right after the run (env_info's is from before it):
+        # the host's speed can drift within a lease.
+        "host_python_ms_after": round(host_python_ms(), 2),
         # The engine's config: with tensor parallelism its padded or replicated heads are
         # really read, so the per-device roofline counts them.
         "steady_decode": steady_decode(recorder, engine.model.config,
