@@ -128,8 +128,8 @@ def main() -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
     install(llm.llm_engine, totals, calls)
-    step_cpu_ns: list[int] = []  # the main thread's CPU time of each engine.step()
-    llm.llm_engine.step = thread_timed(llm.llm_engine.step, step_cpu_ns)
+    step_cpu: list[float] = []  # the main thread's CPU seconds of each engine.step()
+    llm.llm_engine.step = timed(llm.llm_engine.step, step_cpu.append, clock=time.thread_time)
     thresholds = [gc.get_threshold()]
     if args.python_gc_thresholds:
         thresholds = [(700, 10, 10)]
@@ -141,30 +141,19 @@ def main() -> None:
             gc.set_threshold(*threshold)
             totals.clear()
             calls.clear()
-            step_cpu_ns.clear()
+            step_cpu.clear()
             t0, c0 = time.perf_counter(), time.process_time()
             llm.generate(prompts, params, use_tqdm=False)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            results.append(report(args, calls["engine.step"], wall, cpu, totals, step_cpu_ns))
+            results.append(report(args, calls["engine.step"], wall, cpu, totals, step_cpu))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": results, **env_info()}, f, indent=1)
 
 
-def thread_timed(fn, out: list[int]):
-    """`fn`, appending the calling thread's CPU nanoseconds of each call to `out`."""
-    def wrapper(*args, **kwargs):
-        c0 = time.thread_time_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            out.append(time.thread_time_ns() - c0)
-    return wrapper
-
-
 def report(args, n: int, wall: float, cpu: float, totals: dict[str, float],
-           step_cpu_ns: list[int]) -> dict:
-    """`cpu`: the process's CPU seconds (all threads). `step_cpu_ns`: the main thread's CPU
+           step_cpu: list[float]) -> dict:
+    """`cpu`: the process's CPU seconds (all threads). `step_cpu`: the main thread's CPU
     time of each step. On a shared machine the low percentiles of the latter are the steadiest
     A/B measure of the host's own work (with --stub-device, nearly all of it): time lost to
     other tenants only adds, and inflates the median and the totals run to run."""
@@ -177,12 +166,12 @@ def report(args, n: int, wall: float, cpu: float, totals: dict[str, float],
         print(f"{label:36} {ms:8.3f}")
     print(f"{'host busy (step - fetch)':36} {host:8.3f}")
     print(f"{'process CPU time':36} {cpu / n * 1e3:8.3f}")
-    step_cpu = np.percentile(np.asarray(step_cpu_ns) / 1e6, [10, 25, 50]).tolist()
+    step_cpu_ms = np.percentile(np.asarray(step_cpu) * 1e3, [10, 25, 50]).tolist()
     print(f"{'main thread CPU a step, p10/p25/p50':36} "
-          f"{' / '.join(f'{ms:.3f}' for ms in step_cpu)}")
+          f"{' / '.join(f'{ms:.3f}' for ms in step_cpu_ms)}")
     return {"steps": n, "wall_s": wall, "ms_per_step": rows, "host_busy_ms": host,
             "process_cpu_ms_per_step": cpu / n * 1e3,
-            "main_thread_cpu_ms_per_step": dict(zip(("p10", "p25", "p50"), step_cpu)),
+            "main_thread_cpu_ms_per_step": dict(zip(("p10", "p25", "p50"), step_cpu_ms)),
             "gc_threshold": gc.get_threshold()}
 
 

@@ -207,14 +207,16 @@ def _current_cpu() -> int | None:
 # -- the step recorder -----------------------------------------------------------------------
 
 
-def timed(fn: Callable, add: Callable[[float], None]) -> Callable:
-    """`fn`, with the wall seconds of each call passed to `add`."""
+def timed(fn: Callable, add: Callable[[float], None],
+          clock: Callable[[], float] = time.perf_counter) -> Callable:
+    """`fn`, with the seconds of each call by `clock` (wall time unless given, e.g.
+    `time.thread_time` for the calling thread's CPU time) passed to `add`."""
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            add(time.perf_counter() - t0)
+            add(clock() - t0)
     return wrapper
 
 
