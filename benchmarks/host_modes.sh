@@ -11,7 +11,10 @@
 #
 # RUNS=4 by default (~1 minute each once the compilation cache is warm). PIN=1 adds as many
 # runs again under `taskset -c $PIN_CPU` (default 2: every thread of the process on one core;
-# shows whether placement decides the mode). EXTRA_ENV="VAR=value ..." is set for every run. For a dry run
+# shows whether placement decides the mode). EXTRA_ENV="VAR=value ..." is set for every run.
+# VARIANTS="name:VAR=value,VAR=value name2:..." makes it an A/B: each of the RUNS rounds runs
+# every variant once, in turn (interleaved, so a host that changes speed mid-call hits all of
+# them), e.g. VARIANTS="base:JAXPAGED_DISPATCH_THREAD=0 thread:JAXPAGED_DISPATCH_THREAD=1". For a dry run
 # on the CPU: MODEL_ARGS= WORKLOAD="--num-prompts 4 --input-len 16 --output-len 8" (the
 # embedded SmolLM2).
 set -uo pipefail
@@ -39,7 +42,13 @@ run() {  # run NAME [command prefix...]
   [[ -f $OUT/host_modes_$name.json ]] || echo "  no result: see the end of $LOG"
 }
 
-for i in $(seq 1 "$RUNS"); do run "r$i"; done
+for i in $(seq 1 "$RUNS"); do
+  for variant in ${VARIANTS:-r:}; do
+    settings=${variant#*:}
+    # shellcheck disable=SC2086  # the variant's settings are a word list
+    run "${variant%%:*}$i" env ${settings//,/ }
+  done
+done
 if [[ ${PIN:-0} == 1 ]]; then
   for i in $(seq 1 "$RUNS"); do run "pinned$i" taskset -c "${PIN_CPU:-2}"; done
 fi

@@ -13,6 +13,9 @@ Invariants:
     engine may dispatch the next step (async scheduling): a token the scheduler marks
     PLACEHOLDER_TOKEN_ID is then taken, on the device, from the previous dispatched step's
     sampled ids, so the host never waits for them before launching the next step.
+  * With a dispatch thread (`dispatch_thread_setting`) the jitted calls of a step run on one
+    worker thread, in dispatch order, while the calling thread goes on planning and applying
+    steps; after warm-up only that thread touches `kv_cache` and the previous sampled ids.
   * Each request's block table and sampler constants stay in a row of an `InputBatch` across
     steps. Every scheduler output reaches `dispatch` or `update_states`, which release the rows
     of requests it reports finished or preempted; a missed release would only waste a row,
@@ -22,8 +25,10 @@ Invariants:
 import dataclasses
 import logging
 import os
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 
 import jax
@@ -73,8 +78,7 @@ class StepHandle:
     """A dispatched step: device results not fetched yet, and what is needed to read them."""
 
     sched: SchedulerOutput
-    sampled: object  # device SamplerOutput
-    prompt_logprobs: object  # device LogprobsTensors or None
+    launched: Future  # -> (device SamplerOutput, device LogprobsTensors or None)
     positions: np.ndarray  # host positions of the flat batch
     prompt_rows: dict[str, np.ndarray]  # request id -> rows scored for prompt logprobs
 
@@ -188,6 +192,11 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         # Block tables and sampler constants kept across steps (rows grow on demand).
         self._batch = InputBatch(self.max_blocks_per_seq, NUM_SAMPLER_CONSTANTS, max_num_seqs)
+        self._launcher: ThreadPoolExecutor | None = None
+        if dispatch_thread_setting():
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
+            weakref.finalize(self, self._launcher.shutdown, wait=False)
+            sys.setswitchinterval(switch_interval_setting())
 
     # -- shapes --------------------------------------------------------------------------
 
@@ -338,20 +347,38 @@ class ModelRunner:
                 raise ValueError(f"{unknown[0]!r} feeds a placeholder, but the previous step "
                                  f"did not sample it")
             source_rows[fed_rows] = [prev[rid] for rid in fed_ids]
-        self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
         S = shape.num_seqs
         real = [(b, row) for b, row in zip(batch_rows, sampling_rows) if row is not None]
         constants = self._batch.sampler_constants([b for b, _ in real],
                                                   [row.sampling_params for _, row in real])
         smd = build_sampling_metadata(sampling_rows, S, self.vocab_size, self.max_model_len,
                                       constants)
-        plp, prompt_rows = None, {}
+        plp_inputs, prompt_rows = None, {}
         if want_plp:
-            plp, prompt_rows = self._prompt_logprobs(logits, shape, reqs, pos, prompt_logprobs)
-            logits = _jit_take_rows(logits, np.pad(last_rows, (0, S - len(reqs))))
-        sampled, self._prev_sampled, _ = _jit_sample(logits, *pack(smd), width=self.max_num_seqs)
+            next_ids, prompt_rows = self._prompt_logprobs_inputs(shape, reqs, pos,
+                                                                 prompt_logprobs)
+            plp_inputs = next_ids, np.pad(last_rows, (0, S - len(reqs)))
         self._prev_rows = sampled_rows
-        return StepHandle(sched, sampled, plp, pos, prompt_rows)
+        args = (ids, pos, md, source_rows, pack(smd), plp_inputs)
+        if self._launcher is not None:
+            launched = self._launcher.submit(self._launch, *args)
+        else:
+            launched = Future()
+            launched.set_result(self._launch(*args))
+        return StepHandle(sched, launched, pos, prompt_rows)
+
+    def _launch(self, ids, pos, md, source_rows, packed_smd, plp_inputs):
+        """Enqueue a step's device work: forward, prompt logprobs, sampler; -> the device
+        (SamplerOutput, LogprobsTensors or None). On the dispatch thread when there is one."""
+        self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
+        plp = None
+        if plp_inputs is not None:
+            next_ids, last_rows = plp_inputs
+            plp = _jit_prompt_logprobs(logits, next_ids, num=self.num_logprobs)
+            logits = _jit_take_rows(logits, last_rows)
+        sampled, self._prev_sampled, _ = _jit_sample(logits, *packed_smd,
+                                                     width=self.max_num_seqs)
+        return sampled, plp
 
     def update_states(self, sched: SchedulerOutput) -> None:
         """Forget the requests `sched` reports finished or preempted. `dispatch` does it; the
@@ -361,7 +388,7 @@ class ModelRunner:
 
     def fetch(self, handle: StepHandle) -> ModelRunnerOutput:
         """Wait for a dispatched step; its one device-to-host transfer."""
-        sampled, plp = jax.device_get((handle.sampled, handle.prompt_logprobs))
+        sampled, plp = jax.device_get(handle.launched.result())
         reqs, pos = handle.sched.scheduled_requests, handle.positions
         out = ModelRunnerOutput({}, {}, {})
         # Plain ints in one call: indexing the array costs ~0.1 us a row more.
@@ -380,9 +407,9 @@ class ModelRunner:
                     plp.topk_token_ids[rows_], plp.topk_logprobs[rows_])
         return out
 
-    def _prompt_logprobs(self, logits, shape, reqs, pos, prompt_logprobs):
+    def _prompt_logprobs_inputs(self, shape, reqs, pos, prompt_logprobs):
         """Score each prompt token given what precedes it: row i (position p) scores the
-        prompt token at p + 1. -> (device LogprobsTensors, {request id: rows})."""
+        prompt token at p + 1. -> (the token each logits row scores, {request id: rows})."""
         next_ids = np.zeros(shape.num_logits, np.int32)
         positions: dict[str, np.ndarray] = {}
         lo = 0
@@ -394,7 +421,7 @@ class ModelRunner:
                 next_ids[rows_] = np.asarray(prompt)[pos[rows_] + 1]
                 positions[r.request_id] = rows_
             lo += len(r.token_ids)
-        return _jit_prompt_logprobs(logits, next_ids, num=self.num_logprobs), positions
+        return next_ids, positions
 
 
 def unroll_setting(stacked_matmul: bool = False) -> str:
@@ -415,6 +442,29 @@ def unroll_setting(stacked_matmul: bool = False) -> str:
     if setting not in ("0", "1", "decode"):
         raise ValueError(f"JAXPAGED_UNROLL_LAYERS={setting!r}; allowed: 0, 1, decode")
     return setting
+
+
+def dispatch_thread_setting() -> bool:
+    """Whether each step's jitted calls run on a worker thread (JAXPAGED_DISPATCH_THREAD=1).
+
+    Enqueueing a decode step's ~190 kernels is ~1.2 ms of the host's time a step on an H100
+    host, spent inside XLA with the GIL released; on a worker thread it overlaps with the
+    calling thread's Python (planning the next step, applying the last one)."""
+    setting = os.environ.get("JAXPAGED_DISPATCH_THREAD", "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"JAXPAGED_DISPATCH_THREAD={setting!r}; allowed: 0, 1")
+    return setting == "1"
+
+
+def switch_interval_setting() -> float:
+    """Python's thread switch interval while a dispatch thread runs, in seconds, from
+    JAXPAGED_SWITCH_INTERVAL_US (default 200 us). The dispatch thread needs the GIL briefly
+    before and after each enqueue; with Python's default 5 ms it would wait that long for
+    the busy calling thread, leaving the device idle."""
+    micros = float(os.environ.get("JAXPAGED_SWITCH_INTERVAL_US", "200"))
+    if not micros > 0:
+        raise ValueError(f"JAXPAGED_SWITCH_INTERVAL_US must be > 0; got {micros}")
+    return micros * 1e-6
 
 
 def _no_sources(num_tokens: int) -> np.ndarray:

@@ -336,3 +336,45 @@ def test_the_garbage_collector_runs_less_often_once_an_engine_exists(llm):
     from jaxpaged.engine import GC_GEN0_THRESHOLD
 
     assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
+
+
+def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
+    """JAXPAGED_DISPATCH_THREAD=1: each step's jitted calls run on one worker thread, in
+    order, while the calling thread plans and applies steps; greedy tokens under preemption,
+    seeded samples, logprobs and prompt logprobs equal the engine's without it."""
+    import sys
+    import threading
+
+    monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "1")
+    interval = sys.getswitchinterval()
+    try:
+        threaded = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
+                            enable_prefix_caching=False)
+        assert sys.getswitchinterval() == pytest.approx(200e-6, abs=2e-6)
+        runner = threaded.llm_engine.runner
+        launching_threads, launch = set(), runner._launch
+
+        def watched(*args):
+            launching_threads.add(threading.get_ident())
+            return launch(*args)
+
+        runner._launch = watched
+        outputs = threaded.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert threaded.llm_engine.scheduler.num_preemptions > 0
+        assert token_ids(outputs) == EXPECTED
+        params = [SamplingParams(temperature=0.8, seed=11, max_tokens=10, logprobs=2),
+                  SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1)]
+        got = threaded.generate([PROMPTS[1], PROMPTS[4]], params, use_tqdm=False)
+    finally:
+        sys.setswitchinterval(interval)
+    want = llm.generate([PROMPTS[1], PROMPTS[4]], params, use_tqdm=False)
+    assert len(launching_threads) == 1 and threading.get_ident() not in launching_threads
+    assert token_ids(got) == token_ids(want)
+    for a, b in zip(got[0].outputs[0].logprobs, want[0].outputs[0].logprobs, strict=True):
+        assert a.keys() == b.keys()
+        assert [a[t].logprob for t in a] == pytest.approx([b[t].logprob for t in a], abs=1e-4)
+    got_plp, want_plp = got[1].prompt_logprobs, want[1].prompt_logprobs
+    assert len(got_plp) == len(want_plp) == len(PROMPTS[4])
+    assert [next(iter(d)) if d else None for d in got_plp] == \
+        [next(iter(d)) if d else None for d in want_plp]
+    assert kv_blocks_in_use(threaded) == 0
