@@ -182,6 +182,15 @@ DECODE_VARIANTS = {
 }
 
 
+# The decode attention of the engine's benchmark models at batch 256 (query heads, kv heads,
+# head dim), timed at a 640-token context, the mean of issue 5's steady decode (512 in + 256 out).
+ENGINE_DECODE_SHAPES = {
+    "llama-3.2-1b": (32, 8, 64),
+    "llama-3.1-8b": (32, 8, 128),
+    "qwen3-0.6b": (16, 8, 128),
+}
+
+
 def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_ref=True, head_dim: int = HEAD_DIM) -> dict:
     kv_bytes = 2 * batch * ctx * num_kv_heads * head_dim * 2
     qo_bytes = 2 * batch * num_heads * head_dim * 2
@@ -445,6 +454,15 @@ def to_markdown(results: dict) -> str:
         ratio = f"{fl['us'] / default['us']:.2f}x" if "us" in default and "us" in fl else "-"
         s, length, nq, nkv = key.split("_")
         lines.append(f"| {s}x{length} | {nq}/{nkv} | {cell(default)} | {cell(best)} {(row.get('ours_best') or '')[5:]} | {cell(fl)} | {cell(cu)} | {cell(mg)} | {ratio} |")
+    if results.get("engine_decode"):
+        lines += ["", "## The engine's steady decode: batch 256, context 640 (bf16, block 16)", ""]
+        lines.append("| model | heads q/kv, head dim | ours (default) | ours best variant | jax paged_attention |")
+        lines.append("|---|---|---|---|---|")
+        for model, row in results["engine_decode"].items():
+            cell = lambda d: f"{d['TBps']:.2f} ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
+            nq, nkv, hd = ENGINE_DECODE_SHAPES.get(model, ("?", "?", "?"))
+            best = f"{cell(row.get(row.get('ours_best', ''), {}))} {row.get('ours_best', '')[5:]}"
+            lines.append(f"| {model} | {nq}/{nkv}, {hd} | {cell(row.get('ours_default', {}))} | {best} | {cell(row.get('jax_paged_attention', {}))} |")
     if results.get("smollm2_decode"):
         lines += ["", "## SmolLM2 shapes (9 query / 3 kv heads, head dim 64, block 16, bf16)", ""]
         lines.append("| decode batch x ctx | ours default | ours best | jax paged_attention | XLA reference |")
@@ -478,7 +496,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="key configurations only")
     parser.add_argument("--merge", action="store_true", help="update the card's existing report instead of replacing it")
     parser.add_argument("--out", default=None, help="extra directory for the reports (e.g. $OUT)")
-    parser.add_argument("--sections", default="ceilings,decode,prefill,write")
+    parser.add_argument("--sections", default="ceilings,decode,prefill,write",
+                        help="also: smollm2, engine (decode at the engine's batch-256 shapes)")
     parser.add_argument("--decode-variants", default="default,bn128_w4_s2", help="outside the key configurations")
     parser.add_argument("--prefill-variants", default="default,m128_n128_w8_s2,m64_n64_w4_s3")
     parser.add_argument("--smollm2-decode-variants", default="default,bn128_w4_s2")
@@ -557,6 +576,17 @@ def main() -> None:
             best = row.get(row.get("ours_best") or "", {})
             log(f"smollm2 prefill {key}: ours {best.get('TFLOPs', 0):.0f} TFLOP/s [{row.get('ours_best')}], "
                 f"flash {row['torch_sdpa_flash']['TFLOPs']:.0f}, err {row.get('err_default_vs_torch')}")
+            write_reports(results, out_dirs)
+    if "engine" in sections:  # the engine's steady decode at batch 256 (issue 5's workload)
+        for model, (nq, nkv, head_dim) in ENGINE_DECODE_SHAPES.items():
+            names = args.key_decode_variants.split(",")
+            row = bench_decode(256, 640, nq, nkv, copy_bw, {n: DECODE_VARIANTS[n] for n in names},
+                               with_ref=False, head_dim=head_dim)
+            results.setdefault("engine_decode", {})[model] = row
+            best, default = row.get(row.get("ours_best", ""), {}), row.get("ours_default", {})
+            log(f"engine decode {model} (256 x 640, {nq}/{nkv}, head dim {head_dim}): default "
+                f"{default.get('TBps', 0):.2f} TB/s ({default.get('of_copy', 0):.0%}), best "
+                f"{best.get('TBps', 0):.2f} ({best.get('of_copy', 0):.0%}) [{row.get('ours_best')}]")
             write_reports(results, out_dirs)
     if "write" in sections:
         for tokens in (64, 4096):

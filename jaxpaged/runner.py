@@ -445,12 +445,18 @@ def unroll_setting(stacked_matmul: bool = False) -> str:
 
 
 def dispatch_thread_setting() -> bool:
-    """Whether each step's jitted calls run on a worker thread (JAXPAGED_DISPATCH_THREAD=1).
+    """Whether each step's jitted calls run on a worker thread: JAXPAGED_DISPATCH_THREAD=1 or
+    0; unset, on for a GPU backend.
 
-    Enqueueing a decode step's ~190 kernels is ~1.2 ms of the host's time a step on an H100
-    host, spent inside XLA with the GIL released; on a worker thread it overlaps with the
-    calling thread's Python (planning the next step, applying the last one)."""
-    setting = os.environ.get("JAXPAGED_DISPATCH_THREAD", "0")
+    Enqueueing a decode step's ~190 kernels takes the host ~1.2 ms a step on an H100 machine,
+    spent inside XLA with the GIL released; on a worker thread it overlaps with the calling
+    thread's Python (planning the next step, applying the last one). llama-3.2-1b on an H100,
+    issue 5's workload, interleaved runs on one machine (benchmarks/NOTES_engine.md, eighth
+    session): host busy 3.97-4.09 -> 2.60-3.35 ms a step, output 36,501-37,145 -> 33,891-40,544
+    tok/s (three of four threaded runs at 39,343-40,544)."""
+    setting = os.environ.get("JAXPAGED_DISPATCH_THREAD")
+    if setting is None:
+        return jax.default_backend() == "gpu"
     if setting not in ("0", "1"):
         raise ValueError(f"JAXPAGED_DISPATCH_THREAD={setting!r}; allowed: 0, 1")
     return setting == "1"

@@ -378,3 +378,20 @@ def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
     assert [next(iter(d)) if d else None for d in got_plp] == \
         [next(iter(d)) if d else None for d in want_plp]
     assert kv_blocks_in_use(threaded) == 0
+
+
+def test_the_dispatch_thread_setting(monkeypatch):
+    from jaxpaged.runner import dispatch_thread_setting, switch_interval_setting
+
+    monkeypatch.delenv("JAXPAGED_DISPATCH_THREAD", raising=False)
+    assert dispatch_thread_setting() is False  # unset: on for a GPU backend only
+    monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "1")
+    assert dispatch_thread_setting() is True
+    monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "yes")
+    with pytest.raises(ValueError, match="JAXPAGED_DISPATCH_THREAD='yes'"):
+        dispatch_thread_setting()
+    monkeypatch.setenv("JAXPAGED_SWITCH_INTERVAL_US", "50")
+    assert switch_interval_setting() == pytest.approx(50e-6)
+    monkeypatch.setenv("JAXPAGED_SWITCH_INTERVAL_US", "0")
+    with pytest.raises(ValueError, match="must be > 0"):
+        switch_interval_setting()
