@@ -252,9 +252,8 @@ class ModelRunner:
         start, count = time.perf_counter(), 0
         self._precompile()
         for shape in self.bucket_shapes():
-            ids, pos, md = self._empty_step(shape)
-            self.kv_cache, logits = self._run_forward(ids, pos, md,
-                                                      _no_sources(shape.num_tokens))
+            packed, spec = pack((*self._empty_step(shape), _no_sources(shape.num_tokens)))
+            self.kv_cache, logits = self._run_forward(packed, spec, shape.decode_only)
             count += 1
             if shape.num_logits != shape.num_seqs:  # the prompt-logprobs variant
                 jax.block_until_ready(_jit_prompt_logprobs(
@@ -277,11 +276,12 @@ class ModelRunner:
             return None
         return _compile_count[0] - self._compiles_at_warmup
 
-    def _run_forward(self, ids, pos, md, source_rows):
-        packed, spec = pack((ids, pos, md, source_rows))
+    def _run_forward(self, packed, spec, decode_only: bool):
+        """The jitted forward of one step's packed inputs (`pack((ids, positions, metadata,
+        source_rows))`); -> (kv cache, logits)."""
         return _jit_forward(self._model_def, self._params_leaves, self.kv_cache, packed,
                             self._prev_sampled, spec, self.impl, self.mesh,
-                            self.unrolls(md.decode_only), self.stacked_matmul)
+                            self.unrolls(decode_only), self.stacked_matmul)
 
     def unrolls(self, decode_only: bool) -> bool:
         """Whether a step of this kind runs its layers unrolled (see `unroll_setting`)."""
@@ -359,7 +359,8 @@ class ModelRunner:
                                                                  prompt_logprobs)
             plp_inputs = next_ids, np.pad(last_rows, (0, S - len(reqs)))
         self._prev_rows = sampled_rows
-        args = (ids, pos, md, source_rows, pack(smd), plp_inputs)
+        # Packed here, so that the dispatch thread holds the GIL as briefly as it can.
+        args = (*pack((ids, pos, md, source_rows)), md.decode_only, pack(smd), plp_inputs)
         if self._launcher is not None:
             launched = self._launcher.submit(self._launch, *args)
         else:
@@ -367,10 +368,10 @@ class ModelRunner:
             launched.set_result(self._launch(*args))
         return StepHandle(sched, launched, pos, prompt_rows)
 
-    def _launch(self, ids, pos, md, source_rows, packed_smd, plp_inputs):
+    def _launch(self, packed, spec, decode_only, packed_smd, plp_inputs):
         """Enqueue a step's device work: forward, prompt logprobs, sampler; -> the device
         (SamplerOutput, LogprobsTensors or None). On the dispatch thread when there is one."""
-        self.kv_cache, logits = self._run_forward(ids, pos, md, source_rows)
+        self.kv_cache, logits = self._run_forward(packed, spec, decode_only)
         plp = None
         if plp_inputs is not None:
             next_ids, last_rows = plp_inputs
