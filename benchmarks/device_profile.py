@@ -24,9 +24,9 @@ import numpy as np
 from jaxpaged import LLM, SamplingParams
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str]:
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str, list]:
     """Device kernel events of the trace under `trace_dir`: (total seconds by name, count by
-    name, the plane read)."""
+    name, the plane read, every event as (start ns, end ns, name))."""
     from jax.profiler import ProfileData
 
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -38,6 +38,7 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str]
         planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
     seconds: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
+    events = []
     for plane in planes:
         for line in plane.lines:
             if plane.name.startswith("/device:GPU") and "Stream" not in line.name:
@@ -45,7 +46,27 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str]
             for event in line.events:
                 seconds[event.name] += event.duration_ns * 1e-9
                 counts[event.name] += 1
-    return seconds, counts, ", ".join(p.name for p in planes)
+                events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
+    return seconds, counts, ", ".join(p.name for p in planes), events
+
+
+def idle_gaps(events: list, top: int = 8) -> dict:
+    """The device's timeline from its first event to its last: span, time with no event
+    running (idle) and the longest idle gaps, each with the event before and after it. With
+    async scheduling a step's kernels should follow the last step's without gaps when the
+    device bounds the step; idle time is the host (or the dispatch thread) coming late."""
+    events = sorted(events)
+    gaps, busy_until, before = [], events[0][1], events[0][2]
+    for start, end, name in events[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, before, name))
+        if end > busy_until:
+            busy_until, before = end, name
+    span = busy_until - events[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    return {"span_s": span * 1e-9, "idle_s": idle * 1e-9,
+            "longest_gaps": [{"us": g * 1e-3, "after": a, "before": b}
+                             for g, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
 def main() -> None:
@@ -91,12 +112,17 @@ def main() -> None:
         jax.effects_barrier()
     tokens = computed() - start
     args.steps = steps
-    seconds, counts, planes = kernel_times(trace_dir)
+    seconds, counts, planes, events = kernel_times(trace_dir)
     total = sum(seconds.values())
+    timeline = idle_gaps(events)
     rows = sorted(seconds.items(), key=lambda kv: -kv[1])
     print(f"{args.model}: batch {args.batch}, context {args.context}, {args.phase}: {steps} "
           f"steps ({tokens} tokens scheduled) traced on {planes}; device busy "
           f"{total / steps * 1e3:.2f} ms/step")
+    print(f"device timeline: {timeline['span_s'] / steps * 1e3:.2f} ms/step from first to last "
+          f"event, idle {timeline['idle_s'] / steps * 1e3:.2f} ms/step; longest idle gaps (us, "
+          f"between): " + "; ".join(f"{g['us']:.0f} {g['after'][:40]} -> {g['before'][:40]}"
+                                     for g in timeline["longest_gaps"][:5]))
     print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
     for name, s in rows[:args.top]:
         print(f"{s / args.steps * 1e3:8.3f} {s / total:6.1%} {counts[name] / args.steps:10.1f}"
@@ -107,6 +133,9 @@ def main() -> None:
                        "git_revision": os.environ.get("JAXPAGED_GIT_REV"),
                        "tokens_scheduled": tokens,
                        "device_busy_ms_per_step": total / args.steps * 1e3,
+                       "device_span_ms_per_step": timeline["span_s"] / args.steps * 1e3,
+                       "device_idle_ms_per_step": timeline["idle_s"] / args.steps * 1e3,
+                       "longest_idle_gaps": timeline["longest_gaps"],
                        "kernels": [{"name": n, "ms_per_step": s / args.steps * 1e3,
                                     "calls_per_step": counts[n] / args.steps}
                                    for n, s in rows]}, f, indent=1)
