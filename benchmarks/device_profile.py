@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -55,6 +56,8 @@ def idle_gaps(events: list, top: int = 8) -> dict:
     running (idle) and the longest idle gaps, each with the event before and after it. With
     async scheduling a step's kernels should follow the last step's without gaps when the
     device bounds the step; idle time is the host (or the dispatch thread) coming late."""
+    if not events:  # e.g. the CPU backend with the host tracer off
+        return {"span_s": 0.0, "idle_s": 0.0, "longest_gaps": []}
     events = sorted(events)
     gaps, busy_until, before = [], events[0][1], events[0][2]
     for start, end, name in events[1:]:
@@ -105,21 +108,28 @@ def main() -> None:
         return sum(r.num_computed_tokens for r in engine.scheduler.requests.values())
 
     steps, start = 0, computed()
-    with jax.profiler.trace(trace_dir):
+    # The host's tracers off: with Python and host tracing on, a host-bound step ran ~5x
+    # slower under the profiler, so the device's idle time said nothing about a real run.
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level, options.python_tracer_level = 0, 0
+    with jax.profiler.trace(trace_dir, profiler_options=options):
+        t0 = time.perf_counter()
         while steps < args.steps and (args.phase == "decode" or prefilling()):
             engine.step()
             steps += 1
         jax.effects_barrier()
+        wall = time.perf_counter() - t0
     tokens = computed() - start
     args.steps = steps
     seconds, counts, planes, events = kernel_times(trace_dir)
-    total = sum(seconds.values())
+    total = sum(seconds.values()) or float("nan")
     timeline = idle_gaps(events)
     rows = sorted(seconds.items(), key=lambda kv: -kv[1])
     print(f"{args.model}: batch {args.batch}, context {args.context}, {args.phase}: {steps} "
           f"steps ({tokens} tokens scheduled) traced on {planes}; device busy "
           f"{total / steps * 1e3:.2f} ms/step")
-    print(f"device timeline: {timeline['span_s'] / steps * 1e3:.2f} ms/step from first to last "
+    print(f"device timeline: {wall / steps * 1e3:.2f} ms/step of wall time; "
+          f"{timeline['span_s'] / steps * 1e3:.2f} ms/step from first to last "
           f"event, idle {timeline['idle_s'] / steps * 1e3:.2f} ms/step; longest idle gaps (us, "
           f"between): " + "; ".join(f"{g['us']:.0f} {g['after'][:40]} -> {g['before'][:40]}"
                                      for g in timeline["longest_gaps"][:5]))
@@ -133,6 +143,7 @@ def main() -> None:
                        "git_revision": os.environ.get("JAXPAGED_GIT_REV"),
                        "tokens_scheduled": tokens,
                        "device_busy_ms_per_step": total / args.steps * 1e3,
+                       "wall_ms_per_step": wall / args.steps * 1e3,
                        "device_span_ms_per_step": timeline["span_s"] / args.steps * 1e3,
                        "device_idle_ms_per_step": timeline["idle_s"] / args.steps * 1e3,
                        "longest_idle_gaps": timeline["longest_gaps"],
