@@ -91,9 +91,11 @@ def main() -> None:
     vocab = engine.model.config.vocab_size
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
+    # final_only, as LLM.generate asks: a cumulative request's output (token ids copied) would
+    # be built every step, host work that generate never does.
     for i in range(args.batch):
         engine.add_request(str(i), {"prompt_token_ids": rng.integers(0, vocab, args.context)
-                                    .tolist()}, params)
+                                    .tolist()}, params, output_kind="final_only")
     def prefilling() -> bool:
         return any(r.num_computed_tokens < r.num_prompt_tokens
                    for r in engine.scheduler.requests.values())
