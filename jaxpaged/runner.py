@@ -452,9 +452,9 @@ def dispatch_thread_setting() -> bool:
     Enqueueing a decode step's ~190 kernels takes the host ~1.2 ms a step on an H100 machine,
     spent inside XLA with the GIL released; on a worker thread it overlaps with the calling
     thread's Python (planning the next step, applying the last one). llama-3.2-1b on an H100,
-    issue 5's workload, interleaved runs on one machine (benchmarks/NOTES_engine.md, eighth
-    session): host busy 3.97-4.09 -> 2.60-3.35 ms a step, output 36,501-37,145 -> 33,891-40,544
-    tok/s (three of four threaded runs at 39,343-40,544)."""
+    issue 5's workload, four interleaved A/B pairs on two machines (benchmarks/NOTES_engine.md,
+    eighth session): the calling thread's busy time 3.97-4.69 -> 2.60-3.35 ms a step, output
+    34,248-37,145 -> 37,908-40,544 tok/s (seven of eight threaded runs; one at 33,891)."""
     setting = os.environ.get("JAXPAGED_DISPATCH_THREAD")
     if setting is None:
         return jax.default_backend() == "gpu"
