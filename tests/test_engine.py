@@ -380,6 +380,31 @@ def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
     assert kv_blocks_in_use(threaded) == 0
 
 
+def test_a_failing_launch_on_the_dispatch_thread_raises_from_generate(monkeypatch):
+    """An error in a step's jitted calls on the dispatch thread reaches the caller when the
+    step is fetched, as it reached it from dispatch without the thread."""
+    import sys
+
+    monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "1")
+    interval = sys.getswitchinterval()
+    try:
+        llm = make_llm(num_kv_blocks=24, max_num_seqs=4, max_num_batched_tokens=64)
+        runner, calls = llm.llm_engine.runner, []
+        run_forward = runner._run_forward
+
+        def failing(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("device lost")
+            return run_forward(*args)
+
+        runner._run_forward = failing
+        with pytest.raises(RuntimeError, match="device lost"):
+            llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_the_dispatch_thread_setting(monkeypatch):
     from jaxpaged.runner import dispatch_thread_setting, switch_interval_setting
 
