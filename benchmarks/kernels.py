@@ -228,7 +228,8 @@ def bench_decode(batch, ctx, num_heads, num_kv_heads, copy_bw, variants, with_re
     k_t, v_t = jnp.transpose(k_cache, (2, 0, 1, 3)), jnp.transpose(v_cache, (2, 0, 1, 3))
     del k_cache, v_cache
     try:
-        k_splits = min(16, ctx // BLOCK)
+        # Its kernel needs k_splits to divide the pages per sequence (40 at context 640).
+        k_splits = max(d for d in range(1, 17) if (ctx // BLOCK) % d == 0)
         peer = functools.partial(jax_paged.paged_attention, k_splits=k_splits)
         report("jax_paged_attention", time_jax(lambda q, kc, vc, ln, t: peer(q, kc, vc, t, ln), qs[0], (k_t, v_t, lens), sets))
         # jax's kernel applies no softmax scale: give it the pre-scaled query for the error check.
@@ -418,6 +419,17 @@ def write_reports(results: dict, out_dirs: list[str]) -> None:
             f.write(md)
 
 
+def _bandwidth(timing: dict) -> str:
+    return f"{timing['TBps']:.2f} TB/s ({timing['of_copy']:.0%}) {timing['us']:.0f}us" if "TBps" in timing else "-"
+
+
+def _decode_cells(row: dict) -> str:
+    """A decode row's default, best variant (named) and jax paged_attention cells."""
+    best = row.get("ours_best", "")
+    return (f"{_bandwidth(row.get('ours_default', {}))} | {_bandwidth(row.get(best, {}))} {best[5:]} | "
+            f"{_bandwidth(row.get('jax_paged_attention', {}))}")
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# Kernel benchmark on {results['card']}", "", f"jax {results['jax']}, {results['date']}", ""]
     c = results.get("copy", {})
@@ -459,19 +471,15 @@ def to_markdown(results: dict) -> str:
         lines.append("| model | heads q/kv, head dim | ours (default) | ours best variant | jax paged_attention |")
         lines.append("|---|---|---|---|---|")
         for model, row in results["engine_decode"].items():
-            cell = lambda d: f"{d['TBps']:.2f} ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
             nq, nkv, hd = ENGINE_DECODE_SHAPES.get(model, ("?", "?", "?"))
-            best = f"{cell(row.get(row.get('ours_best', ''), {}))} {row.get('ours_best', '')[5:]}"
-            lines.append(f"| {model} | {nq}/{nkv}, {hd} | {cell(row.get('ours_default', {}))} | {best} | {cell(row.get('jax_paged_attention', {}))} |")
+            lines.append(f"| {model} | {nq}/{nkv}, {hd} | {_decode_cells(row)} |")
     if results.get("smollm2_decode"):
         lines += ["", "## SmolLM2 shapes (9 query / 3 kv heads, head dim 64, block 16, bf16)", ""]
         lines.append("| decode batch x ctx | ours default | ours best | jax paged_attention | XLA reference |")
         lines.append("|---|---|---|---|---|")
         for key, row in results["smollm2_decode"].items():
-            cell = lambda d: f"{d['TBps']:.2f} TB/s ({d['of_copy']:.0%}) {d['us']:.0f}us" if "TBps" in d else "-"  # noqa: E731
             b, ctx = key.split("_")[:2]
-            best = f"{cell(row.get(row.get('ours_best', ''), {}))} {row.get('ours_best', '')[5:]}"
-            lines.append(f"| {b} x {ctx} | {cell(row.get('ours_default', {}))} | {best} | {cell(row.get('jax_paged_attention', {}))} | {cell(row.get('xla_reference', {}))} |")
+            lines.append(f"| {b} x {ctx} | {_decode_cells(row)} | {_bandwidth(row.get('xla_reference', {}))} |")
         lines += ["", "| prefill seqs x len | ours default | ours best | torch SDPA flash | jax Mosaic FA3 |", "|---|---|---|---|---|"]
         for key, row in results.get("smollm2_prefill", {}).items():
             cell = lambda d: f"{d['TFLOPs']:.0f} TFLOP/s ({d['us']:.0f}us)" if "TFLOPs" in d else "-"  # noqa: E731
