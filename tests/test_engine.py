@@ -420,3 +420,6 @@ def test_the_dispatch_thread_setting(monkeypatch):
     monkeypatch.setenv("JAXPAGED_SWITCH_INTERVAL_US", "0")
     with pytest.raises(ValueError, match="must be > 0"):
         switch_interval_setting()
+    monkeypatch.setenv("JAXPAGED_SWITCH_INTERVAL_US", "fast")
+    with pytest.raises(ValueError, match="JAXPAGED_SWITCH_INTERVAL_US='fast'"):
+        switch_interval_setting()
