@@ -65,14 +65,24 @@ def batching_rows(r: dict[str, Any]) -> list[tuple]:
 
 
 def summarize(paths: list[str]) -> str:
-    rows, cards = [], set()
+    """The targets' table over result JSONs. Where two files give a run the same name (the
+    same model and workload, say, measured twice), each of their rows names its revision."""
+    results = []
     for path in paths:
         with open(path) as f:
-            r = json.load(f)
+            results.append(json.load(f))
+    rows, cards, per_result = [], set(), []
+    for r in results:
         cards.add(f"{r.get('card')} (jax {r.get('jax_version')}, git {r.get('git_revision')})")
         if r.get("benchmark") == "throughput":
-            rows += throughput_rows(r)
+            per_result.append((r, throughput_rows(r)))
         elif r.get("benchmark") == "batching":
-            rows += batching_rows(r)
+            per_result.append((r, batching_rows(r)))
+    names = [result_rows[0][0] for _, result_rows in per_result if result_rows]
+    for r, result_rows in per_result:
+        if result_rows and names.count(result_rows[0][0]) > 1:
+            result_rows = [(f"{row[0]}, git {r.get('git_revision')}", *row[1:])
+                           for row in result_rows]
+        rows += result_rows
     return "\n".join([f"# jaxpaged-bench summary: {', '.join(sorted(cards))}", "",
                       format_table(["run", "metric", "measured", "target", "met"], rows), ""])

@@ -303,6 +303,12 @@ def test_summary_checks_the_targets(tmp_path, capsys):
     assert lines["decode step / roofline at batch 256"] == "yes"
     assert lines["warm-up"] == "NO" and lines["paged / reserve at cap 1536"] == "yes"
     assert lines["paged KV waste at cap 1536"] == "yes"
+    # The same run measured twice: each of its rows names its revision.
+    (tmp_path / "t2.json").write_text(json.dumps({**r, "git_revision": "def"}))
+    bench.main(["summary", *paths, str(tmp_path / "t2.json"), "--out", str(tmp_path / "s.md")])
+    runs = {line.split("|")[1].strip() for line in (tmp_path / "s.md").read_text().splitlines()[4:]}
+    assert {"llama-3.2-1b (512 prompts), git abc", "llama-3.2-1b (512 prompts), git def",
+            "batching llama-3.2-1b"} == runs
 
 
 def test_batching_runs_of_different_caps_merge_into_one_result():
