@@ -179,11 +179,6 @@ DECODE_VARIANTS = {
     "bn256_w4_s2": dict(block_n=256, num_warps=4, num_stages=2),
     "bn128_w4_s2_sp8": dict(block_n=128, num_warps=4, num_stages=2, num_splits=8),
     "bn128_w4_s2_sp16": dict(block_n=128, num_warps=4, num_stages=2, num_splits=16),
-    # Several kv heads a program: each slot's K/V rows of those heads read as one run.
-    "hp2": dict(heads_per_program=2),
-    "hp4": dict(heads_per_program=4),
-    "hp2_bn32": dict(heads_per_program=2, block_n=32),
-    "hp2_w8": dict(heads_per_program=2, num_warps=8),
 }
 
 

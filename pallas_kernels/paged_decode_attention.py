@@ -7,9 +7,6 @@ benchmarks/NOTES_kernels.md for the measurements behind the choice.
 Design (after vLLM's unified attention and FlashDecoding):
 - grid (S sequences, K kv heads, splits). The G = N / K query heads that share a kv head are
   packed into the M dimension of the matmuls and padded to Gp >= 16 rows (Triton's minimum).
-  The cache is read as [P * B, K * H] rows. ``heads_per_program`` > 1 (a tuning option, off by
-  default) gives one program several adjacent kv heads, read as one contiguous run a slot,
-  with the queries block-diagonal over the heads' columns.
 - Pages are followed at token granularity: each of the ``block_n`` keys of a tile looks up its
   page in the block table, so any block size works and a tile may span several pages.
 - When S * K programs cannot fill the GPU, the KV length is split across ``splits`` programs;
@@ -62,8 +59,8 @@ def _check_shapes(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_ta
 
 def _decode_kernel(
     q_ref,  # [S*N, H]
-    k_ref,  # [P*B, K*H]: one row per cache slot, its kv heads side by side
-    v_ref,  # [P*B, K*H]
+    k_ref,  # [P*B*K, H]
+    v_ref,  # [P*B*K, H]
     bt_ref,  # i32[S*max_blocks]
     lens_ref,  # i32[S]
     o_ref,  # [S*N, H] (one split) or f32[splits*S*N, H]
@@ -78,29 +75,16 @@ def _decode_kernel(
     max_blocks: int,
     block_n: int,
     split_tokens: int,
-    heads_per_program: int,
-    num_splits: int,
 ):
-    s, kp, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    s, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = q_ref.shape[-1]
     kv_len = lens_ref[s]
-    # This program's hp = heads_per_program kv heads, kh0 .. kh0 + hp - 1: each slot's K and V
-    # rows for them are one contiguous hp * H run. Query rows r = j * Gp + g (head j, group
-    # row g) hold their query in columns j * H .. (j + 1) * H and zeros elsewhere, so one
-    # [hp * Gp, hp * H] x [hp * H, BN] product gives every head its own scores; the output
-    # keeps each row's own head's columns.
-    hp = heads_per_program
-    kh0 = kp * hp
-    width = hp * head_dim
-    c = jnp.arange(width)
-    col_head, col_dim = c // head_dim, c % head_dim  # [hp*H]
-    r = jnp.arange(hp * group_pad)
-    row_head, g = r // group_pad, r % group_pad  # [hp*Gp]
+    cols = jnp.arange(head_dim)[None, :]
+
+    g = jnp.arange(group_pad)
     row_ok = g < group
-    q_rows = s * num_heads + (kh0 + row_head) * group + g  # [hp*Gp]
-    own = row_ok[:, None] & (col_head[None, :] == row_head[:, None])  # [hp*Gp, hp*H]
-    q = plt.load(q_ref.at[q_rows[:, None], col_dim[None, :]], mask=own, other=0.0)
-    kv_cols = (kh0 * head_dim + c)[None, :]
+    q_rows = s * num_heads + kh * group + g  # [Gp]
+    q = plt.load(q_ref.at[q_rows[:, None], cols], mask=row_ok[:, None], other=0.0)
 
     start = sp * split_tokens
     end = jnp.minimum(kv_len, start + split_tokens)
@@ -112,11 +96,11 @@ def _decode_kernel(
         pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
         valid = pos < end
         page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
-        rows = (page * block_size + jax.lax.rem(pos, block_size))[:, None]
-        k = plt.load(k_ref.at[rows, kv_cols], mask=valid[:, None], other=0.0)  # [BN, hp*H]
-        v = plt.load(v_ref.at[rows, kv_cols], mask=valid[:, None], other=0.0)
+        rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
+        k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
+        v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [hp*Gp, BN]
+        scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [Gp, BN]
         m_new = jnp.maximum(m, scores.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(scores - m_new[:, None])
@@ -125,32 +109,20 @@ def _decode_kernel(
         return acc * alpha[:, None] + pv, m_new, l
 
     init = (
-        jnp.zeros((hp * group_pad, width), jnp.float32),
-        jnp.full((hp * group_pad,), -jnp.inf, jnp.float32),
-        jnp.zeros((hp * group_pad,), jnp.float32),
+        jnp.zeros((group_pad, head_dim), jnp.float32),
+        jnp.full((group_pad,), -jnp.inf, jnp.float32),
+        jnp.zeros((group_pad,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
     # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-    # Every lane of a store gets an address of its own: the masked ones (another head's
-    # columns, padding rows) point into scratch rows past the real ones (a masked store writes
-    # nothing on the GPU, but the interpreter writes the old value back, and a duplicate of a
-    # real lane's address could then undo its write).
-    # With one head a program its rows are distinct and need no scratch.
-    cols = col_dim[None, :]
-    num_rows = (1 if not lse_ref else num_splits) * num_seqs * num_heads
-    part_rows = sp * (num_seqs * num_heads) + q_rows
-    if hp == 1:
-        out_rows, lse_rows = part_rows[:, None], part_rows
-    else:
-        out_rows = jnp.where(own, part_rows[:, None], num_rows + r[:, None] * hp + col_head[None, :])
-        lse_rows = jnp.where(row_ok, part_rows, num_rows + r)
     if not lse_ref:
-        plt.store(o_ref.at[out_rows, cols], out.astype(o_ref.dtype), mask=own)
+        plt.store(o_ref.at[q_rows[:, None], cols], out.astype(o_ref.dtype), mask=row_ok[:, None])
         return
-    plt.store(o_ref.at[out_rows, cols], out, mask=own)
+    part_rows = sp * (num_seqs * num_heads) + q_rows
+    plt.store(o_ref.at[part_rows[:, None], cols], out, mask=row_ok[:, None])
     lse = jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
-    plt.store(lse_ref[0].at[lse_rows], lse, mask=row_ok)
+    plt.store(lse_ref[0].at[part_rows], lse, mask=row_ok)
 
 
 def _merge_splits(parts: jax.Array, lse: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -176,8 +148,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages",
-                     "heads_per_program"),
+    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages"),
 )
 def paged_decode_attention_tuned(
     q: jax.Array,
@@ -192,13 +163,8 @@ def paged_decode_attention_tuned(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    heads_per_program: int = 1,
 ) -> jax.Array:
-    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks).
-
-    ``heads_per_program`` (a power of two dividing K): kv heads one program attends for, so
-    that its K/V loads read each slot's rows of those heads as one contiguous run (128 bytes a
-    row at head dim 64 and one head); the query side pays hp times the matmul work, on zeros."""
+    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
     _check_shapes(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape
     num_pages, block_size, num_kv_heads, _ = k_cache.shape
@@ -212,16 +178,11 @@ def paged_decode_attention_tuned(
         )
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_pow2(group))
-    if heads_per_program < 1 or heads_per_program & (heads_per_program - 1) or \
-            num_kv_heads % heads_per_program:
-        raise ValueError(f"heads_per_program={heads_per_program} must be a power of two "
-                         f"dividing the kv heads K={num_kv_heads}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     max_tokens = max_blocks * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads // heads_per_program, max_tokens,
-                                       block_n)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, block_n)
     split_tokens = pl.cdiv(pl.cdiv(max_tokens, num_splits), block_n) * block_n
 
     kernel = functools.partial(
@@ -236,41 +197,34 @@ def paged_decode_attention_tuned(
         max_blocks=max_blocks,
         block_n=block_n,
         split_tokens=split_tokens,
-        heads_per_program=heads_per_program,
-        num_splits=num_splits,
     )
     rows = num_seqs * num_heads
-    # Past the real rows: the scratch rows the kernel's masked store lanes point at.
-    scratch = 0 if heads_per_program == 1 else heads_per_program * heads_per_program * group_pad
     if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((rows + scratch, head_dim), q.dtype)
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
     else:
         out_shape = (
-            jax.ShapeDtypeStruct((num_splits * rows + scratch, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits * rows + scratch,), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32),
         )
     result = pl.pallas_call(
         kernel,
-        grid=(num_seqs, num_kv_heads // heads_per_program, num_splits),
+        grid=(num_seqs, num_kv_heads, num_splits),
         out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_use_interpret(interpret),
         name="paged_decode_attention",
     )(
         q.reshape(rows, head_dim),
-        k_cache.reshape(num_pages * block_size, num_kv_heads * head_dim),
-        v_cache.reshape(num_pages * block_size, num_kv_heads * head_dim),
+        k_cache.reshape(-1, head_dim),
+        v_cache.reshape(-1, head_dim),
         block_tables.astype(jnp.int32).reshape(-1),
         kv_lens.astype(jnp.int32),
     )
     if num_splits == 1:
-        return (result[:rows] if scratch else result).reshape(q.shape)
+        return result.reshape(q.shape)
     parts, lse = result
-    if scratch:
-        parts, lse = parts[:num_splits * rows], lse[:num_splits * rows]
     parts = parts.reshape(num_splits, num_seqs, num_heads, head_dim)
-    lse = lse.reshape(num_splits, num_seqs, num_heads)
-    return _merge_splits(parts, lse, q.dtype)
+    return _merge_splits(parts, lse.reshape(num_splits, num_seqs, num_heads), q.dtype)
 
 
 def paged_decode_attention(

@@ -59,25 +59,6 @@ def test_kv_splits_merge(num_splits):
     run_case(7, [1, 33, 150, 0], 4, 2, 64, 16, jnp.float32, num_splits=num_splits, block_n=16)
 
 
-@pytest.mark.parametrize("heads_per_program,group,num_kv_heads,head_dim,num_splits", [
-    (2, 4, 2, 64, 1),  # llama-3.2-1b's GQA ratio and head dim
-    (2, 3, 4, 64, 2),  # two programs a sequence, split
-    (4, 1, 4, 128, 1),
-    (4, 8, 8, 64, None),
-])
-def test_several_kv_heads_per_program(heads_per_program, group, num_kv_heads, head_dim,
-                                      num_splits):
-    run_case(11, LENGTHS_16, group, num_kv_heads, head_dim, 16, jnp.float32, block_n=16,
-             heads_per_program=heads_per_program, num_splits=num_splits)
-
-
-def test_heads_per_program_must_divide_the_kv_heads():
-    with pytest.raises(ValueError, match="heads_per_program=3"):
-        run_case(1, [5], 2, 6, 64, 16, jnp.float32, heads_per_program=3)
-    with pytest.raises(ValueError, match="heads_per_program=4"):
-        run_case(1, [5], 2, 2, 64, 16, jnp.float32, heads_per_program=4)
-
-
 def test_block_size_32_and_tile_spanning_pages():
     run_case(3, [1, 32, 33, 97], 3, 3, 64, 32, jnp.bfloat16, block_n=64)
     run_case(4, [1, 16, 17, 70], 2, 2, 64, 16, jnp.float32, block_n=64)
