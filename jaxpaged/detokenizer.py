@@ -18,6 +18,12 @@ Invariants:
   * Streamed text (``get_next_output_text``) lags by ``len(longest stop) - 1`` characters until
     the completion finishes, so a stop string is never partly shown and then withdrawn.
 
+With a Hugging Face fast tokenizer the per-token decoding runs in Rust instead
+(``tokenizers.decoders.DecodeStream``, primed with the same prompt context), as vLLM does: the
+same text (a property test compares the two on random token ids), ~5x less host time a token
+(SmolLM2's tokenizer on the CPU machine: 7.2 -> 1.5 us), which at 256 requests a step is
+~1.5 ms of the engine's host time a step there.
+
 Host only: no ``jax`` import.
 """
 
@@ -39,9 +45,11 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
+        fast: bool | None = None,
     ) -> None:
-        """``tokenizer`` is a Hugging Face tokenizer (``convert_ids_to_tokens`` and
-        ``convert_tokens_to_string`` are all that is used)."""
+        """``tokenizer`` is a Hugging Face tokenizer: its ``backend_tokenizer`` where it has
+        one (a fast tokenizer) and ``fast`` is not False, else ``convert_ids_to_tokens`` and
+        ``convert_tokens_to_string``. ``fast=True`` requires the former."""
         if any(not s for s in stop):
             raise ValueError(f"stop must contain only non-empty strings, got {list(stop)!r}.")
         if min_tokens < 0:
@@ -52,8 +60,13 @@ class IncrementalDetokenizer:
         self.include_stop_str_in_output = include_stop_str_in_output
         self.min_tokens = min_tokens
         self.stop_buffer_length = max(map(len, stop)) - 1 if stop and not include_stop_str_in_output else 0
-        context = list(prompt_token_ids[-(INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET + 1) :])
-        self.tokens: list[str] = tokenizer.convert_ids_to_tokens(context, skip_special_tokens=skip_special_tokens)
+        context = [int(t) for t in prompt_token_ids[-(INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET + 1) :]]
+        self._stream = None if fast is False else _decode_stream(tokenizer, context, skip_special_tokens)
+        if fast and self._stream is None:
+            raise ValueError("fast=True needs a Hugging Face fast tokenizer (backend_tokenizer) "
+                             "and tokenizers' DecodeStream")
+        self.tokens: list[str] = [] if self._stream else tokenizer.convert_ids_to_tokens(
+            context, skip_special_tokens=skip_special_tokens)
         self.read_offset = len(self.tokens)
         self.prefix_offset = max(self.read_offset - INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET, 0)
         self.output_text = ""
@@ -91,6 +104,11 @@ class IncrementalDetokenizer:
         return None
 
     def _decode_next(self, token_id: int) -> str:
+        if self._stream is not None:
+            stream, backend, skipped = self._stream
+            if token_id in skipped:
+                return ""
+            return stream.step(backend, token_id) or ""  # None: an incomplete character
         new_tokens = self.tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=self.skip_special_tokens)
         if not new_tokens:
             return ""  # a skipped special token
@@ -132,6 +150,27 @@ class IncrementalDetokenizer:
             return ""
         self._last_output_text_offset = length
         return self.output_text[start:length]
+
+
+def _decode_stream(tokenizer: Any, context: list[int], skip_special_tokens: bool) -> tuple | None:
+    """(a DecodeStream primed with ``context``, the Rust tokenizer it steps, the ids to skip)
+    for a fast tokenizer, else None. The ids skipped are the ones ``convert_ids_to_tokens``
+    skips (``all_special_ids``), left out before the stream sees them: the Rust side's own
+    notion of special (an added token's flag) differs for some tokenizers (SmolLM2's
+    ``<reponame>``). None too for a context that ends inside a character: the stream would
+    later flush its bytes as U+FFFD into the output, where the Python path leaves them out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None
+    skipped = frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
+    context = [t for t in context if t not in skipped]
+    if backend.decode(context, skip_special_tokens=False).endswith("\ufffd"):
+        return None
+    return DecodeStream(ids=context, skip_special_tokens=False), backend, skipped
 
 
 def convert_ids_list_to_tokens(

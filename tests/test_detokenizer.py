@@ -152,7 +152,7 @@ def test_decodes_a_bounded_window_per_token(tokenizer) -> None:
             longest = max(longest, len(tokens))
             return original(tokens)
 
-    detok = IncrementalDetokenizer(Counting(), tokenizer.encode(" ".join(CORPUS)))
+    detok = IncrementalDetokenizer(Counting(), tokenizer.encode(" ".join(CORPUS)), fast=False)
     ids = tokenizer.encode(" ".join(CORPUS * 5))
     for i in ids:
         detok.update([i])
@@ -202,3 +202,49 @@ def test_matches_reference_property(tokenizer, text: str, stop: list[str], inclu
 def test_host_only() -> None:
     code = "import sys, jaxpaged.detokenizer; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def fast_and_slow(tok, prompt: list[int], ids: list[int], skip: bool) -> tuple[str, str]:
+    texts = []
+    for fast in (None, False):  # None: the fast path unless the prompt ends mid-character
+        detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip, fast=fast)
+        for i in ids:
+            detok.update([i])
+        texts.append(detok.output_text)
+    return texts[0], texts[1]
+
+
+@settings(max_examples=400, deadline=None)
+@given(prompt=st.lists(st.integers(0, 319), max_size=8), ids=st.lists(st.integers(0, 319), max_size=40),
+       skip=st.booleans())
+def test_fast_path_matches_the_python_one_on_any_ids(tokenizer, prompt, ids, skip) -> None:
+    """Arbitrary ids (lone UTF-8 bytes, the special token, any prompt context): the Rust
+    DecodeStream path and the Python offsets path give the same text."""
+    fast, slow = fast_and_slow(tokenizer, prompt, ids, skip)
+    assert fast == slow
+
+
+def test_fast_path_matches_on_smollm2s_tokenizer(smollm2) -> None:
+    import random
+
+    tok, rng = smollm2.tokenizer, random.Random(0)
+    assert IncrementalDetokenizer(tok, [1, 2])._stream is not None  # the default takes it
+    for _ in range(20):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 10))]
+        ids = [rng.randrange(len(tok)) for _ in range(60)] + [2, 0, 1]  # specials too
+        for skip in (True, False):
+            fast, slow = fast_and_slow(tok, prompt, ids, skip)
+            assert fast == slow
+
+
+def test_fast_needs_a_fast_tokenizer(tokenizer) -> None:
+    class Slow:
+        def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+            return tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+
+        def convert_tokens_to_string(self, tokens):
+            return tokenizer.convert_tokens_to_string(tokens)
+
+    assert IncrementalDetokenizer(Slow(), [1])._stream is None
+    with pytest.raises(ValueError, match="fast=True needs"):
+        IncrementalDetokenizer(Slow(), [1], fast=True)
