@@ -19,7 +19,8 @@ import argparse
 import json
 import os
 
-from jaxpaged.bench_batching import kv_sweep, kv_sweep_table, load_results, plot_kv_sweep
+from jaxpaged.bench_batching import kv_sweep, kv_sweep_table, plot_kv_sweep
+from jaxpaged.bench_common import read_json_results
 
 STUDY_KV_TOKENS = (11_000, 15_000)
 
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=1536)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    results = load_results(args.results)
+    results = read_json_results(args.results)
     rows = kv_sweep(results, args.cap)
     first = results[0]
     out = {"benchmark": "batching_kv_sweep", "card": first["card"], "model": first["model"],

@@ -11,7 +11,8 @@ import argparse
 import json
 import os
 
-from jaxpaged.bench_batching import batching_table, load_results, merge_results, plot
+from jaxpaged.bench_batching import batching_table, merge_results, plot
+from jaxpaged.bench_common import read_json_results
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     p.add_argument("results", nargs="+")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    results = load_results(args.results)
+    results = read_json_results(args.results)
     merged = merge_results(results)
     with open(args.out, "w") as f:
         json.dump(merged, f, indent=1)

@@ -30,7 +30,6 @@ paged blocks (paged).
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -264,15 +263,6 @@ def _setup(r: dict[str, Any]) -> dict[str, Any]:
             "engine": {k: v for k, v in r["engine"].items() if k != "warmup_s"},
             "kv_capacity_tokens": r["kv_capacity_tokens"],
             "args": {k: v for k, v in r["args"].items() if k not in _MERGE_FREE_ARGS}}
-
-
-def load_results(paths: list[str]) -> list[dict[str, Any]]:
-    """The JSON results of `jaxpaged-bench batching` runs, in the order given."""
-    results = []
-    for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
-    return results
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -231,8 +231,9 @@ class StepRecord:
     kv_usage: float  # block-manager usage right after schedule() (the step's peak)
     dispatch_seconds: float  # of which in runner.dispatch (inputs built, device work enqueued)
     wait_seconds: float  # of which in runner.fetch: the host waiting for the device
-    # Of dispatch_seconds, the call of the jitted forward alone: the launches XLA enqueues (or
-    # the host blocked inside that call), as against the host's own Python around it.
+    # The call of the jitted forward alone: the launches XLA enqueues (or the host blocked
+    # inside that call), as against the host's own Python around it. Part of dispatch_seconds
+    # without a dispatch thread; with one it runs on that thread, outside dispatch_seconds.
     forward_seconds: float = 0.0
 
 
@@ -338,6 +339,15 @@ def _cell(value: Any) -> str:
             return "-"
         return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
     return "-" if value is None else str(value)
+
+
+def read_json_results(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Benchmark results written by `write_json`, in the order given."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
 
 
 def write_json(result: dict[str, Any], path: str | None, default_name: str) -> str | None:

@@ -6,10 +6,10 @@ roofline; no compile after warm-up; warm-up under 2 minutes; paged >= 2x the no-
 batcher at the largest cap with KV waste under 4%.
 """
 
-import json
+import collections
 from typing import Any
 
-from jaxpaged.bench_common import format_table
+from jaxpaged.bench_common import format_table, read_json_results
 
 TARGETS = {"vs_hf_generate": 30.0, "vs_hf_generate_batch": 20.0, "step_over_roofline": 1.3,
            "warmup_s": 120.0, "paged_over_reserve": 2.0, "paged_kv_waste": 0.04}
@@ -67,22 +67,14 @@ def batching_rows(r: dict[str, Any]) -> list[tuple]:
 def summarize(paths: list[str]) -> str:
     """The targets' table over result JSONs. Where two files give a run the same name (the
     same model and workload, say, measured twice), each of their rows names its revision."""
-    results = []
-    for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
-    rows, cards, per_result = [], set(), []
-    for r in results:
-        cards.add(f"{r.get('card')} (jax {r.get('jax_version')}, git {r.get('git_revision')})")
-        if r.get("benchmark") == "throughput":
-            per_result.append((r, throughput_rows(r)))
-        elif r.get("benchmark") == "batching":
-            per_result.append((r, batching_rows(r)))
-    names = [result_rows[0][0] for _, result_rows in per_result if result_rows]
-    for r, result_rows in per_result:
-        if result_rows and names.count(result_rows[0][0]) > 1:
-            result_rows = [(f"{row[0]}, git {r.get('git_revision')}", *row[1:])
-                           for row in result_rows]
-        rows += result_rows
+    results = read_json_results(paths)
+    cards = {f"{r.get('card')} (jax {r.get('jax_version')}, git {r.get('git_revision')})"
+             for r in results}
+    row_makers = {"throughput": throughput_rows, "batching": batching_rows}
+    per_result = [(r, row_makers[r.get("benchmark")](r)) for r in results
+                  if r.get("benchmark") in row_makers]
+    names = collections.Counter(rows[0][0] for _, rows in per_result)  # one name a result
+    rows = [(f"{row[0]}, git {r.get('git_revision')}" if names[row[0]] > 1 else row[0], *row[1:])
+            for r, result_rows in per_result for row in result_rows]
     return "\n".join([f"# jaxpaged-bench summary: {', '.join(sorted(cards))}", "",
                       format_table(["run", "metric", "measured", "target", "met"], rows), ""])

@@ -47,6 +47,7 @@ from jaxpaged.sampler import (MAX_LOGPROBS, NUM_SAMPLER_CONSTANTS, SamplingRow,
                               build_sampling_metadata, compute_logprobs, sample,
                               sampling_metadata_variants)
 from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, SchedulerOutput
+from jaxpaged.settings import on_for_gpu
 from jaxpaged.sharding import gather_logits, kv_cache_sharding
 
 logger = logging.getLogger(__name__)
@@ -455,12 +456,7 @@ def dispatch_thread_setting() -> bool:
     issue 5's workload, four interleaved A/B pairs on two machines (benchmarks/NOTES_engine.md,
     eighth session): the calling thread's busy time 3.97-4.69 -> 2.60-3.35 ms a step, output
     34,248-37,145 -> 37,908-40,544 tok/s (seven of eight threaded runs; one at 33,891)."""
-    setting = os.environ.get("JAXPAGED_DISPATCH_THREAD")
-    if setting is None:
-        return jax.default_backend() == "gpu"
-    if setting not in ("0", "1"):
-        raise ValueError(f"JAXPAGED_DISPATCH_THREAD={setting!r}; allowed: 0, 1")
-    return setting == "1"
+    return on_for_gpu("JAXPAGED_DISPATCH_THREAD")
 
 
 def switch_interval_setting() -> float:

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ import pallas_kernels
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
+from jaxpaged.settings import on_for_gpu
 from jaxpaged.sharding import TP_AXIS, param_spec
 from pallas_kernels.stacked_matmul import MIN_BLOCK
 
@@ -58,13 +58,7 @@ def stacked_matmul_setting() -> bool:
     llama-3.1-8b) and 14% more on two (llama-3.1-8b at tensor_parallel_size 2, with the same
     greedy tokens in float32 as one GPU; benchmarks/NOTES_engine.md); off on the CPU, where
     XLA's slices cost little and the kernel would run in the Pallas interpreter."""
-    setting = os.environ.get("JAXPAGED_STACKED_MATMUL")
-    if setting is None:
-        return jax.default_backend() == "gpu"
-    if setting not in ("0", "1"):
-        raise ValueError(f"JAXPAGED_STACKED_MATMUL={setting!r}; allowed: 0, 1 (unset: on for "
-                         f"a GPU)")
-    return setting == "1"
+    return on_for_gpu("JAXPAGED_STACKED_MATMUL")
 
 
 def _is_projection_kernel(path: tuple, _value) -> bool:
