@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.bench_common import env_info, format_table, slug, write_json
-from pallas_kernels import stacked_matmul, stacked_matmul_fused
+from pallas_kernels import stacked_matmul, stacked_matmul_fused, stacked_matmul_fused_reference
+from pallas_kernels.stacked_matmul_mgpu import stacked_matmul_mgpu
 
 # L layers; D model; F MLP; Q = N * H query width; KV = K * H key/value width.
 MODELS = {
@@ -118,6 +119,20 @@ LAUNCH_SWEEP = [
     dict(block_k=128, num_stages=3),
     dict(block_k=32),
 ]
+# stacked_matmul_mgpu settings (defaults: block_m 128, block_n 128, block_k 64, 4 steps in
+# flight, one persistent program per SM, Mosaic GPU's inferred shared-memory layout).
+MGPU_LAUNCH_SWEEP = [
+    dict(block_n=64),
+    dict(max_concurrent_steps=6, block_n=64),
+    dict(programs_per_sm=2, block_n=64),
+    dict(block_m=64),
+    dict(block_m=256, block_n=64),
+    dict(max_concurrent_steps=3),
+    dict(block_k=128, max_concurrent_steps=2),
+    dict(swizzle=True),
+    dict(block_n=256),
+    dict(block_m=64, block_n=256),
+]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
@@ -189,67 +204,106 @@ def fused_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Arra
     return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
 
 
+def launch_outputs(h: jax.Array, stacks: tuple[jax.Array, ...], layer_id, epilogue: str | None,
+                   kernel: str, tuning: dict) -> tuple[jax.Array, ...]:
+    """One launch's outputs for one layer. kernel: "triton" (stacked_matmul, the model's path),
+    "mgpu" (stacked_matmul_mgpu) or "xla" (jnp.dot on the layer's slice: inside an unrolled scan
+    cuBLAS reads the weights in place)."""
+    if kernel == "mgpu":
+        outs = stacked_matmul_mgpu(h, stacks, layer_id, epilogue=epilogue, **tuning)
+    elif kernel == "xla":
+        outs = tuple(jnp.dot(h, w[layer_id]) for w in stacks)
+        if epilogue:
+            outs = (jax.nn.silu(outs[0].astype(jnp.float32)) * outs[1]).astype(h.dtype)
+    elif len(stacks) == 1:
+        outs = (stacked_matmul(h, stacks[0], layer_id, **tuning),)
+    else:
+        outs = stacked_matmul_fused(h, stacks, layer_id, epilogue=epilogue, **tuning)
+    return (outs,) if epilogue else tuple(outs)
+
+
 def launch_scan(h: jax.Array, ws: dict[str, jax.Array], names: tuple[str, ...],
-                epilogue: str | None, tuning: dict) -> jax.Array:
+                epilogue: str | None, tuning: dict, kernel: str = "triton") -> jax.Array:
     """One of the model's launches (LAUNCHES) in each of the L layers, alone. Each layer's input
     depends on the last one's output through a row mean (a few microseconds, the same for every
     setting), so nothing is hoisted or dropped."""
     num_layers = ws[names[0]].shape[0]
 
     def body(h, layer_id):
-        if len(names) == 1:
-            outs = (stacked_matmul(h, ws[names[0]], layer_id, **tuning),)
-        else:
-            outs = stacked_matmul_fused(h, tuple(ws[n] for n in names), layer_id,
-                                        epilogue=epilogue, **tuning)
-            outs = (outs,) if epilogue else outs
+        outs = launch_outputs(h, tuple(ws[n] for n in names), layer_id, epilogue, kernel, tuning)
         dep = sum(o.astype(jnp.float32).mean(axis=-1, keepdims=True) for o in outs)
         return (h.astype(jnp.float32) + 1e-3 * dep).astype(h.dtype), None
 
-    return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32))[0]
+    return jax.lax.scan(body, h, jnp.arange(num_layers, dtype=jnp.int32),
+                        unroll=kernel == "xla")[0]
+
+
+def launch_error(h: jax.Array, ws: dict[str, jax.Array], names: tuple[str, ...],
+                 epilogue: str | None, kernel: str, tuning: dict) -> float:
+    """The launch's relative error on the last layer against stacked_matmul_fused_reference."""
+    stacks, last = tuple(ws[n] for n in names), jnp.int32(ws[names[0]].shape[0] - 1)
+    outs = jax.jit(functools.partial(launch_outputs, epilogue=epilogue, kernel=kernel,
+                                     tuning=tuning))(h, stacks, last)
+    ref = stacked_matmul_fused_reference(h, stacks, last, epilogue=epilogue)
+    ref = (ref,) if epilogue else ref
+    return max(rel_err(o, r) for o, r in zip(outs, ref))
 
 
 def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: float,
                    args) -> list:
-    """Each launch of LAUNCHES alone, at the defaults and each setting of LAUNCH_SWEEP."""
+    """Each launch of LAUNCHES alone, for each kernel of --launch-kernels at its defaults and
+    each setting of its sweep."""
     rows = []
-    sweep = LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP
+    sweeps = {"triton": LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP,
+              "mgpu": MGPU_LAUNCH_SWEEP[:3] if args.quick else MGPU_LAUNCH_SWEEP, "xla": []}
+    kernels = [k.partition(":") for k in args.launch_kernels]  # "mgpu:4": its first 4 settings
     for launch, (d_in, names, epilogue) in LAUNCHES.items():
         h = jax.random.normal(jax.random.key(num_tokens), (num_tokens, shape[d_in]),
                               jnp.float32).astype(ws["q"].dtype)
         weight_bytes = sum(ws[n].nbytes for n in names)
-        scan = functools.partial(launch_scan, names=names, epilogue=epilogue)
-        for label, fn in kernel_variants("launch", scan, sweep, args.interpret):
-            row = measure(label, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps, args)
-            row.pop("_out", None)
-            row.update(model=model, T=num_tokens, launch=launch, weight_GB=weight_bytes / 1e9)
-            print_row(f"{model} T={num_tokens} {launch} {label}", row)
-            rows.append(row)
+        for kernel, _, limit in kernels:
+            scan = functools.partial(launch_scan, names=names, epilogue=epilogue, kernel=kernel)
+            prefix = "launch" if kernel == "triton" else f"launch-{kernel}"
+            sweep = sweeps[kernel][:int(limit)] if limit else sweeps[kernel]
+            for label, fn, tuning in kernel_variants(prefix, scan, sweep, args.interpret,
+                                                     with_tuning=True):
+                row = measure(label, lambda x, fn=fn: fn(x, ws), h, weight_bytes, copy_tbps,
+                              args)
+                if row.pop("_out", None) is not None:
+                    row["rel_err"] = launch_error(h, ws, names, epilogue, kernel, tuning)
+                row.update(model=model, T=num_tokens, launch=launch, kernel=kernel,
+                           weight_GB=weight_bytes / 1e9)
+                print_row(f"{model} T={num_tokens} {launch} {label}", row)
+                rows.append(row)
     return rows
 
 
 def launch_summary(rows: list[dict]) -> str:
-    """Per (model, T, launch): the defaults and the best setting."""
+    """Per (model, T, launch): each kernel's defaults, and the best setting overall."""
     table = []
     for key in dict.fromkeys((r["model"], r["T"], r["launch"]) for r in rows if "launch" in r):
         group = [r for r in rows if (r["model"], r["T"], r.get("launch")) == key and "ms" in r]
-        default = next((r for r in group if r["variant"] == "launch-default"), None)
+        base = next((r for r in group if r["variant"] == "launch-default"), None)
         best = min(group, key=lambda r: r["ms"], default=None)
-        if default is None or best is None:
-            continue
-        table.append([*key, default["ms"], default["of_copy"], best["variant"], best["ms"],
-                      best["of_copy"], default["ms"] / best["ms"]])
-    return format_table(["model", "T", "launch", "default ms", "of copy", "best", "best ms",
-                         "of copy", "gain"], table)
+        picks = [r for r in group if r["variant"].endswith("-default")]
+        if best is not None and best not in picks:
+            picks.append({**best, "variant": "best " + best["variant"]})
+        table += [[*key, r["variant"], r["ms"], r["of_copy"], r.get("rel_err"),
+                   base["ms"] / r["ms"] if base else None] for r in picks]
+    return format_table(["model", "T", "launch", "variant", "ms/scan", "of copy", "rel err",
+                         "vs triton default"], table)
 
 
-def kernel_variants(prefix: str, scan, sweep: list[dict], interpret: bool) -> list:
-    """(label, jitted scan) for the defaults and each setting of `sweep`."""
+def kernel_variants(prefix: str, scan, sweep: list[dict], interpret: bool,
+                    with_tuning: bool = False) -> list:
+    """(label, jitted scan) for the defaults and each setting of `sweep` (with_tuning: (label,
+    jitted scan, tuning))."""
     variants = []
     for tuning in [{}] + sweep:
         label = prefix + "-" + (",".join(f"{k}={v}" for k, v in tuning.items()) or "default")
         tuning = {**tuning, "interpret": True} if interpret else tuning
-        variants.append((label, jax.jit(functools.partial(scan, tuning=tuning))))
+        fn = jax.jit(functools.partial(scan, tuning=tuning))
+        variants.append((label, fn, tuning) if with_tuning else (label, fn))
     return variants
 
 
@@ -284,7 +338,7 @@ def measure(name: str, fn, h: jax.Array, weight_bytes: int, copy_tbps: float, ar
         row["compile_s"] = time.perf_counter() - t0
         seconds = time_calls(fn, h, args.calls, args.min_seconds)
     except Exception as e:  # a tile setting the GPU cannot run: record it and go on
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         traceback.print_exc(limit=2)
         return row
     row["ms"] = seconds * 1e3
@@ -367,6 +421,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "launch"],
                    choices=list(VARIANTS))
+    p.add_argument("--launch-kernels", nargs="+", default=["triton"],
+                   help="kernels of the launch variant: triton, mgpu, xla; KERNEL:N tries only "
+                   "the first N settings of its sweep")
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")

@@ -1,0 +1,223 @@
+"""Stacked matmul through Mosaic GPU: ``x @ w[layer]`` with TMA loads and wgmma (Hopper).
+
+Same contract as ``pallas_kernels.stacked_matmul`` / ``stacked_matmul_fused`` (whose references
+it shares): the weight stacks [L, D_in, D_out] are read in place at a traced layer index, several
+stacks of one D_in go in one launch (q/k/v), and ``epilogue="silu_mul"`` on (gate, up) stores
+``silu(gate) * up`` only. The Triton kernel issues its tile loads from every thread; here the
+Tensor Memory Accelerator copies whole [block_k, block_n] weight tiles into swizzled shared
+memory, several steps ahead (``max_concurrent_steps``), and one warpgroup (128 threads) multiplies
+them asynchronously with wgmma while the next copies land.
+
+Design:
+- Persistent programs (one or two per SM) walk the output tiles (``plgpu.nd_loop``): T blocks
+  fastest, so the programs that read the same weight tile run side by side and the second finds
+  it in L2, as in the Triton kernel.
+- A tile is one ``plgpu.emit_pipeline`` over D_in in ``block_k`` steps: step k's wgmma runs while
+  steps k+1.. are in flight; each step waits until at most its own wgmma group is pending
+  (``delay_release=1``), so a slot is refilled only after the wgmma that read it is done.
+- The f32 accumulator lives in registers (``plgpu.ACC``). The epilogue rounds it to x's dtype
+  (silu_mul: rounds gate and up, then ``silu(gate) * up`` in f32, as the unfused model does),
+  stages it in shared memory and writes it with one TMA store.
+- wgmma needs 64-row multiples: x is padded to a multiple of ``block_m`` rows (a decode batch
+  of 8-256 rows: at most 63 rows of zeros) and the output sliced back.
+
+``interpret=None`` runs Mosaic GPU's CPU interpreter on a CPU backend (the tests), the real
+kernel on a GPU.
+"""
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.stacked_matmul import _check_epilogue, _check_stacks
+
+WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows of x at a time
+DEFAULT_BLOCK_M = 128
+DEFAULT_BLOCK_N = 128
+DEFAULT_BLOCK_K = 64
+DEFAULT_STEPS = 4
+_TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
+           "swizzle", "interpret")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _num_sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132
+
+
+def _interpret_params(interpret: bool | None):
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private, jax 0.11
+    return InterpretGPUParams()
+
+
+def _smem_transforms(row_elems: int, itemsize: int, swizzle: bool) -> tuple:
+    """Explicit tiling + swizzle for a TMA tile whose rows hold ``row_elems`` elements (empty:
+    Mosaic GPU infers them)."""
+    if not swizzle:
+        return ()
+    sw = plgpu.find_swizzle(row_elems * itemsize * 8)
+    return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
+
+
+def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
+            silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
+            k_steps: int, steps: int, x_transforms: tuple, w_transforms: tuple):
+    # A slot is refilled one step after its wgmma was issued (delay_release=1), once that wgmma
+    # is done: each step leaves only its own wgmma group(s) in flight. One step: no overlap.
+    delay = 1 if steps > 1 else 0
+    w_refs, o_refs = refs[:num_weights], refs[num_weights:]
+    layer = layer_gmem[0]
+    num_tiles = m_tiles * col_starts[-1]
+
+    def pipeline(body, mi, nb, ws):
+        spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
+        plgpu.emit_pipeline(
+            body,
+            grid=(k_steps,),
+            in_specs=[spec((block_m, block_k), lambda k: (mi, k), transforms=x_transforms)]
+            + [spec((block_k, block_n), lambda k: (k, nb), transforms=w_transforms) for _ in ws],
+            max_concurrent_steps=steps,
+        )(x_gmem, *(w.at[layer] for w in ws))
+
+    def store(o_ref, value, mi, nb):
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), o_ref.dtype))
+        def _(o_smem):
+            o_smem[...] = value.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem, o_ref.at[pl.ds(mi * block_m, block_m), pl.ds(nb * block_n, block_n)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def project(mi, nb, w_ref, o_ref):
+        def acc_scope(acc):
+            def body(_, x_smem, w_smem):
+                plgpu.wgmma(acc, x_smem, w_smem)
+                plgpu.wgmma_wait(delay)
+            pipeline(body, mi, nb, (w_ref,))
+            return acc[...]
+
+        store(o_ref, pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n))), mi, nb)
+
+    def project_silu_mul(mi, nb):
+        def acc_scope(acc_gate, acc_up):
+            def body(_, x_smem, gate_smem, up_smem):
+                plgpu.wgmma(acc_gate, x_smem, gate_smem)
+                plgpu.wgmma(acc_up, x_smem, up_smem)
+                plgpu.wgmma_wait(2 * delay)
+            pipeline(body, mi, nb, w_refs)
+            dtype = o_refs[0].dtype
+            gate = acc_gate[...].astype(dtype).astype(jnp.float32)
+            up = acc_up[...].astype(dtype).astype(jnp.float32)
+            return gate * jax.nn.sigmoid(gate) * up
+
+        value = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)),
+                              plgpu.ACC((block_m, block_n)))
+        store(o_refs[0], value, mi, nb)
+
+    @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+    def _tile(info):
+        (idx,) = info.index
+        mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
+        if silu_mul:
+            project_silu_mul(mi, n)
+            return
+        for i in range(num_weights):
+            def run(i=i):
+                project(mi, n - col_starts[i], w_refs[i], o_refs[i])
+            if num_weights == 1:
+                run()
+            else:  # column block n belongs to weight i when col_starts[i] <= n < col_starts[i + 1]
+                pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run)
+
+
+def _fit(requested: int, dim: int, smallest: int, name: str, dim_name: str) -> int:
+    """The largest power of two <= requested (and >= smallest) that divides dim."""
+    block = requested
+    while block >= smallest and dim % block:
+        block //= 2
+    if block < smallest:
+        raise ValueError(f"{dim_name}={dim} must be a multiple of {smallest} ({name})")
+    return block
+
+
+def _check_block_m(block_m: int) -> None:
+    if block_m <= 0 or block_m % WGMMA_ROWS:
+        raise ValueError(f"block_m={block_m} must be a multiple of {WGMMA_ROWS} (wgmma rows)")
+
+
+@functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
+def stacked_matmul_mgpu(
+    x: jax.Array,  # [T, D_in]
+    ws: tuple[jax.Array, ...],  # [L, D_in, D_out_i] each, one D_in and L
+    layer: jax.Array,  # i32 scalar, may be traced
+    *,
+    epilogue: str | None = None,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int = DEFAULT_BLOCK_K,
+    max_concurrent_steps: int = DEFAULT_STEPS,
+    programs_per_sm: int = 1,
+    swizzle: bool = False,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...] | jax.Array:
+    """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch; see ``stacked_matmul_fused``
+    for the outputs (a tuple of [T, D_out_i], or one [T, F] with epilogue="silu_mul").
+
+    ``block_m`` (a multiple of 64) shrinks to T rounded up to 64 when T is smaller; ``block_n``
+    and ``block_k`` shrink to the largest power of two dividing every D_out and D_in. ``max_concurrent_steps``: TMA copies in flight a tile.
+    ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
+    and swizzle instead of Mosaic GPU's inferred layout."""
+    _check_epilogue(ws, epilogue)
+    ws = tuple(ws)
+    _check_stacks(x, ws, layer)
+    silu_mul = epilogue == "silu_mul"
+    num_tokens, d_in = x.shape
+    d_outs = [w.shape[2] for w in ws]
+    if num_tokens == 0:
+        return jnp.zeros((0, d_outs[0]), x.dtype) if silu_mul else tuple(
+            jnp.zeros((0, d), x.dtype) for d in d_outs)
+    _check_block_m(block_m)
+    block_m = min(block_m, _round_up(num_tokens, WGMMA_ROWS))
+    # One block_n for every weight, so that a column block is never shared by two of them.
+    block_n = _fit(block_n, math.gcd(*d_outs), 8, "wgmma's N", "D_out")
+    block_k = _fit(block_k, d_in, 16, "wgmma's K", "D_in")
+    padded = _round_up(num_tokens, block_m)
+    x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
+    col_blocks = [d // block_n for d in d_outs[:1 if silu_mul else None]]
+    m_tiles = padded // block_m
+    num_tiles = m_tiles * sum(col_blocks)
+    kernel = functools.partial(
+        _kernel, num_weights=len(ws), col_starts=tuple(itertools.accumulate(col_blocks, initial=0)),
+        silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
+        k_steps=d_in // block_k, steps=min(max_concurrent_steps, d_in // block_k),
+        x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
+        w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle))
+    out_shapes = [jax.ShapeDtypeStruct((padded, d), x.dtype) for d in d_outs[:len(col_blocks)]]
+    interpret_params = _interpret_params(interpret)
+    programs = 4 if interpret_params else _num_sms() * programs_per_sm
+    outs = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_shapes),
+        grid=(min(num_tiles, programs),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params,
+        kernel_name="stacked_matmul_mgpu_silu_mul" if silu_mul else "stacked_matmul_mgpu",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
+    outs = tuple(o[:num_tokens] for o in outs) if padded != num_tokens else tuple(outs)
+    return outs[0] if silu_mul else outs
