@@ -43,7 +43,7 @@ DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64
 DEFAULT_STEPS = 4
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
-           "swizzle", "interpret")
+           "swizzle", "warp_specialized", "interpret")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -144,6 +144,94 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
                 pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run)
 
 
+def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
+               silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
+               k_steps: int, steps: int, x_transforms: tuple, w_transforms: tuple):
+    """Warp-specialized: a memory warpgroup issues the TMA copies, two compute warpgroups each
+    multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile)."""
+    w_refs, o_refs = refs[:num_weights], refs[num_weights:]
+    layer = layer_gmem[0]
+    wg_m = block_m // 2
+    tile_weights = 2 if silu_mul else 1
+    delay = 1 if steps > 1 else 0
+
+    def make_pipeline(body, compute_context):
+        spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_steps,),
+            memory_registers=40,
+            in_specs=[spec((block_m, block_k), lambda k: (0, k), transforms=x_transforms)]
+            + [spec((block_k, block_n), lambda k: (k, 0), transforms=w_transforms)
+               for _ in range(tile_weights)],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=steps,
+            compute_context=compute_context,
+        )
+
+    def ignore(*_, **__):
+        return None
+
+    allocations = make_pipeline(ignore, ignore).get_allocations(
+        x_gmem, *(w_refs[0] for _ in range(tile_weights)))
+    o_dtype = o_refs[0].dtype
+
+    @functools.partial(pl.run_scoped, allocations=allocations,
+                       o_smem=plgpu.SMEM((2, wg_m, block_n), o_dtype), collective_axes="wg")
+    def _scope(allocations, o_smem):
+        wg = lax.axis_index("wg")
+
+        def run(mi, nb, ws, o_ref):
+            def compute_context(eval_pipeline):
+                def acc_scope(*accs):
+                    eval_pipeline(accs)
+                    if silu_mul:
+                        gate = accs[0][...].astype(o_dtype).astype(jnp.float32)
+                        up = accs[1][...].astype(o_dtype).astype(jnp.float32)
+                        value = gate * jax.nn.sigmoid(gate) * up
+                    else:
+                        value = accs[0][...]
+                    o_smem[wg] = value.astype(o_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[wg],
+                        o_ref.at[pl.ds(mi * block_m + wg * wg_m, wg_m),
+                                 pl.ds(nb * block_n, block_n)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                pl.run_scoped(acc_scope, *(plgpu.ACC((wg_m, block_n))
+                                           for _ in range(tile_weights)))
+
+            def body(_, x_smem, *w_smems_and_accs):
+                w_smems, accs = w_smems_and_accs[:-1], w_smems_and_accs[-1]
+                rows = x_smem.at[pl.ds(wg * wg_m, wg_m)]
+                for acc, w_smem in zip(accs, w_smems):
+                    plgpu.wgmma(acc, rows, w_smem)
+                plgpu.wgmma_wait(delay * tile_weights)
+                return accs
+
+            make_pipeline(body, compute_context)(
+                x_gmem.at[pl.ds(mi * block_m, block_m)],
+                *(w.at[layer, :, pl.ds(nb * block_n, block_n)] for w in ws),
+                allocations=allocations)
+
+        @plgpu.nd_loop((m_tiles * col_starts[-1],), collective_axes="sm")
+        def _tile(info):
+            (idx,) = info.index
+            mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
+            if silu_mul:
+                run(mi, n, w_refs, o_refs[0])
+                return
+            for i in range(num_weights):
+                def run_i(i=i):
+                    run(mi, n - col_starts[i], (w_refs[i],), o_refs[i])
+                if num_weights == 1:
+                    run_i()
+                else:
+                    pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run_i)
+
+
 def _fit(requested: int, dim: int, smallest: int, name: str, dim_name: str) -> int:
     """The largest power of two <= requested (and >= smallest) that divides dim."""
     block = requested
@@ -172,6 +260,7 @@ def stacked_matmul_mgpu(
     max_concurrent_steps: int = DEFAULT_STEPS,
     programs_per_sm: int = 1,
     swizzle: bool = False,
+    warp_specialized: bool = False,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch; see ``stacked_matmul_fused``
@@ -191,7 +280,12 @@ def stacked_matmul_mgpu(
         return jnp.zeros((0, d_outs[0]), x.dtype) if silu_mul else tuple(
             jnp.zeros((0, d), x.dtype) for d in d_outs)
     _check_block_m(block_m)
-    block_m = min(block_m, _round_up(num_tokens, WGMMA_ROWS))
+    # warp_specialized: two compute warpgroups split block_m, each a multiple of 64 rows.
+    row_unit = 2 * WGMMA_ROWS if warp_specialized else WGMMA_ROWS
+    if block_m % row_unit:
+        raise ValueError(f"block_m={block_m} must be a multiple of {row_unit} "
+                         f"(warp_specialized={warp_specialized})")
+    block_m = min(block_m, _round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
     block_n = _fit(block_n, math.gcd(*d_outs), 8, "wgmma's N", "D_out")
     block_k = _fit(block_k, d_in, 16, "wgmma's K", "D_in")
@@ -201,7 +295,7 @@ def stacked_matmul_mgpu(
     m_tiles = padded // block_m
     num_tiles = m_tiles * sum(col_blocks)
     kernel = functools.partial(
-        _kernel, num_weights=len(ws), col_starts=tuple(itertools.accumulate(col_blocks, initial=0)),
+        _kernel_ws if warp_specialized else _kernel, num_weights=len(ws), col_starts=tuple(itertools.accumulate(col_blocks, initial=0)),
         silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
         k_steps=d_in // block_k, steps=min(max_concurrent_steps, d_in // block_k),
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
@@ -214,6 +308,7 @@ def stacked_matmul_mgpu(
         out_type=tuple(out_shapes),
         grid=(min(num_tiles, programs),),
         grid_names=("sm",),
+        **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params,
