@@ -6,7 +6,8 @@ them to cuBLAS; on an H100 those copies were 37% of llama-3.1-8b's decode step. 
 the whole stack and the (traced) layer index and reads the layer's tiles in place.
 
 Lowering: Pallas with the Triton backend (``plt.CompilerParams``), which also runs in the CPU
-interpreter (tests).
+interpreter (tests). ``kernel="auto"`` (the model's choice) hands the launches where it measured
+faster to the Mosaic GPU kernel in ``stacked_matmul_mgpu`` (see ``mosaic_settings``).
 
 Design:
 - ``layer`` arrives as an ``i32[1]`` array (the Triton lowering has no scalar prefetch) and the
@@ -72,6 +73,16 @@ _MAX_SPLITS = 2
 _MIN_K_STEPS = 4
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined x and w tiles may use
 _PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a stage)
+# kernel="auto" runs a launch through Mosaic GPU (stacked_matmul_mgpu: TMA + wgmma) where that
+# measured faster on an H100 (benchmarks/stacked_matmul.py --variants launch --launch-kernels
+# triton mgpu, T 256, llama-3.2-1b and llama-3.1-8b, session 9 results): with at least
+# _MOSAIC_MIN_TILES output tiles of 128 rows, it beat the Triton kernel by 10-17% (q/k/v of
+# both models, o and down of the 8B, silu_mul of both, warp-specialized). With fewer tiles (the
+# 1B's o and down: 64 tiles of the 132 SMs) it lost by 3-5%, and T <= 128 was not measured:
+# those keep the Triton kernel.
+_MOSAIC_MIN_TOKENS = 129
+_MOSAIC_MIN_TILES = 96
+KERNELS = ("triton", "mosaic", "auto")
 
 
 def _use_interpret(interpret: bool | None) -> bool:
@@ -317,7 +328,45 @@ def _check_epilogue(ws: tuple, epilogue: str | None) -> None:
                          f"got {[w.shape for w in ws]}")
 
 
-@functools.partial(jax.jit, static_argnames=_TUNING)
+def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
+                    dtype) -> dict | None:
+    """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None."""
+    if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64
+            or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+        return None
+    row_tiles = pl.cdiv(num_tokens, 128)
+    if silu_mul:
+        if d_outs[0] % 128 == 0 and row_tiles * d_outs[0] // 128 >= _MOSAIC_MIN_TILES:
+            return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)
+        return None
+    # Wide tiles where they still make enough tiles, then narrow ones with more steps in flight
+    # (the most that fit in shared memory; more steps measured faster at every shape).
+    for block_n, steps in ((128, 5), (64, 8)):
+        if (all(d % block_n == 0 for d in d_outs)
+                and row_tiles * sum(d // block_n for d in d_outs) >= _MOSAIC_MIN_TILES):
+            return dict(block_m=128, block_n=block_n, max_concurrent_steps=steps)
+    return None
+
+
+def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Array | None:
+    """The launch through stacked_matmul_mgpu when ``kernel`` asks for it (and, for "auto",
+    mosaic_settings has settings for it), else None."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; allowed: {', '.join(KERNELS)}")
+    if kernel == "triton" or (kernel == "auto" and _use_interpret(interpret)):
+        return None
+    settings = mosaic_settings(x.shape[0], x.shape[1], [w.shape[2] for w in ws],
+                               epilogue == "silu_mul", x.dtype)
+    if settings is None and kernel == "auto":
+        return None
+    # Imported here: stacked_matmul_mgpu shares this module's argument checks.
+    from pallas_kernels.stacked_matmul_mgpu import stacked_matmul_mgpu
+    interpret_mgpu = interpret if kernel == "mosaic" else False
+    return stacked_matmul_mgpu(x, tuple(ws), layer, epilogue=epilogue, interpret=interpret_mgpu,
+                               **(settings or {}))
+
+
+@functools.partial(jax.jit, static_argnames=("kernel",) + _TUNING)
 def stacked_matmul(
     x: jax.Array,  # [T, D_in]
     w: jax.Array,  # [L, D_in, D_out]
@@ -330,6 +379,7 @@ def stacked_matmul(
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int | None = None,
     interpret: bool | None = None,
+    kernel: str = "triton",
 ) -> jax.Array:  # [T, D_out] in x.dtype
     """``x @ w[layer]`` with f32 accumulation, reading ``w[layer]`` in place.
 
@@ -338,14 +388,20 @@ def stacked_matmul(
     programs) and ``num_stages`` (Triton pipeline depth) are chosen from the shapes when None.
     A layer index outside [0, L) is not checked (it would read out of bounds), as with
     ``lax.dynamic_slice`` it is the caller's scan index. ``interpret``: None runs the Pallas
-    interpreter on a CPU backend only, True always, False never."""
+    interpreter on a CPU backend only, True always, False never. ``kernel``: "triton" (this
+    module's kernel), "mosaic" (``stacked_matmul_mgpu``, with ``mosaic_settings`` where it has
+    them, the tuning arguments apart from ``interpret`` ignored), or "auto" (Mosaic GPU where
+    ``mosaic_settings`` has settings for the shapes and the backend is a GPU, else Triton)."""
+    mosaic = _mosaic_launch(x, (w,), layer, None, kernel, interpret)
+    if mosaic is not None:
+        return mosaic[0]
     (out,) = _launch(x, (w,), layer, False, block_t=block_t, block_n=block_n, block_k=block_k,
                      num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                      interpret=interpret)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
+@functools.partial(jax.jit, static_argnames=("epilogue", "kernel") + _TUNING)
 def stacked_matmul_fused(
     x: jax.Array,  # [T, D_in]
     ws: tuple[jax.Array, ...],  # [L, D_in, D_out_i] each, one D_in and L
@@ -359,6 +415,7 @@ def stacked_matmul_fused(
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int | None = None,
     interpret: bool | None = None,
+    kernel: str = "triton",
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch (q/k/v, or gate/up).
 
@@ -367,8 +424,11 @@ def stacked_matmul_fused(
     in f32; each program then streams the gate and the up tile of the same columns. ``block_n``
     shrinks to the largest power of two dividing every D_out_i; the other arguments are as for
     ``stacked_matmul``, with one ``num_splits`` for all the weights (a silu_mul split sums the
-    two partials and applies the epilogue in XLA)."""
+    two partials and applies the epilogue in XLA), and ``kernel`` as there."""
     _check_epilogue(ws, epilogue)
+    mosaic = _mosaic_launch(x, ws, layer, epilogue, kernel, interpret)
+    if mosaic is not None:
+        return mosaic
     outs = _launch(x, tuple(ws), layer, epilogue == "silu_mul", block_t=block_t,
                    block_n=block_n, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                    num_stages=num_stages, interpret=interpret)

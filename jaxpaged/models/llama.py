@@ -61,6 +61,13 @@ def stacked_matmul_setting() -> bool:
     return on_for_gpu("JAXPAGED_STACKED_MATMUL")
 
 
+def stacked_matmul_kernel() -> str:
+    """JAXPAGED_MOSAIC_MATMUL: "1" lets the stacked projections run through the Mosaic GPU kernel
+    where it measured faster (`pallas_kernels.stacked_matmul`'s kernel="auto"), "0" keeps them on
+    the Triton kernel. Unset: on for a GPU backend (read when a step program is traced)."""
+    return "auto" if on_for_gpu("JAXPAGED_MOSAIC_MATMUL") else "triton"
+
+
 def _is_projection_kernel(path: tuple, _value) -> bool:
     return len(path) >= 2 and path[-1] == "kernel" and path[-2] in PROJECTIONS
 
@@ -151,11 +158,12 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
     x split on its columns, each shard's partial sums added over the shards (psum). Replicated
     (a width the shards do not divide): every shard runs the whole launch."""
     ws = tuple(linear.kernel[...] for linear in linears.values())
+    kernel = stacked_matmul_kernel()
 
     def launch(x, ws, layer) -> tuple[jax.Array, ...]:
         if epilogue is None and len(ws) == 1:
-            return (pallas_kernels.stacked_matmul(x, ws[0], layer),)
-        out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue)
+            return (pallas_kernels.stacked_matmul(x, ws[0], layer, kernel=kernel),)
+        out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue, kernel=kernel)
         return (out,) if epilogue is not None else out
 
     if at.mesh is None:
