@@ -82,12 +82,6 @@ _PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a st
 # those keep the Triton kernel.
 _MOSAIC_MIN_TOKENS = 129
 _MOSAIC_MIN_TILES = 96
-# A Mosaic GPU launch also costs the host more to enqueue: with every eligible launch on Mosaic,
-# llama-3.2-1b's forward call (32 of them a step) took 1.89 vs 1.69 ms, where the device saved
-# 0.13 ms a step; that model's step is bound by the host. Launches whose weights (one layer)
-# are under this many bytes keep the Triton kernel: the 8B's four launches (32-224 MiB) go to
-# Mosaic, of the 1B's only silu_mul (64 MiB).
-MOSAIC_MIN_WEIGHT_BYTES = 32 << 20
 KERNELS = ("triton", "mosaic", "auto")
 
 
@@ -334,11 +328,10 @@ def _check_epilogue(ws: tuple, epilogue: str | None) -> None:
                          f"got {[w.shape for w in ws]}")
 
 
-def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool, dtype,
-                    min_weight_bytes: int = MOSAIC_MIN_WEIGHT_BYTES) -> dict | None:
+def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
+                    dtype) -> dict | None:
     """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None."""
-    weight_bytes = d_in * sum(d_outs) * jnp.dtype(dtype).itemsize
-    if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64 or weight_bytes < min_weight_bytes
+    if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64
             or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
         return None
     row_tiles = pl.cdiv(num_tokens, 128)
@@ -355,8 +348,7 @@ def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: boo
     return None
 
 
-def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret,
-                   min_weight_bytes) -> tuple | jax.Array | None:
+def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Array | None:
     """The launch through stacked_matmul_mgpu when ``kernel`` asks for it (and, for "auto",
     mosaic_settings has settings for it), else None."""
     if kernel not in KERNELS:
@@ -364,7 +356,7 @@ def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret,
     if kernel == "triton" or (kernel == "auto" and _use_interpret(interpret)):
         return None
     settings = mosaic_settings(x.shape[0], x.shape[1], [w.shape[2] for w in ws],
-                               epilogue == "silu_mul", x.dtype, min_weight_bytes)
+                               epilogue == "silu_mul", x.dtype)
     if settings is None and kernel == "auto":
         return None
     # Imported here: stacked_matmul_mgpu shares this module's argument checks.
@@ -374,7 +366,7 @@ def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret,
                                **(settings or {}))
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "mosaic_min_weight_bytes") + _TUNING)
+@functools.partial(jax.jit, static_argnames=("kernel",) + _TUNING)
 def stacked_matmul(
     x: jax.Array,  # [T, D_in]
     w: jax.Array,  # [L, D_in, D_out]
@@ -388,7 +380,6 @@ def stacked_matmul(
     num_stages: int | None = None,
     interpret: bool | None = None,
     kernel: str = "triton",
-    mosaic_min_weight_bytes: int = MOSAIC_MIN_WEIGHT_BYTES,
 ) -> jax.Array:  # [T, D_out] in x.dtype
     """``x @ w[layer]`` with f32 accumulation, reading ``w[layer]`` in place.
 
@@ -400,9 +391,8 @@ def stacked_matmul(
     interpreter on a CPU backend only, True always, False never. ``kernel``: "triton" (this
     module's kernel), "mosaic" (``stacked_matmul_mgpu``, with ``mosaic_settings`` where it has
     them, the tuning arguments apart from ``interpret`` ignored), or "auto" (Mosaic GPU where
-    ``mosaic_settings`` has settings for the shapes and the backend is a GPU, else Triton;
-    ``mosaic_min_weight_bytes`` is its weight-size floor)."""
-    mosaic = _mosaic_launch(x, (w,), layer, None, kernel, interpret, mosaic_min_weight_bytes)
+    ``mosaic_settings`` has settings for the shapes and the backend is a GPU, else Triton)."""
+    mosaic = _mosaic_launch(x, (w,), layer, None, kernel, interpret)
     if mosaic is not None:
         return mosaic[0]
     (out,) = _launch(x, (w,), layer, False, block_t=block_t, block_n=block_n, block_k=block_k,
@@ -411,8 +401,7 @@ def stacked_matmul(
     return out
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("epilogue", "kernel", "mosaic_min_weight_bytes") + _TUNING)
+@functools.partial(jax.jit, static_argnames=("epilogue", "kernel") + _TUNING)
 def stacked_matmul_fused(
     x: jax.Array,  # [T, D_in]
     ws: tuple[jax.Array, ...],  # [L, D_in, D_out_i] each, one D_in and L
@@ -427,7 +416,6 @@ def stacked_matmul_fused(
     num_stages: int | None = None,
     interpret: bool | None = None,
     kernel: str = "triton",
-    mosaic_min_weight_bytes: int = MOSAIC_MIN_WEIGHT_BYTES,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch (q/k/v, or gate/up).
 
@@ -438,7 +426,7 @@ def stacked_matmul_fused(
     ``stacked_matmul``, with one ``num_splits`` for all the weights (a silu_mul split sums the
     two partials and applies the epilogue in XLA), and ``kernel`` as there."""
     _check_epilogue(ws, epilogue)
-    mosaic = _mosaic_launch(x, ws, layer, epilogue, kernel, interpret, mosaic_min_weight_bytes)
+    mosaic = _mosaic_launch(x, ws, layer, epilogue, kernel, interpret)
     if mosaic is not None:
         return mosaic
     outs = _launch(x, tuple(ws), layer, epilogue == "silu_mul", block_t=block_t,

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +43,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
 from jaxpaged.settings import on_for_gpu
 from jaxpaged.sharding import TP_AXIS, param_spec
-from pallas_kernels.stacked_matmul import MIN_BLOCK, MOSAIC_MIN_WEIGHT_BYTES
+from pallas_kernels.stacked_matmul import MIN_BLOCK
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +66,6 @@ def stacked_matmul_kernel() -> str:
     where it measured faster (`pallas_kernels.stacked_matmul`'s kernel="auto"), "0" keeps them on
     the Triton kernel. Unset: on for a GPU backend (read when a step program is traced)."""
     return "auto" if on_for_gpu("JAXPAGED_MOSAIC_MATMUL") else "triton"
-
-
-def mosaic_min_weight_bytes() -> int:
-    """JAXPAGED_MOSAIC_MIN_MIB: the smallest launch (one layer's weights, MiB) that kernel="auto"
-    hands to Mosaic GPU; unset: `pallas_kernels.stacked_matmul.MOSAIC_MIN_WEIGHT_BYTES`."""
-    setting = os.environ.get("JAXPAGED_MOSAIC_MIN_MIB")
-    if setting is None:
-        return MOSAIC_MIN_WEIGHT_BYTES
-    if not setting.isdigit():
-        raise ValueError(f"JAXPAGED_MOSAIC_MIN_MIB={setting!r}; allowed: a whole number of MiB")
-    return int(setting) << 20
 
 
 def _is_projection_kernel(path: tuple, _value) -> bool:
@@ -170,12 +158,12 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
     x split on its columns, each shard's partial sums added over the shards (psum). Replicated
     (a width the shards do not divide): every shard runs the whole launch."""
     ws = tuple(linear.kernel[...] for linear in linears.values())
-    choice = dict(kernel=stacked_matmul_kernel(), mosaic_min_weight_bytes=mosaic_min_weight_bytes())
+    kernel = stacked_matmul_kernel()
 
     def launch(x, ws, layer) -> tuple[jax.Array, ...]:
         if epilogue is None and len(ws) == 1:
-            return (pallas_kernels.stacked_matmul(x, ws[0], layer, **choice),)
-        out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue, **choice)
+            return (pallas_kernels.stacked_matmul(x, ws[0], layer, kernel=kernel),)
+        out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue, kernel=kernel)
         return (out,) if epilogue is not None else out
 
     if at.mesh is None:
