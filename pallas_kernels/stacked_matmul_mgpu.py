@@ -274,6 +274,10 @@ def stacked_matmul_mgpu(
     ws = tuple(ws)
     _check_stacks(x, ws, layer)
     silu_mul = epilogue == "silu_mul"
+    dtypes = {jnp.dtype(a.dtype) for a in (x, *ws)}
+    if dtypes - {jnp.dtype(jnp.bfloat16)} and dtypes - {jnp.dtype(jnp.float16)}:
+        raise ValueError(f"x and the stacks must all be bfloat16 or all float16 (wgmma); got "
+                         f"{sorted(str(d) for d in dtypes)}")
     num_tokens, d_in = x.shape
     d_outs = [w.shape[2] for w in ws]
     if num_tokens == 0:

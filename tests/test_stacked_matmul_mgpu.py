@@ -1,0 +1,164 @@
+"""stacked_matmul_mgpu (Mosaic GPU) against stacked_matmul_fused_reference: in Mosaic GPU's CPU
+interpreter here, as the real kernel on a GPU (JAX_PLATFORMS=cuda); its lowering for an H100 at
+the engine's launch shapes (lowered, not run, from the CPU); and kernel="auto"'s choice."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import stacked_matmul, stacked_matmul_fused, stacked_matmul_fused_reference
+from pallas_kernels.stacked_matmul import mosaic_settings
+from pallas_kernels.stacked_matmul_mgpu import stacked_matmul_mgpu
+
+from kernel_cases import assert_close, poison_device_memory
+
+L = 3
+
+
+def stacks(seed: int, d_in: int, d_outs, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((L, d_in, d)) / np.sqrt(d_in), dtype)
+                 for d in d_outs)
+
+
+def tokens(seed: int, num_tokens: int, d_in: int, dtype=jnp.bfloat16):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((num_tokens, d_in)), dtype)
+
+
+def check(x, ws, layer, epilogue=None, **tuning):
+    poison_device_memory()
+    got = stacked_matmul_mgpu(x, ws, jnp.int32(layer), epilogue=epilogue, **tuning)
+    want = stacked_matmul_fused_reference(x, ws, jnp.int32(layer), epilogue=epilogue)
+    got, want = ((got,), (want,)) if epilogue else (got, want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == x.dtype
+        assert_close(g, w, jnp.bfloat16)
+
+
+# T: under one 64-row wgmma block (padded), exactly one, and two tiles with a padded tail.
+@pytest.mark.parametrize("num_tokens", [1, 64, 130])
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_fused_qkv_matches_reference(num_tokens, warp_specialized):
+    x, ws = tokens(num_tokens, num_tokens, 128), stacks(1, 128, (128, 64, 64))
+    check(x, ws, 2, block_n=64, warp_specialized=warp_specialized)
+
+
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_silu_mul_matches_reference(warp_specialized):
+    x, ws = tokens(3, 200, 192), stacks(4, 192, (128, 128))
+    check(x, ws, 1, epilogue="silu_mul", block_n=64, warp_specialized=warp_specialized)
+
+
+def test_every_layer_under_one_compile():
+    x, ws = tokens(5, 40, 128, jnp.float16), stacks(6, 128, (64,), jnp.float16)
+    run = jax.jit(functools.partial(stacked_matmul_mgpu, max_concurrent_steps=2))
+    for layer in range(L):
+        (got,) = run(x, ws, jnp.int32(layer))
+        (want,) = stacked_matmul_fused_reference(x, ws, jnp.int32(layer))
+        assert_close(got, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("tuning", [
+    dict(block_m=64, max_concurrent_steps=1),  # one step in flight: no wgmma overlap
+    dict(block_k=128),  # the whole D_in in one step
+    dict(swizzle=True, block_n=64),
+    dict(programs_per_sm=2),
+])
+def test_tuning_variants(tuning):
+    x, ws = tokens(7, 72, 128), stacks(8, 128, (128,))
+    check(x, ws, 0, **tuning)
+
+
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.given(num_tokens=st.integers(1, 150), d_in=st.sampled_from([64, 128, 192]),
+                  widths=st.lists(st.sampled_from([64, 128]), min_size=1, max_size=3),
+                  silu_mul=st.booleans(), warp_specialized=st.booleans())
+def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
+    widths = [widths[0]] * 2 if silu_mul else widths
+    x, ws = tokens(num_tokens, num_tokens, d_in), stacks(d_in, d_in, widths)
+    check(x, ws, num_tokens % L, epilogue="silu_mul" if silu_mul else None, block_n=64,
+          warp_specialized=warp_specialized)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_m=96), "block_m=96"),
+    (dict(block_m=64, warp_specialized=True), "block_m=64"),
+])
+def test_rejects_bad_tuning(kwargs, match):
+    x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
+    with pytest.raises(ValueError, match=match):
+        stacked_matmul_mgpu(x, ws, jnp.int32(0), **kwargs)
+
+
+def test_rejects_bad_shapes_and_dtypes():
+    x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
+    with pytest.raises(ValueError, match="D_out=60"):
+        stacked_matmul_mgpu(x, (ws[0][:, :, :60],), jnp.int32(0))
+    with pytest.raises(ValueError, match="bfloat16 or all float16"):
+        stacked_matmul_mgpu(x.astype(jnp.float32), (ws[0].astype(jnp.float32),), jnp.int32(0))
+    with pytest.raises(ValueError, match="silu_mul"):
+        stacked_matmul_mgpu(x, ws, jnp.int32(0), epilogue="silu_mul")
+
+
+# The engine's decode launches at T 256 (llama-3.2-1b, llama-3.1-8b: D, F, q width, kv width).
+MODELS = {"llama-3.2-1b": (2048, 8192, 2048, 512), "llama-3.1-8b": (4096, 14336, 4096, 1024)}
+
+
+def launches(model: str):
+    """(d_in, d_outs, silu_mul) of a layer's four stacked launches."""
+    d, f, q, kv = MODELS[model]
+    return {"qkv": (d, [q, kv, kv], False), "gate_up": (d, [f, f], True), "o": (q, [d], False),
+            "down": (f, [d], False)}
+
+
+def test_auto_picks_mosaic_where_it_measured_faster():
+    def picked(model, name, num_tokens=256, dtype=jnp.bfloat16):
+        d_in, d_outs, silu_mul = launches(model)[name]
+        return mosaic_settings(num_tokens, d_in, d_outs, silu_mul, dtype)
+
+    # Every 8B launch; the 1B's q/k/v and silu_mul. The 1B's o and down make 64 tiles: Triton.
+    for name in ("qkv", "gate_up", "o", "down"):
+        assert picked("llama-3.1-8b", name) is not None
+    assert picked("llama-3.2-1b", "qkv") == dict(block_m=128, block_n=64, max_concurrent_steps=8)
+    assert picked("llama-3.2-1b", "gate_up")["warp_specialized"]
+    assert picked("llama-3.2-1b", "o") is None and picked("llama-3.2-1b", "down") is None
+    # Not measured below T 129, and wgmma here takes 16-bit inputs only.
+    assert picked("llama-3.1-8b", "gate_up", num_tokens=128) is None
+    assert picked("llama-3.1-8b", "qkv", dtype=jnp.float32) is None
+
+
+def test_auto_is_triton_on_the_cpu_and_mosaic_is_the_interpreter():
+    x, ws = tokens(9, 24, 128), stacks(10, 128, (64, 64))
+    want = stacked_matmul_fused_reference(x, ws, jnp.int32(1))
+    for kernel in ("auto", "mosaic"):
+        got = stacked_matmul_fused(x, ws, jnp.int32(1), kernel=kernel)
+        for g, w in zip(got, want):
+            assert_close(g, w, jnp.bfloat16)
+    assert_close(stacked_matmul(x, ws[0], jnp.int32(1), kernel="mosaic"), want[0], jnp.bfloat16)
+    with pytest.raises(ValueError, match="kernel='cuda'"):
+        stacked_matmul(x, ws[0], jnp.int32(1), kernel="cuda")
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_lowers_for_an_h100_at_the_engine_shapes(model):
+    """The settings auto picks, lowered to Mosaic GPU for CUDA without a GPU."""
+    lowered = 0
+    for d_in, d_outs, silu_mul in launches(model).values():
+        settings = mosaic_settings(256, d_in, d_outs, silu_mul, jnp.bfloat16)
+        if settings is None:
+            continue
+        x = jax.ShapeDtypeStruct((256, d_in), jnp.bfloat16)
+        ws = tuple(jax.ShapeDtypeStruct((2, d_in, d), jnp.bfloat16) for d in d_outs)
+        fn = jax.jit(functools.partial(stacked_matmul_mgpu, epilogue="silu_mul" if silu_mul
+                                       else None, interpret=False, **settings))
+        text = fn.trace(x, ws, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+        lowered += 1
+    assert lowered >= 2
