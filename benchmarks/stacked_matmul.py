@@ -16,8 +16,11 @@ For each model's decode shapes, a `lax.scan` over all L layers does q, k, v, o, 
                    where XLA rounds them to bf16 first (~0.8% on the CPU smoke run, all of it
                    from that rounding)
   (e) launch-*     (only when asked: --variants launch) each of those four launches alone in
-                   the scan, at the defaults and each setting of LAUNCH_SWEEP, to pick a
-                   setting per launch
+                   the scan, for each kernel of --launch-kernels: the Triton kernel (at its
+                   defaults and each setting of LAUNCH_SWEEP), the Mosaic GPU kernel
+                   stacked_matmul_mgpu (MGPU_LAUNCH_SWEEP) and XLA's cuBLAS GEMM on the static
+                   slices of an unrolled scan; each row also has the launch's error on one layer
+                   against stacked_matmul_fused_reference
 
 Reports ms per scan (all L layers), weight bandwidth (bytes of all the weights / time), its
 ratio to a device-to-device copy's bandwidth measured in the same run (read + write bytes), the
@@ -29,6 +32,8 @@ settings).
 
     PYTHONPATH=. python benchmarks/stacked_matmul.py --models llama-3.2-1b --json "$OUT/"
     PYTHONPATH=. python benchmarks/stacked_matmul.py --interpret --small   # CPU smoke test
+    PYTHONPATH=. python benchmarks/stacked_matmul.py --models llama-3.1-8b --tokens 256 \
+        --variants launch --launch-kernels triton:0 mgpu xla --min-seconds 0.2 --json "$OUT/"
 """
 
 import argparse
