@@ -126,20 +126,20 @@ LAUNCH_SWEEP = [
 ]
 # stacked_matmul_mgpu settings (defaults: block_m 128, block_n 128, block_k 64, 4 steps in
 # flight, one persistent program per SM, Mosaic GPU's inferred shared-memory layout), the
-# warp-specialized ones first. First H100 run (e2b8138, T 256, no warp specialization): more
-# steps in flight won (6 with block_n 64 best for q/k/v, o and down: 1.0-1.15x the Triton
-# kernel); silu_mul at best tied it; block_n 256 and block_k 128 were 2-10x slower.
+# settings stacked_matmul's kernel="auto" uses first. H100 runs at T 256 (e2b8138, 7bfb00e;
+# NOTES_kernels): more steps in flight won at every shape; block_n 256, block_k 128, explicit
+# swizzle and two programs per SM did not (dropped from the list).
 MGPU_LAUNCH_SWEEP = [
+    dict(max_concurrent_steps=8, block_n=64),  # auto's setting for 64-wide tiles
+    dict(max_concurrent_steps=5),  # auto's setting for 128-wide tiles
+    dict(warp_specialized=True, block_m=128, block_n=128),  # auto's setting for silu_mul
+    dict(block_m=64, max_concurrent_steps=8, block_n=64),
+    dict(block_m=64, max_concurrent_steps=6),
     dict(warp_specialized=True, block_m=256, block_n=64),
     dict(warp_specialized=True, block_m=256, block_n=64, max_concurrent_steps=3),
     dict(warp_specialized=True, block_m=256, block_n=128, max_concurrent_steps=3),
-    dict(warp_specialized=True, block_m=256, block_n=128, max_concurrent_steps=3, swizzle=True),
-    dict(warp_specialized=True, block_m=128, block_n=128),
     dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=6),
     dict(max_concurrent_steps=6, block_n=64),
-    dict(max_concurrent_steps=5),
-    dict(max_concurrent_steps=8, block_n=64),
-    dict(block_m=64, max_concurrent_steps=6),
 ]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
@@ -214,11 +214,14 @@ def fused_scan(h: jax.Array, ws: dict[str, jax.Array], tuning: dict) -> jax.Arra
 
 def launch_outputs(h: jax.Array, stacks: tuple[jax.Array, ...], layer_id, epilogue: str | None,
                    kernel: str, tuning: dict) -> tuple[jax.Array, ...]:
-    """One launch's outputs for one layer. kernel: "triton" (stacked_matmul, the model's path),
-    "mgpu" (stacked_matmul_mgpu) or "xla" (jnp.dot on the layer's slice: inside an unrolled scan
-    cuBLAS reads the weights in place)."""
+    """One launch's outputs for one layer. kernel: "triton" (stacked_matmul), "mgpu"
+    (stacked_matmul_mgpu), "auto" (the model's choice between them) or "xla" (jnp.dot on the
+    layer's slice: inside an unrolled scan cuBLAS reads the weights in place)."""
     if kernel == "mgpu":
         outs = stacked_matmul_mgpu(h, stacks, layer_id, epilogue=epilogue, **tuning)
+    elif kernel == "auto":  # what the model runs: Triton or Mosaic GPU by mosaic_settings
+        outs = stacked_matmul_fused(h, stacks, layer_id, epilogue=epilogue, kernel="auto",
+                                    **tuning)
     elif kernel == "xla":
         outs = tuple(jnp.dot(h, w[layer_id]) for w in stacks)
         if epilogue:
@@ -263,7 +266,8 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
     each setting of its sweep."""
     rows = []
     sweeps = {"triton": LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP,
-              "mgpu": MGPU_LAUNCH_SWEEP[:3] if args.quick else MGPU_LAUNCH_SWEEP, "xla": []}
+              "mgpu": MGPU_LAUNCH_SWEEP[:3] if args.quick else MGPU_LAUNCH_SWEEP, "xla": [],
+              "auto": []}
     kernels = [k.partition(":") for k in args.launch_kernels]  # "mgpu:4": its first 4 settings
     for launch, (d_in, names, epilogue) in LAUNCHES.items():
         h = jax.random.normal(jax.random.key(num_tokens), (num_tokens, shape[d_in]),
@@ -430,7 +434,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "launch"],
                    choices=list(VARIANTS))
     p.add_argument("--launch-kernels", nargs="+", default=["triton"],
-                   help="kernels of the launch variant: triton, mgpu, xla; KERNEL:N tries only "
+                   help="kernels of the launch variant: triton, mgpu, auto, xla; KERNEL:N tries only "
                    "the first N settings of its sweep")
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
