@@ -75,13 +75,19 @@ _SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined x and w tiles 
 _PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a stage)
 # kernel="auto" runs a launch through Mosaic GPU (stacked_matmul_mgpu: TMA + wgmma) where that
 # measured faster on an H100 (benchmarks/stacked_matmul.py --variants launch --launch-kernels
-# triton mgpu, T 256, llama-3.2-1b and llama-3.1-8b, session 9 results): with at least
-# _MOSAIC_MIN_TILES output tiles of 128 rows, it beat the Triton kernel by 10-17% (q/k/v of
-# both models, o and down of the 8B, silu_mul of both, warp-specialized). With fewer tiles (the
-# 1B's o and down: 64 tiles of the 132 SMs) it lost by 3-5%, and T <= 128 was not measured:
-# those keep the Triton kernel.
-_MOSAIC_MIN_TOKENS = 129
+# triton mgpu; results/session9_2026-11-27, NOTES_kernels):
+# - T 256 (llama-3.2-1b, llama-3.1-8b): with at least _MOSAIC_MIN_TILES output tiles of 128
+#   rows it beat the Triton kernel by 10-17% (q/k/v of both models, o and down of the 8B,
+#   silu_mul of both, warp-specialized). With fewer (the 1B's o and down: 64 tiles for the 132
+#   SMs) it lost by 3-5%.
+# - T 64 and 128 (llama-3.1-8b only): 64-column tiles with 8 steps in flight beat it by 5-16%
+#   on q/k/v, o and down, also at 64 tiles (o, down: each tile streams 4096 rows); silu_mul
+#   tied. The rule there: not silu_mul, at least _MOSAIC_MIN_TILES_SMALL_T tiles.
+# - Below T 64 nothing was measured: Triton.
+_MOSAIC_MIN_TOKENS = 64
+_MOSAIC_LARGE_T = 129
 _MOSAIC_MIN_TILES = 96
+_MOSAIC_MIN_TILES_SMALL_T = 64
 KERNELS = ("triton", "mosaic", "auto")
 
 
@@ -335,6 +341,11 @@ def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: boo
             or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
         return None
     row_tiles = pl.cdiv(num_tokens, 128)
+    if num_tokens < _MOSAIC_LARGE_T:  # one row tile (64 rows at T 64)
+        if (silu_mul or any(d % 64 for d in d_outs)
+                or sum(d // 64 for d in d_outs) < _MOSAIC_MIN_TILES_SMALL_T):
+            return None
+        return dict(block_m=128, block_n=64, max_concurrent_steps=8)
     if silu_mul:
         if d_outs[0] % 128 == 0 and row_tiles * d_outs[0] // 128 >= _MOSAIC_MIN_TILES:
             return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)

@@ -128,8 +128,15 @@ def test_auto_picks_mosaic_where_it_measured_faster():
     assert picked("llama-3.2-1b", "qkv") == dict(block_m=128, block_n=64, max_concurrent_steps=8)
     assert picked("llama-3.2-1b", "gate_up")["warp_specialized"]
     assert picked("llama-3.2-1b", "o") is None and picked("llama-3.2-1b", "down") is None
-    # Not measured below T 129, and wgmma here takes 16-bit inputs only.
-    assert picked("llama-3.1-8b", "gate_up", num_tokens=128) is None
+    # At T 64 and 128 (measured on the 8B): q/k/v, o and down, not silu_mul (it tied).
+    for num_tokens in (64, 128):
+        assert picked("llama-3.1-8b", "gate_up", num_tokens=num_tokens) is None
+        for name in ("qkv", "o", "down"):
+            assert picked("llama-3.1-8b", name, num_tokens=num_tokens) == dict(
+                block_m=128, block_n=64, max_concurrent_steps=8)
+        assert picked("llama-3.2-1b", "o", num_tokens=num_tokens) is None  # 32 tiles
+    # Not measured below T 64, and wgmma here takes 16-bit inputs only.
+    assert picked("llama-3.1-8b", "qkv", num_tokens=32) is None
     assert picked("llama-3.1-8b", "qkv", dtype=jnp.float32) is None
 
 
