@@ -49,6 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode_attention import _next_pow2
+from pallas_kernels.stacked_common import check_epilogue, check_shapes, check_stacks
+from pallas_kernels.stacked_matmul_mgpu import mosaic_settings, stacked_matmul_mgpu
 
 # H100 defaults for decode (T of 8..256). block_k is measured (benchmarks/stacked_matmul.py, the
 # four fused launches a layer, 2026-11-27): 64 beat 128 at every T and model tried, by 3-4% at
@@ -73,21 +75,6 @@ _MAX_SPLITS = 2
 _MIN_K_STEPS = 4
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined x and w tiles may use
 _PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a stage)
-# kernel="auto" runs a launch through Mosaic GPU (stacked_matmul_mgpu: TMA + wgmma) where that
-# measured faster on an H100 (benchmarks/stacked_matmul.py --variants launch --launch-kernels
-# triton mgpu; results/session9_2026-11-27, NOTES_kernels):
-# - T 256 (llama-3.2-1b, llama-3.1-8b): with at least _MOSAIC_MIN_TILES output tiles of 128
-#   rows it beat the Triton kernel by 10-17% (q/k/v of both models, o and down of the 8B,
-#   silu_mul of both, warp-specialized). With fewer (the 1B's o and down: 64 tiles for the 132
-#   SMs) it lost by 3-5%.
-# - T 64 and 128 (llama-3.1-8b only): 64-column tiles with 8 steps in flight beat it by 5-16%
-#   on q/k/v, o and down, also at 64 tiles (o, down: each tile streams 4096 rows); silu_mul
-#   tied. The rule there: not silu_mul, at least _MOSAIC_MIN_TILES_SMALL_T tiles.
-# - Below T 64 nothing was measured: Triton.
-_MOSAIC_MIN_TOKENS = 64
-_MOSAIC_LARGE_T = 129
-_MOSAIC_MIN_TILES = 96
-_MOSAIC_MIN_TILES_SMALL_T = 64
 KERNELS = ("triton", "mosaic", "auto")
 
 
@@ -114,12 +101,7 @@ def _fit_block(requested: int, dim: int, name: str, dim_name: str) -> int:
     return block
 
 
-def _check_shapes(x: jax.Array, w: jax.Array, layer: jax.Array) -> None:
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(
-            f"x must be [T, D_in] and w [L, D_in, D_out]; got x {x.shape}, w {w.shape}")
-    if jnp.ndim(layer) > 1 or jnp.size(layer) != 1:
-        raise ValueError(f"layer must be an int32 scalar (or [1]); got shape {jnp.shape(layer)}")
+
 
 
 def choose_num_splits(t_blocks: int, n_blocks: int, k_steps: int, num_tokens: int, d_in: int,
@@ -229,7 +211,7 @@ def _launch(
 ) -> tuple[jax.Array, ...]:
     """One pallas_call for all of ``ws``: a tuple of [T, D_out_i] in x.dtype, or with
     ``silu_mul`` a 1-tuple of ``silu(x @ ws[0][layer]) * (x @ ws[1][layer])``."""
-    _check_stacks(x, ws, layer)
+    check_stacks(x, ws, layer)
     num_tokens, d_in = x.shape
     num_layers = ws[0].shape[0]
     d_outs = [w.shape[2] for w in ws]
@@ -317,48 +299,6 @@ def _silu_mul(gate: jax.Array, up: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def _check_stacks(x: jax.Array, ws: tuple[jax.Array, ...], layer: jax.Array) -> None:
-    for w in ws:
-        _check_shapes(x, w, layer)
-    if len({w.shape[0] for w in ws}) > 1:
-        raise ValueError(f"the stacks' layer counts differ: {[w.shape[0] for w in ws]}")
-
-
-def _check_epilogue(ws: tuple, epilogue: str | None) -> None:
-    if not isinstance(ws, (tuple, list)) or not ws:
-        raise ValueError(f"ws must be a non-empty tuple of [L, D_in, D_out] stacks; got {type(ws)}")
-    if epilogue not in (None, "silu_mul"):
-        raise ValueError(f"epilogue={epilogue!r}; allowed: None, 'silu_mul'")
-    if epilogue == "silu_mul" and (len(ws) != 2 or ws[0].shape != ws[1].shape):
-        raise ValueError("epilogue='silu_mul' takes exactly two stacks of one shape (gate, up); "
-                         f"got {[w.shape for w in ws]}")
-
-
-def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
-                    dtype) -> dict | None:
-    """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None."""
-    if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64
-            or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
-        return None
-    row_tiles = pl.cdiv(num_tokens, 128)
-    if num_tokens < _MOSAIC_LARGE_T:  # one row tile (64 rows at T 64)
-        if (silu_mul or any(d % 64 for d in d_outs)
-                or sum(d // 64 for d in d_outs) < _MOSAIC_MIN_TILES_SMALL_T):
-            return None
-        return dict(block_m=128, block_n=64, max_concurrent_steps=8)
-    if silu_mul:
-        if d_outs[0] % 128 == 0 and row_tiles * d_outs[0] // 128 >= _MOSAIC_MIN_TILES:
-            return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)
-        return None
-    # Wide tiles where they still make enough tiles, then narrow ones with more steps in flight
-    # (the most that fit in shared memory; more steps measured faster at every shape).
-    for block_n, steps in ((128, 5), (64, 8)):
-        if (all(d % block_n == 0 for d in d_outs)
-                and row_tiles * sum(d // block_n for d in d_outs) >= _MOSAIC_MIN_TILES):
-            return dict(block_m=128, block_n=block_n, max_concurrent_steps=steps)
-    return None
-
-
 def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Array | None:
     """The launch through stacked_matmul_mgpu when ``kernel`` asks for it (and, for "auto",
     mosaic_settings has settings for it), else None."""
@@ -370,8 +310,6 @@ def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Arr
                                epilogue == "silu_mul", x.dtype)
     if settings is None and kernel == "auto":
         return None
-    # Imported here: stacked_matmul_mgpu shares this module's argument checks.
-    from pallas_kernels.stacked_matmul_mgpu import stacked_matmul_mgpu
     interpret_mgpu = interpret if kernel == "mosaic" else False
     return stacked_matmul_mgpu(x, tuple(ws), layer, epilogue=epilogue, interpret=interpret_mgpu,
                                **(settings or {}))
@@ -436,7 +374,7 @@ def stacked_matmul_fused(
     shrinks to the largest power of two dividing every D_out_i; the other arguments are as for
     ``stacked_matmul``, with one ``num_splits`` for all the weights (a silu_mul split sums the
     two partials and applies the epilogue in XLA), and ``kernel`` as there."""
-    _check_epilogue(ws, epilogue)
+    check_epilogue(ws, epilogue)
     mosaic = _mosaic_launch(x, ws, layer, epilogue, kernel, interpret)
     if mosaic is not None:
         return mosaic
@@ -470,7 +408,7 @@ def stacked_matmul_fused_reference(
     epilogue in f32 on the products rounded to x's dtype, results in x's dtype. ``tuning`` is
     ignored."""
     del tuning
-    _check_epilogue(ws, epilogue)
+    check_epilogue(ws, epilogue)
     outs = [_matmul_f32(x, w, layer) for w in ws]
     if epilogue == "silu_mul":
         return _silu_mul(*outs, x.dtype).astype(x.dtype)
@@ -478,6 +416,6 @@ def stacked_matmul_fused_reference(
 
 
 def _matmul_f32(x: jax.Array, w: jax.Array, layer: jax.Array) -> jax.Array:
-    _check_shapes(x, w, layer)
+    check_shapes(x, w, layer)
     w_layer = jax.lax.dynamic_index_in_dim(w, jnp.reshape(layer, ()), axis=0, keepdims=False)
     return jnp.dot(x.astype(jnp.float32), w_layer.astype(jnp.float32), precision="highest")

@@ -15,14 +15,18 @@ Design:
 - A tile is one ``plgpu.emit_pipeline`` over D_in in ``block_k`` steps: step k's wgmma runs while
   steps k+1.. are in flight; each step waits until at most its own wgmma group is pending
   (``delay_release=1``), so a slot is refilled only after the wgmma that read it is done.
+- ``warp_specialized=True``: a memory warpgroup issues the copies and two compute warpgroups each
+  multiply half of the tile's rows by the same weight tile
+  (``plgpu.emit_pipeline_warp_specialized``); measured best for silu_mul.
 - The f32 accumulator lives in registers (``plgpu.ACC``). The epilogue rounds it to x's dtype
   (silu_mul: rounds gate and up, then ``silu(gate) * up`` in f32, as the unfused model does),
   stages it in shared memory and writes it with one TMA store.
-- wgmma needs 64-row multiples: x is padded to a multiple of ``block_m`` rows (a decode batch
-  of 8-256 rows: at most 63 rows of zeros) and the output sliced back.
+- wgmma needs 64-row multiples: x is padded with zero rows to a multiple of ``block_m`` (which
+  shrinks to T rounded up to 64 for a smaller T) and the output sliced back.
 
 ``interpret=None`` runs Mosaic GPU's CPU interpreter on a CPU backend (the tests), the real
-kernel on a GPU.
+kernel on a GPU. ``mosaic_settings`` (end of file) is where ``stacked_matmul(kernel="auto")``
+takes this kernel, and with which settings.
 """
 
 import functools
@@ -35,13 +39,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.stacked_matmul import _check_epilogue, _check_stacks
+from pallas_kernels.stacked_common import check_epilogue, check_stacks
 
 WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows of x at a time
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64
 DEFAULT_STEPS = 4
+# stacked_matmul's kernel="auto" runs a launch through this kernel (mosaic_settings) where that
+# measured faster on an H100 (benchmarks/stacked_matmul.py --variants launch --launch-kernels
+# triton mgpu; results/session9_2026-11-27, NOTES_kernels):
+# - T 256 (llama-3.2-1b, llama-3.1-8b): with at least _MOSAIC_MIN_TILES output tiles of 128
+#   rows it beat the Triton kernel by 10-17% (q/k/v of both models, o and down of the 8B,
+#   silu_mul of both, warp-specialized). With fewer (the 1B's o and down: 64 tiles for the 132
+#   SMs) it lost by 3-5%.
+# - T 64 and 128 (llama-3.1-8b only): 64-column tiles with 8 steps in flight beat it by 5-16%
+#   on q/k/v, o and down, also at 64 tiles (o, down: each tile streams 4096 rows); silu_mul
+#   tied. The rule there: not silu_mul, at least _MOSAIC_MIN_TILES_SMALL_T tiles.
+# - Below T 64 nothing was measured: Triton.
+_MOSAIC_MIN_TOKENS = 64
+_MOSAIC_LARGE_T = 129
+_MOSAIC_MIN_TILES = 96
+_MOSAIC_MIN_TILES_SMALL_T = 64
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
            "swizzle", "warp_specialized", "interpret")
 
@@ -270,9 +289,9 @@ def stacked_matmul_mgpu(
     and ``block_k`` shrink to the largest power of two dividing every D_out and D_in. ``max_concurrent_steps``: TMA copies in flight a tile.
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
     and swizzle instead of Mosaic GPU's inferred layout."""
-    _check_epilogue(ws, epilogue)
+    check_epilogue(ws, epilogue)
     ws = tuple(ws)
-    _check_stacks(x, ws, layer)
+    check_stacks(x, ws, layer)
     silu_mul = epilogue == "silu_mul"
     dtypes = {jnp.dtype(a.dtype) for a in (x, *ws)}
     if dtypes - {jnp.dtype(jnp.bfloat16)} and dtypes - {jnp.dtype(jnp.float16)}:
@@ -320,3 +339,28 @@ def stacked_matmul_mgpu(
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
     outs = tuple(o[:num_tokens] for o in outs) if padded != num_tokens else tuple(outs)
     return outs[0] if silu_mul else outs
+
+
+def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
+                    dtype) -> dict | None:
+    """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None."""
+    if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64
+            or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+        return None
+    row_tiles = pl.cdiv(num_tokens, 128)
+    if num_tokens < _MOSAIC_LARGE_T:  # one row tile (64 rows at T 64)
+        if (silu_mul or any(d % 64 for d in d_outs)
+                or sum(d // 64 for d in d_outs) < _MOSAIC_MIN_TILES_SMALL_T):
+            return None
+        return dict(block_m=128, block_n=64, max_concurrent_steps=8)
+    if silu_mul:
+        if d_outs[0] % 128 == 0 and row_tiles * d_outs[0] // 128 >= _MOSAIC_MIN_TILES:
+            return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)
+        return None
+    # Wide tiles where they still make enough tiles, then narrow ones with more steps in flight
+    # (the most that fit in shared memory; more steps measured faster at every shape).
+    for block_n, steps in ((128, 5), (64, 8)):
+        if (all(d % block_n == 0 for d in d_outs)
+                and row_tiles * sum(d // block_n for d in d_outs) >= _MOSAIC_MIN_TILES):
+            return dict(block_m=128, block_n=block_n, max_concurrent_steps=steps)
+    return None

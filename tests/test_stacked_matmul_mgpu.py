@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import stacked_matmul, stacked_matmul_fused, stacked_matmul_fused_reference
-from pallas_kernels.stacked_matmul import mosaic_settings
-from pallas_kernels.stacked_matmul_mgpu import stacked_matmul_mgpu
+from pallas_kernels.stacked_matmul_mgpu import mosaic_settings, stacked_matmul_mgpu
 
 from kernel_cases import assert_close, poison_device_memory
 
