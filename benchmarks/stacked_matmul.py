@@ -444,6 +444,11 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=0.5, help="timing per variant")
     p.add_argument("--json", default=None, help="file, or directory for the default name")
     args = p.parse_args()
+    for name in args.launch_kernels:
+        kernel, _, limit = name.partition(":")
+        if kernel not in ("triton", "mgpu", "auto", "xla") or (limit and not limit.isdigit()):
+            p.error(f"--launch-kernels {name!r}: expected triton, mgpu, auto or xla, "
+                    "optionally :N")
     models = SMALL_MODELS if args.small else {m: MODELS[m] for m in args.models}
     args.models = list(models)
     if args.small:
