@@ -101,9 +101,6 @@ def _fit_block(requested: int, dim: int, name: str, dim_name: str) -> int:
     return block
 
 
-
-
-
 def choose_num_splits(t_blocks: int, n_blocks: int, k_steps: int, num_tokens: int, d_in: int,
                       w_itemsize: int) -> int:
     """K splits (a power of two dividing ``k_steps``) so that small launches still fill the GPU."""
