@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import re
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,6 +194,21 @@ def test_silu_mul_epilogue_matches_silu_of_products(num_tokens, dtype):
         up = stacked_matmul_reference(x.astype(jnp.float32), wu, layer)
         assert got.shape == (num_tokens, 96) and got.dtype == x.dtype
         assert_close(got, jax.nn.silu(gate) * up, x.dtype.type)
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(num_tokens=st.integers(1, 70), d_in=st.sampled_from([16, 48, 64, 128]),
+                  widths=st.lists(st.sampled_from([16, 32, 48, 64]), min_size=1, max_size=3),
+                  silu_mul=st.booleans(), split=st.booleans(),
+                  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_property_shapes(num_tokens, d_in, widths, silu_mul, split, dtype):
+    """Any T, widths down to the 16-wide tile, one to three stacks or a silu_mul pair, split or
+    not: the Triton kernel equals the reference at every layer."""
+    widths = (widths[0],) * 2 if silu_mul else tuple(widths)
+    x, ws = make_stacks(num_tokens, num_tokens, d_in, widths, dtype, num_layers=2)
+    splits = 2 if split and (d_in // 16) % 2 == 0 else None
+    check_fused_every_layer(x, ws, epilogue="silu_mul" if silu_mul else None, block_t=16,
+                            block_k=16, num_splits=splits)
 
 
 @pytest.mark.parametrize("epilogue,d_outs", [(None, (64, 32, 32)), ("silu_mul", (48, 48))])
