@@ -1,4 +1,5 @@
-"""Argument checks shared by the stacked matmul kernels (Triton and Mosaic GPU)."""
+"""What the stacked matmul kernels (Triton and Mosaic GPU) share: argument checks, block fitting,
+the interpreter choice and the silu_mul epilogue's arithmetic."""
 
 import jax
 import jax.numpy as jnp
@@ -27,3 +28,28 @@ def check_epilogue(ws: tuple, epilogue: str | None) -> None:
     if epilogue == "silu_mul" and (len(ws) != 2 or ws[0].shape != ws[1].shape):
         raise ValueError("epilogue='silu_mul' takes exactly two stacks of one shape (gate, up); "
                          f"got {[w.shape for w in ws]}")
+
+
+def use_interpret(interpret: bool | None) -> bool:
+    """None: the interpreter exactly when running on the CPU. False forces the GPU lowering,
+    which lets a CPU host lower (not run) a kernel for a GPU target, as the tests do."""
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def fit_block(requested: int, dim: int, smallest: int, dim_name: str, why: str = "") -> int:
+    """The largest power of two <= requested (and >= smallest) that divides dim."""
+    block = requested
+    while block >= smallest and dim % block:
+        block //= 2
+    if block < smallest:
+        raise ValueError(f"{dim_name}={dim} must be a multiple of {smallest}" + (
+            f" ({why})" if why else ""))
+    return block
+
+
+def silu_mul_epilogue(gate: jax.Array, up: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """silu(gate) * up in f32 from f32 products first rounded to `dtype`, as the unfused model
+    stores gate_proj's and up_proj's outputs (so bf16 results match it, and Hugging Face)."""
+    gate = gate.astype(dtype).astype(jnp.float32)
+    up = up.astype(dtype).astype(jnp.float32)
+    return gate * jax.nn.sigmoid(gate) * up  # jax.nn.silu's own formula, spelled out for Mosaic

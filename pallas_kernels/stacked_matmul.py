@@ -49,7 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode_attention import _next_pow2
-from pallas_kernels.stacked_common import check_epilogue, check_shapes, check_stacks
+from pallas_kernels.stacked_common import (check_epilogue, check_shapes, check_stacks, fit_block,
+                                           silu_mul_epilogue, use_interpret)
 from pallas_kernels.stacked_matmul_mgpu import mosaic_settings, stacked_matmul_mgpu
 
 # H100 defaults for decode (T of 8..256). block_k is measured (benchmarks/stacked_matmul.py, the
@@ -78,12 +79,6 @@ _PAIRED_STAGES = 3  # pipeline depth of a silu_mul launch (two weight tiles a st
 KERNELS = ("triton", "mosaic", "auto")
 
 
-def _use_interpret(interpret: bool | None) -> bool:
-    # None: the interpreter exactly when running on the CPU. False forces the Triton lowering,
-    # which lets a CPU host lower (not run) the kernel for a GPU target, as the tests do.
-    return jax.default_backend() == "cpu" if interpret is None else interpret
-
-
 def _check_block(block: int, name: str) -> None:
     if block < MIN_BLOCK or block & (block - 1):
         raise ValueError(f"{name}={block} must be a power of two >= {MIN_BLOCK} (Triton tile "
@@ -93,12 +88,7 @@ def _check_block(block: int, name: str) -> None:
 def _fit_block(requested: int, dim: int, name: str, dim_name: str) -> int:
     """The largest power of two <= requested (and >= 16) that divides dim."""
     _check_block(requested, name)
-    block = requested
-    while block >= MIN_BLOCK and dim % block:
-        block //= 2
-    if block < MIN_BLOCK:
-        raise ValueError(f"{dim_name}={dim} must be a multiple of {MIN_BLOCK}")
-    return block
+    return fit_block(requested, dim, MIN_BLOCK, dim_name)
 
 
 def choose_num_splits(t_blocks: int, n_blocks: int, k_steps: int, num_tokens: int, d_in: int,
@@ -174,7 +164,7 @@ def _stacked_matmul_kernel(
     if silu_mul:  # (gate, up) -> silu(gate) * up, both tiles of the same columns
         (w_gate, w_up), (o_ref,) = refs[:2], refs[2:]
         gate, up = tile((w_gate, w_up), n * block_n)
-        store(o_ref, n * block_n, _silu_mul(gate, up, o_ref.dtype))
+        store(o_ref, n * block_n, silu_mul_epilogue(gate, up, o_ref.dtype))
         return
     num_weights = len(refs) // 2
     for i, (w_ref, o_ref) in enumerate(zip(refs[:num_weights], refs[num_weights:])):
@@ -269,7 +259,7 @@ def _launch(
         grid=(t_blocks, grid_cols, num_splits),
         out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=_use_interpret(interpret),
+        interpret=use_interpret(interpret),
         name=name,
     )(
         jnp.reshape(layer, (1,)).astype(jnp.int32),
@@ -284,16 +274,8 @@ def _add_partials(partials: tuple[jax.Array, ...], num_splits: int, silu_mul: bo
     """f32[splits * T, D_out_i] partial sums -> [T, D_out_i] (or silu(gate) * up) in dtype."""
     sums = [p.reshape(num_splits, p.shape[0] // num_splits, -1).sum(axis=0) for p in partials]
     if silu_mul:
-        return (_silu_mul(*sums, dtype).astype(dtype),)
+        return (silu_mul_epilogue(*sums, dtype).astype(dtype),)
     return tuple(s.astype(dtype) for s in sums)
-
-
-def _silu_mul(gate: jax.Array, up: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """silu(gate) * up in f32 from f32 products first rounded to `dtype`, as the unfused model
-    stores gate_proj's and up_proj's outputs (so bf16 results match it, and Hugging Face)."""
-    gate = gate.astype(dtype).astype(jnp.float32)
-    up = up.astype(dtype).astype(jnp.float32)
-    return jax.nn.silu(gate) * up
 
 
 def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Array | None:
@@ -301,7 +283,7 @@ def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Arr
     mosaic_settings has settings for it), else None."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; allowed: {', '.join(KERNELS)}")
-    if kernel == "triton" or (kernel == "auto" and _use_interpret(interpret)):
+    if kernel == "triton" or (kernel == "auto" and use_interpret(interpret)):
         return None
     settings = mosaic_settings(x.shape[0], x.shape[1], [w.shape[2] for w in ws],
                                epilogue == "silu_mul", x.dtype)
@@ -408,7 +390,7 @@ def stacked_matmul_fused_reference(
     check_epilogue(ws, epilogue)
     outs = [_matmul_f32(x, w, layer) for w in ws]
     if epilogue == "silu_mul":
-        return _silu_mul(*outs, x.dtype).astype(x.dtype)
+        return silu_mul_epilogue(*outs, x.dtype).astype(x.dtype)
     return tuple(o.astype(x.dtype) for o in outs)
 
 

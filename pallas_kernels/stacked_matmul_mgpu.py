@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.stacked_common import check_epilogue, check_stacks
+from pallas_kernels.stacked_common import (check_epilogue, check_stacks, fit_block,
+                                           silu_mul_epilogue, use_interpret)
 
 WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows of x at a time
 DEFAULT_BLOCK_M = 128
@@ -75,9 +76,7 @@ def _num_sms() -> int:
 
 
 def _interpret_params(interpret: bool | None):
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if not interpret:
+    if not use_interpret(interpret):
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private, jax 0.11
     return InterpretGPUParams()
@@ -92,6 +91,26 @@ def _smem_transforms(row_elems: int, itemsize: int, swizzle: bool) -> tuple:
     return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
 
 
+def _for_each_tile(m_tiles: int, col_starts: tuple[int, ...], silu_mul: bool, project) -> None:
+    """The persistent loop over output tiles, row blocks fastest. Calls project(mi, nb, i):
+    row block mi, column block nb of weight i (None with silu_mul: gate and up together)."""
+    @plgpu.nd_loop((m_tiles * col_starts[-1],), collective_axes="sm")
+    def _tile(info):
+        (idx,) = info.index
+        mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
+        if silu_mul:
+            project(mi, n, None)
+            return
+        num_weights = len(col_starts) - 1
+        for i in range(num_weights):
+            def run(i=i):
+                project(mi, n - col_starts[i], i)
+            if num_weights == 1:
+                run()
+            else:  # column block n belongs to weight i when col_starts[i] <= n < col_starts[i + 1]
+                pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run)
+
+
 def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
             silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
             k_steps: int, steps: int, x_transforms: tuple, w_transforms: tuple):
@@ -100,7 +119,6 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
     delay = 1 if steps > 1 else 0
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
     layer = layer_gmem[0]
-    num_tiles = m_tiles * col_starts[-1]
 
     def pipeline(body, mi, nb, ws):
         spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
@@ -138,29 +156,19 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
                 plgpu.wgmma(acc_up, x_smem, up_smem)
                 plgpu.wgmma_wait(2 * delay)
             pipeline(body, mi, nb, w_refs)
-            dtype = o_refs[0].dtype
-            gate = acc_gate[...].astype(dtype).astype(jnp.float32)
-            up = acc_up[...].astype(dtype).astype(jnp.float32)
-            return gate * jax.nn.sigmoid(gate) * up
+            return silu_mul_epilogue(acc_gate[...], acc_up[...], o_refs[0].dtype)
 
         value = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)),
                               plgpu.ACC((block_m, block_n)))
         store(o_refs[0], value, mi, nb)
 
-    @plgpu.nd_loop((num_tiles,), collective_axes="sm")
-    def _tile(info):
-        (idx,) = info.index
-        mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
-        if silu_mul:
-            project_silu_mul(mi, n)
-            return
-        for i in range(num_weights):
-            def run(i=i):
-                project(mi, n - col_starts[i], w_refs[i], o_refs[i])
-            if num_weights == 1:
-                run()
-            else:  # column block n belongs to weight i when col_starts[i] <= n < col_starts[i + 1]
-                pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run)
+    def project_tile(mi, nb, i):
+        if i is None:
+            project_silu_mul(mi, nb)
+        else:
+            project(mi, nb, w_refs[i], o_refs[i])
+
+    _for_each_tile(m_tiles, col_starts, silu_mul, project_tile)
 
 
 def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
@@ -206,9 +214,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                 def acc_scope(*accs):
                     eval_pipeline(accs)
                     if silu_mul:
-                        gate = accs[0][...].astype(o_dtype).astype(jnp.float32)
-                        up = accs[1][...].astype(o_dtype).astype(jnp.float32)
-                        value = gate * jax.nn.sigmoid(gate) * up
+                        value = silu_mul_epilogue(accs[0][...], accs[1][...], o_dtype)
                     else:
                         value = accs[0][...]
                     o_smem[wg] = value.astype(o_dtype)
@@ -235,35 +241,13 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                 *(w.at[layer, :, pl.ds(nb * block_n, block_n)] for w in ws),
                 allocations=allocations)
 
-        @plgpu.nd_loop((m_tiles * col_starts[-1],), collective_axes="sm")
-        def _tile(info):
-            (idx,) = info.index
-            mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
-            if silu_mul:
-                run(mi, n, w_refs, o_refs[0])
-                return
-            for i in range(num_weights):
-                def run_i(i=i):
-                    run(mi, n - col_starts[i], (w_refs[i],), o_refs[i])
-                if num_weights == 1:
-                    run_i()
-                else:
-                    pl.when((n >= col_starts[i]) & (n < col_starts[i + 1]))(run_i)
+        def project_tile(mi, nb, i):
+            if i is None:
+                run(mi, nb, w_refs, o_refs[0])
+            else:
+                run(mi, nb, (w_refs[i],), o_refs[i])
 
-
-def _fit(requested: int, dim: int, smallest: int, name: str, dim_name: str) -> int:
-    """The largest power of two <= requested (and >= smallest) that divides dim."""
-    block = requested
-    while block >= smallest and dim % block:
-        block //= 2
-    if block < smallest:
-        raise ValueError(f"{dim_name}={dim} must be a multiple of {smallest} ({name})")
-    return block
-
-
-def _check_block_m(block_m: int) -> None:
-    if block_m <= 0 or block_m % WGMMA_ROWS:
-        raise ValueError(f"block_m={block_m} must be a multiple of {WGMMA_ROWS} (wgmma rows)")
+        _for_each_tile(m_tiles, col_starts, silu_mul, project_tile)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
@@ -302,24 +286,23 @@ def stacked_matmul_mgpu(
     if num_tokens == 0:
         return jnp.zeros((0, d_outs[0]), x.dtype) if silu_mul else tuple(
             jnp.zeros((0, d), x.dtype) for d in d_outs)
-    _check_block_m(block_m)
     # warp_specialized: two compute warpgroups split block_m, each a multiple of 64 rows.
     row_unit = 2 * WGMMA_ROWS if warp_specialized else WGMMA_ROWS
-    if block_m % row_unit:
-        raise ValueError(f"block_m={block_m} must be a multiple of {row_unit} "
-                         f"(warp_specialized={warp_specialized})")
+    if block_m <= 0 or block_m % row_unit:
+        raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit} "
+                         f"(wgmma rows; warp_specialized={warp_specialized})")
     block_m = min(block_m, _round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
-    block_n = _fit(block_n, math.gcd(*d_outs), 8, "wgmma's N", "D_out")
-    block_k = _fit(block_k, d_in, 16, "wgmma's K", "D_in")
+    block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
+    block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
     padded = _round_up(num_tokens, block_m)
     x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
     col_blocks = [d // block_n for d in d_outs[:1 if silu_mul else None]]
     m_tiles = padded // block_m
     num_tiles = m_tiles * sum(col_blocks)
     kernel = functools.partial(
-        _kernel_ws if warp_specialized else _kernel, num_weights=len(ws), col_starts=tuple(itertools.accumulate(col_blocks, initial=0)),
-        silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
+        _kernel_ws if warp_specialized else _kernel, num_weights=len(ws),
+        col_starts=tuple(itertools.accumulate(col_blocks, initial=0)), silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
         k_steps=d_in // block_k, steps=min(max_concurrent_steps, d_in // block_k),
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
         w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle))
