@@ -242,12 +242,14 @@ class StepRecorder:
     """Times every `engine.step()` and notes what the scheduler planned in it.
 
     Installs itself as instance attributes over `engine.step`, `engine.scheduler.schedule`,
-    `engine.runner.dispatch`, `engine.runner._run_forward` and `engine.runner.fetch` (the
-    engine's own code is untouched; `LLM.generate` calls them through the instances), so one
+    `engine.runner.dispatch`, `engine.runner._run_forward` (and `_run_multi_step`) and
+    `engine.runner.fetch` (the engine's own code is untouched; `LLM.generate` calls them
+    through the instances), so one
     `generate` call is measured as it runs. The step time minus the wait time is the host's
     own work; with async scheduling (one step in flight while the next is planned) a step that
     waits is bound by the device. A call that scheduled two steps (the first one, with async
-    scheduling) records each with half its time. `uninstall()` restores them.
+    scheduling) records each with half its time; a multi-step output of K decode steps is
+    recorded as K steps, each with a K-th of its share. `uninstall()` restores them.
     """
 
     engine: Any
@@ -261,6 +263,7 @@ class StepRecorder:
         scheduler, engine, runner = self.engine.scheduler, self.engine, self.engine.runner
         schedule, step = scheduler.schedule, engine.step
         dispatch, fetch, run_forward = runner.dispatch, runner.fetch, runner._run_forward
+        run_multi_step = runner._run_multi_step
 
         def recorded_schedule():
             plan = schedule()
@@ -277,20 +280,26 @@ class StepRecorder:
             out = step()
             dt = time.perf_counter() - t0
             plans = [(p, u) for p, u in self._plans if not p.is_empty]
-            k = len(plans)
+            # A multi-step output counts as its num_steps decode steps, sharing its time.
+            k = sum(p.num_steps for p, _ in plans)
             for plan, usage in plans:
                 reqs = plan.scheduled_requests
                 num_decode = sum(len(r.token_ids) == 1 for r in reqs)
-                self.steps.append(StepRecord(
-                    dt / k, len(reqs), plan.total_num_scheduled_tokens, num_decode == len(reqs),
-                    num_decode, sum(r.start_pos + len(r.token_ids) for r in reqs), usage,
-                    self._dispatch / k, self._wait / k, self._forward / k))
+                context = sum(r.start_pos + len(r.token_ids) for r in reqs)
+                for j in range(plan.num_steps):  # a token a request still live at step j
+                    tokens = (plan.total_num_scheduled_tokens if j == 0
+                              else sum(r.num_steps > j for r in reqs))
+                    self.steps.append(StepRecord(
+                        dt / k, len(reqs), tokens, num_decode == len(reqs), num_decode,
+                        context + sum(min(j, r.num_steps - 1) for r in reqs), usage,
+                        self._dispatch / k, self._wait / k, self._forward / k))
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
         runner.dispatch = timed(dispatch, adding_to("_dispatch"))
         runner.fetch = timed(fetch, adding_to("_wait"))
         runner._run_forward = timed(run_forward, adding_to("_forward"))
+        runner._run_multi_step = timed(run_multi_step, adding_to("_forward"))
 
     def uninstall(self) -> None:
         del self.engine.scheduler.schedule
@@ -298,6 +307,7 @@ class StepRecorder:
         del self.engine.runner.dispatch
         del self.engine.runner.fetch
         del self.engine.runner._run_forward
+        del self.engine.runner._run_multi_step
 
     @property
     def peak_kv_usage(self) -> float:

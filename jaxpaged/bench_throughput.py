@@ -26,7 +26,8 @@ from jaxpaged.config import PRESETS, ModelConfig
 
 ENGINE_ARGS = ("dtype", "load_format", "block_size", "max_num_seqs", "max_num_batched_tokens",
                "max_model_len", "num_kv_blocks", "kv_cache_memory_fraction",
-               "enable_prefix_caching", "seed", "tensor_parallel_size", "async_scheduling")
+               "enable_prefix_caching", "seed", "tensor_parallel_size", "async_scheduling",
+               "num_scheduler_steps")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -92,6 +93,7 @@ def engine_summary(llm: Any) -> dict[str, Any]:
             "block_size": engine.config.block_size, "dtype": np.dtype(engine.model.dtype).name,
             "tensor_parallel_size": engine.config.tensor_parallel_size,
             "async_scheduling": engine.config.async_scheduling,
+            "num_scheduler_steps": engine.config.num_scheduler_steps,
             "warmup_programs": programs, "warmup_s": seconds}
 
 

@@ -125,13 +125,15 @@ class LLMEngine:
                                   max_num_seqs=self.max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, attention_impl=impl,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh,
+                                  num_scheduler_steps=config.num_scheduler_steps)
         self.scheduler = Scheduler(SchedulerConfig(
             max_model_len=self.max_model_len, num_blocks=num_blocks,
             block_size=config.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
-            max_outputs_in_flight=2 if config.async_scheduling else 1))
+            max_outputs_in_flight=2 if config.async_scheduling else 1,
+            num_scheduler_steps=config.num_scheduler_steps))
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device), "
                     "attention=%s, tensor_parallel_size=%d", num_blocks - 1, config.block_size,
                     (num_blocks - 1) * config.block_size,
@@ -335,8 +337,8 @@ class LLMEngine:
             parent, index = self._child_to_parent[s.request_id]
             tracked = self._tracked[parent]
             if s.sample:
-                # schedule() counted this step's own sample as a placeholder already.
-                pending = request.num_output_placeholders - 1
+                # schedule() counted this step's own samples as placeholders already.
+                pending = request.num_output_placeholders - s.num_steps
                 row = tracked.sampling_rows.get(index)
                 if row is None:
                     row = tracked.sampling_rows[index] = SamplingRow(
@@ -379,25 +381,28 @@ class LLMEngine:
             tracked.error = request.error
             tracked.metrics.finished_time = now
             return parent
-        new_token = request.output_token_ids[-1]
+        # One token, or several from a multi-step output (which never has logprobs).
+        new_tokens = request.output_token_ids[len(completion.token_ids):]
         if tracked.metrics.first_token_time is None:
             tracked.metrics.first_token_time = now
             tracked.num_cached_tokens = request.num_cached_tokens
         tracked.metrics.last_token_time = now
-        completion.token_ids.append(new_token)
         if tracked.params.logprobs is not None and result is not None \
                 and request.request_id in result.logprobs:
             lp, rank, top_ids, top_lps = result.logprobs[request.request_id]
             completion.logprobs.append(make_logprobs_dict(
-                new_token, lp, rank, top_ids, top_lps, tracked.params.logprobs,
+                new_tokens[-1], lp, rank, top_ids, top_lps, tracked.params.logprobs,
                 self._decode_one))
             completion.cumulative_logprob += lp
         detok = tracked.detokenizers[index]
         # A stop token (EOS or a stop id) ends the text without its own characters.
         status = request.status
-        stop_str = (detok.update([new_token],
+        stop_str = (detok.update(new_tokens,
                                  stop_terminated=status == RequestStatus.FINISHED_STOPPED)
                     if detok is not None else None)
+        if stop_str is not None:  # tokens after the one completing it are dropped
+            del new_tokens[len(detok.output_token_ids) - len(completion.token_ids):]
+        completion.token_ids.extend(new_tokens)
         if stop_str is not None:
             if not status.is_finished():
                 self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)

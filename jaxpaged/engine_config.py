@@ -23,6 +23,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # devices the weights and KV heads are split over
     # Plan and dispatch step N + 1 while step N runs (vLLM's --async-scheduling).
     async_scheduling: bool = True
+    # Decode steps one scheduler output may cover (vLLM's --num-scheduler-steps): > 1 runs
+    # that many decode steps in one device program when the batch allows (jaxpaged.scheduler).
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -39,6 +42,9 @@ class EngineConfig:
                              f"in (0, 1]")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a "
+                             f"positive int")
+        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps!r} must be a "
                              f"positive int")
         if self.attention_impl not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: auto, reference, "

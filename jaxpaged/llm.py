@@ -23,7 +23,8 @@ class LLM:
                  max_model_len: int | None = None, num_kv_blocks: int | None = None,
                  kv_cache_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,
                  seed: int = 0, warmup: bool = True, attention_impl: str = "auto",
-                 tensor_parallel_size: int = 1, async_scheduling: bool = True):
+                 tensor_parallel_size: int = 1, async_scheduling: bool = True,
+                 num_scheduler_steps: int = 1):
         config = EngineConfig(
             model=model, dtype=dtype, load_format=load_format, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -31,7 +32,7 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             enable_prefix_caching=enable_prefix_caching, seed=seed, warmup=warmup,
             attention_impl=attention_impl, tensor_parallel_size=tensor_parallel_size,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps)
         self.llm_engine = LLMEngine(config)
         self._counter = itertools.count()
 

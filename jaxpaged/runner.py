@@ -37,14 +37,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpaged.attention import KVCache
-from jaxpaged.buckets import bucket_for, make_buckets
+from jaxpaged.buckets import PAD_SLOT_ID, bucket_for, make_buckets
 from jaxpaged.input_batch import InputBatch
 from jaxpaged.loader import LoadedModel, cache_dir
 from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward, stacked_matmul_setting
 from jaxpaged.packed import pack, unpack
-from jaxpaged.sampler import (MAX_LOGPROBS, NUM_SAMPLER_CONSTANTS, SamplingRow,
-                              build_sampling_metadata, compute_logprobs, sample,
+from jaxpaged.sampler import (MAX_LOGPROBS, NUM_SAMPLER_CONSTANTS, SamplingMetadata,
+                              SamplingRow, build_sampling_metadata, compute_logprobs, sample,
                               sampling_metadata_variants)
 from jaxpaged.scheduler import PLACEHOLDER_TOKEN_ID, SchedulerOutput
 from jaxpaged.settings import on_for_gpu
@@ -102,15 +102,8 @@ class ModelDef:
                                  and self.params_def == other.params_def)
 
 
-def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, mesh, unroll,
-          stacked):
-    # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
-    # milliseconds a step, a list of arrays costs microseconds. The step's inputs travel as
-    # one packed buffer (jaxpaged.packed).
-    params = jax.tree.unflatten(model_def.params_def, params_leaves)
-    input_ids, positions, md, source_rows = unpack(packed, spec)
-    # Placeholders: token t is the id the previous step sampled in row source_rows[t].
-    input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
+def _forward(model_def, params, kv_cache, input_ids, positions, md, impl, mesh, unroll,
+             stacked):
     kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md,
                                impl, mesh, unroll, stacked)
     if mesh is not None:
@@ -119,6 +112,61 @@ def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, 
         kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
         logits = gather_logits(logits, mesh)
     return kv_cache, logits
+
+
+def _step_inputs(model_def, params_leaves, packed, prev_sampled, spec):
+    # Parameters travel as a flat list: flattening the nnx.State on every call costs the host
+    # milliseconds a step, a list of arrays costs microseconds. The step's inputs travel as
+    # one packed buffer (jaxpaged.packed).
+    params = jax.tree.unflatten(model_def.params_def, params_leaves)
+    input_ids, positions, md, source_rows, *extra = unpack(packed, spec)
+    # Placeholders: token t is the id the previous step sampled in row source_rows[t].
+    input_ids = jnp.where(source_rows >= 0, prev_sampled[jnp.maximum(source_rows, 0)], input_ids)
+    return params, input_ids, positions, md, extra
+
+
+def _step(model_def, params_leaves, kv_cache, packed, prev_sampled, spec, impl, mesh, unroll,
+          stacked):
+    params, input_ids, positions, md, _ = _step_inputs(model_def, params_leaves, packed,
+                                                       prev_sampled, spec)
+    return _forward(model_def, params, kv_cache, input_ids, positions, md, impl, mesh, unroll,
+                    stacked)
+
+
+def _multi_step(model_def, params_leaves, kv_cache, packed, prev_sampled, packed_smd, spec,
+                smd_spec, impl, mesh, unroll, stacked, num_steps: int, width: int):
+    """`num_steps` decode steps in one program (a multi-step output): row s feeds its token,
+    then its own samples, for `step_counts[s]` steps (0 for padding), after which it is frozen
+    (re-reads its last position, writes nothing). Sampling as `sample` with the row's output
+    position advancing each step; the batch has no penalties, logprobs or suppressed ids.
+    -> (kv cache, i32[num_steps, S] the tokens of every step, i32[width] each row's last live
+    token padded: the next step's `prev_sampled`)."""
+    params, input_ids, positions, md, (step_counts,) = _step_inputs(
+        model_def, params_leaves, packed, prev_sampled, spec)
+    smd = unpack(packed_smd, smd_spec)
+    block_size = kv_cache.block_size
+    rows = jnp.arange(input_ids.shape[0])
+    last_step = jnp.maximum(step_counts - 1, 0)
+
+    def one_step(k, carry):
+        kv_cache, ids, last_ids, tokens = carry
+        live = k < step_counts
+        offset = jnp.minimum(k, last_step)
+        pos = positions + offset
+        slots = md.block_tables[rows, pos // block_size] * block_size + pos % block_size
+        step_md = dataclasses.replace(md, slot_mapping=jnp.where(live, slots, PAD_SLOT_ID),
+                                      kv_lens=jnp.where(step_counts > 0, md.kv_lens + offset, 0))
+        kv_cache, logits = _forward(model_def, params, kv_cache, ids, pos, step_md, impl, mesh,
+                                    unroll, stacked)
+        new = sample(logits, dataclasses.replace(
+            smd, output_positions=smd.output_positions + k)).sampled_token_ids
+        return (kv_cache, jnp.where(live, new, ids), jnp.where(live, new, last_ids),
+                tokens.at[k].set(new))
+
+    tokens = jnp.zeros((num_steps, input_ids.shape[0]), jnp.int32)
+    kv_cache, _, last_ids, tokens = jax.lax.fori_loop(
+        0, num_steps, one_step, (kv_cache, input_ids, input_ids, tokens))
+    return kv_cache, tokens, jnp.pad(last_ids, (0, width - last_ids.shape[0]))
 
 
 _compile_count = [0]  # every XLA backend compile in this process
@@ -144,6 +192,11 @@ def _sample_padded(logits, packed, spec, width: int):
     return out, jnp.pad(out.sampled_token_ids, (0, width - out.sampled_token_ids.shape[0])), logits
 
 
+_jit_multi_step = jax.jit(_multi_step, static_argnames=(
+    "model_def", "spec", "smd_spec", "impl", "mesh", "unroll", "stacked", "num_steps", "width"),
+    donate_argnums=(2,))
+
+
 # The forward's logits are donated: the sampler is their last reader.
 _jit_sample = jax.jit(_sample_padded, static_argnames=("spec", "width"), donate_argnums=0)
 _jit_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num",))
@@ -163,8 +216,10 @@ def enable_compilation_cache() -> None:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 attention_impl: str, mesh: Mesh | None = None):
-        """`loaded`'s parameters must already sit on `mesh` (`sharding.shard_model`)."""
+                 attention_impl: str, mesh: Mesh | None = None, num_scheduler_steps: int = 1):
+        """`loaded`'s parameters must already sit on `mesh` (`sharding.shard_model`).
+        `num_scheduler_steps` > 1: the scheduler may hand over multi-step decode outputs of
+        that many steps (warm-up compiles their programs)."""
         enable_compilation_cache()
         cfg = loaded.config
         self.loaded, self.impl, self.mesh = loaded, attention_impl, mesh
@@ -182,6 +237,7 @@ class ModelRunner:
                                           min(MIN_TOKEN_BUCKET, max_num_batched_tokens))
         self.seq_buckets = make_buckets(max_num_seqs, min(MIN_SEQ_BUCKET, max_num_seqs))
         self.max_num_seqs = max_num_seqs
+        self.num_scheduler_steps = num_scheduler_steps
         self.vocab_size = cfg.vocab_size
         self.num_logprobs = min(MAX_LOGPROBS, cfg.vocab_size)  # top-N width of prompt logprobs
         self._compiles_at_warmup: int | None = None
@@ -240,6 +296,8 @@ class ModelRunner:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(compile_one, self.bucket_shapes()))
             list(pool.map(compile_sampler, samplers))
+            list(pool.map(lambda args: self.lower_multi_step(*args).compile(),
+                          self._multi_step_variants()))
 
     def lower_forward(self, shape: BucketShape) -> jax.stages.Lowered:
         """The forward program of one bucket, lowered (not compiled) for its empty step."""
@@ -247,6 +305,29 @@ class ModelRunner:
         return _jit_forward.lower(self._model_def, self._params_leaves, self.kv_cache, packed,
                                   self._prev_sampled, spec, self.impl, self.mesh,
                                   self.unrolls(shape.decode_only), self.stacked_matmul)
+
+    def _multi_step_variants(self) -> list[tuple[int, SamplingMetadata]]:
+        """(S, inert sampling metadata) of every multi-step program: each decode bucket with
+        each sampler variant a multi-step batch can have (no penalties, no logprobs)."""
+        if self.num_scheduler_steps == 1:
+            return []
+        return [(S, smd) for S in self.seq_buckets
+                for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)
+                if smd.no_penalties and not smd.max_num_logprobs]
+
+    def _empty_multi_step(self, S: int) -> tuple[np.ndarray, tuple]:
+        shape = BucketShape(S, S, S, True)
+        return pack((*self._empty_step(shape), _no_sources(S), np.zeros(S, np.int32)))
+
+    def lower_multi_step(self, S: int, smd: SamplingMetadata) -> jax.stages.Lowered:
+        """The multi-step program of decode bucket S and `smd`'s sampler variant, lowered."""
+        packed, spec = self._empty_multi_step(S)
+        smd_buf, smd_spec = pack(smd)
+        return _jit_multi_step.lower(
+            self._model_def, self._params_leaves, self.kv_cache, packed, self._prev_sampled,
+            smd_buf, spec=spec, smd_spec=smd_spec, impl=self.impl, mesh=self.mesh,
+            unroll=self.unrolls(True), stacked=self.stacked_matmul,
+            num_steps=self.num_scheduler_steps, width=self.max_num_seqs)
 
     def warmup(self) -> tuple[int, float]:
         """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
@@ -267,6 +348,11 @@ class ModelRunner:
                                    device=self._logits_sharding)
                 jax.block_until_ready(_jit_sample(logits, *pack(smd), width=self.max_num_seqs)[:2])
                 count += 1
+        for S, smd in self._multi_step_variants():
+            packed, spec = self._empty_multi_step(S)
+            self.kv_cache, tokens, _ = self._run_multi_step(packed, spec, pack(smd))
+            jax.block_until_ready(tokens)
+            count += 1
         self._compiles_at_warmup = _compile_count[0]
         return count, time.perf_counter() - start
 
@@ -283,6 +369,15 @@ class ModelRunner:
         return _jit_forward(self._model_def, self._params_leaves, self.kv_cache, packed,
                             self._prev_sampled, spec, self.impl, self.mesh,
                             self.unrolls(decode_only), self.stacked_matmul)
+
+    def _run_multi_step(self, packed, spec, packed_smd):
+        """The jitted multi-step program; -> (kv cache, tokens [K, S], next prev_sampled)."""
+        smd_buf, smd_spec = packed_smd
+        return _jit_multi_step(self._model_def, self._params_leaves, self.kv_cache, packed,
+                               self._prev_sampled, smd_buf, spec=spec, smd_spec=smd_spec,
+                               impl=self.impl, mesh=self.mesh, unroll=self.unrolls(True),
+                               stacked=self.stacked_matmul, num_steps=self.num_scheduler_steps,
+                               width=self.max_num_seqs)
 
     def unrolls(self, decode_only: bool) -> bool:
         """Whether a step of this kind runs its layers unrolled (see `unroll_setting`)."""
@@ -361,13 +456,35 @@ class ModelRunner:
             plp_inputs = next_ids, np.pad(last_rows, (0, S - len(reqs)))
         self._prev_rows = sampled_rows
         # Packed here, so that the dispatch thread holds the GIL as briefly as it can.
-        args = (*pack((ids, pos, md, source_rows)), md.decode_only, pack(smd), plp_inputs)
+        if sched.num_steps != 1:
+            launch = self._launch_multi_step
+            args = self._multi_step_args(sched, shape, ids, pos, md, source_rows, smd)
+        else:
+            launch = self._launch
+            args = (*pack((ids, pos, md, source_rows)), md.decode_only, pack(smd), plp_inputs)
         if self._launcher is not None:
-            launched = self._launcher.submit(self._launch, *args)
+            launched = self._launcher.submit(launch, *args)
         else:
             launched = Future()
-            launched.set_result(self._launch(*args))
+            launched.set_result(launch(*args))
         return StepHandle(sched, launched, pos, prompt_rows)
+
+    def _multi_step_args(self, sched, shape, ids, pos, md, source_rows, smd) -> tuple:
+        if sched.num_steps != self.num_scheduler_steps or not shape.decode_only:
+            raise ValueError(f"a multi-step output of {sched.num_steps} steps needs a decode-only "
+                             f"step of num_scheduler_steps={self.num_scheduler_steps}")
+        if not smd.no_penalties or smd.max_num_logprobs or \
+                np.any(smd.suppressed_token_ids >= 0):
+            raise ValueError("a multi-step output cannot use penalties, logprobs or min_tokens")
+        counts = np.zeros(shape.num_seqs, np.int32)
+        counts[:len(sched.scheduled_requests)] = [r.num_steps for r in sched.scheduled_requests]
+        return (*pack((ids, pos, md, source_rows, counts)), pack(smd))
+
+    def _launch_multi_step(self, packed, spec, packed_smd):
+        """`_launch` of a multi-step output; -> (its device tokens [K, S], None)."""
+        self.kv_cache, tokens, self._prev_sampled = self._run_multi_step(packed, spec,
+                                                                         packed_smd)
+        return tokens, None
 
     def _launch(self, packed, spec, decode_only, packed_smd, plp_inputs):
         """Enqueue a step's device work: forward, prompt logprobs, sampler; -> the device
@@ -393,6 +510,11 @@ class ModelRunner:
         sampled, plp = jax.device_get(handle.launched.result())
         reqs, pos = handle.sched.scheduled_requests, handle.positions
         out = ModelRunnerOutput({}, {}, {})
+        if handle.sched.num_steps != 1:  # tokens [K, S]: each request's first num_steps
+            columns = sampled.T.tolist()
+            out.sampled_token_ids = {r.request_id: columns[s][:r.num_steps]
+                                     for s, r in enumerate(reqs)}
+            return out
         # Plain ints in one call: indexing the array costs ~0.1 us a row more.
         token_ids = sampled.sampled_token_ids.tolist()
         out.sampled_token_ids = {r.request_id: t for r, t in zip(reqs, token_ids) if r.sample}

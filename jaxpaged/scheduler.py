@@ -22,6 +22,17 @@ may already be in step N + 1: that step's result for it is dropped. Its freed bl
 to hand out again because the device runs steps in order: a later step's writes land after
 step N + 1's. Outputs are applied in the order they were scheduled.
 
+Multi-step decoding (``num_scheduler_steps=K > 1``, vLLM's ``--num-scheduler-steps``): when
+every running request decodes, none asks for logprobs or penalties, none is under its
+``min_tokens`` and nothing waiting could be admitted, one output covers K decode steps that
+the device runs back to back, each request feeding its own samples back. A request takes
+``min(K, tokens it may still produce)`` of them (``ScheduledRequest.num_steps``): the blocks
+for that many positions are allocated at once and as many placeholders counted, and
+``update_from_output`` takes its list of tokens, appending them one at a time until a stop.
+Tokens after a stop are dropped. The host then plans, prepares and applies once per K tokens
+a request; what it gives up is admitting a new request (or noticing a finished one) in the
+middle of a window.
+
 Invariants (the stateful test checks them after every step):
   * ``running`` is in admission order and ``len(running) <= max_num_seqs``; a step schedules
     at most ``max_num_batched_tokens`` tokens, running requests first, in order.
@@ -58,6 +69,8 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # 1: schedule() and update_from_output() alternate. 2: async scheduling, one step ahead.
     max_outputs_in_flight: int = 1
+    # Decode steps one output may cover (multi-step decoding, see the module docstring).
+    num_scheduler_steps: int = 1
 
     @property
     def max_num_blocks_per_req(self) -> int:
@@ -67,7 +80,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_outputs_in_flight not in (1, 2):
             raise ValueError(f"max_outputs_in_flight must be 1 or 2, got {self.max_outputs_in_flight}")
-        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks < 2:
@@ -91,6 +105,10 @@ class ScheduledRequest:
     # Admitted from the waiting queue by this step (first time, or resumed after preemption):
     # its block table is new, not an extension of one sent before.
     admitted: bool = False
+    # Decode steps this request takes in a multi-step output (1 otherwise): it feeds one token
+    # (at start_pos), then its own samples, and samples num_steps tokens; block_ids cover
+    # start_pos + num_steps.
+    num_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +118,9 @@ class SchedulerOutput:
     preempted_req_ids: list[str]  # preempted in this step (their blocks are gone)
     finished_req_ids: list[str]  # finished since the previous schedule(), for any reason
     errored_req_ids: list[str]  # of those, the ones rejected by add_request (FINISHED_ERROR)
+    # Decode steps the device runs for this output: 1, or num_scheduler_steps for a multi-step
+    # output (every scheduled request feeds one token and takes 1 to num_steps of them).
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -142,6 +163,17 @@ def _scheduled_request(request: Request, num_new_tokens: int) -> ScheduledReques
     return ScheduledRequest(request.request_id, token_ids, start, request.block_ids.copy(), sample)
 
 
+def _scheduled_window(request: Request, num_steps: int) -> ScheduledRequest:
+    """`_scheduled_request` of a decoding request in a multi-step output: it feeds its next
+    token and then its own samples, `num_steps` positions written and tokens sampled."""
+    start = request.num_computed_tokens
+    token_ids = request.all_token_ids[start : start + 1] or [PLACEHOLDER_TOKEN_ID]
+    request.num_computed_tokens = start + num_steps
+    request.num_output_placeholders += num_steps
+    return ScheduledRequest(request.request_id, token_ids, start, request.block_ids.copy(), True,
+                            False, num_steps)
+
+
 class Scheduler:
     """Owns the requests and the BlockManager; plans each step, then applies its results."""
 
@@ -179,6 +211,9 @@ class Scheduler:
         request.stop_eos_token_id = (None if getattr(params, "ignore_eos", False)
                                      else request.eos_token_id)
         request.stop_token_ids = frozenset(getattr(params, "stop_token_ids", None) or ())
+        # Multi-step outputs sample on the device without logprobs or penalties.
+        request.multi_step = (getattr(params, "logprobs", None) is None
+                              and not getattr(params, "uses_penalties", False))
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -262,15 +297,20 @@ class Scheduler:
                 f"update_from_output() (max_outputs_in_flight={self.config.max_outputs_in_flight})"
             )
         plan = _Plan(token_budget=self.config.max_num_batched_tokens)
-        self._schedule_running(plan)
-        if not plan.preempted:  # if blocks ran out for running requests, admit nobody
-            self._schedule_waiting(plan)
+        window = self._decode_window()
+        if window > 1:
+            self._schedule_window(plan, window)
+        else:
+            self._schedule_running(plan)
+            if not plan.preempted:  # if blocks ran out for running requests, admit nobody
+                self._schedule_waiting(plan)
         output = SchedulerOutput(
             scheduled_requests=plan.scheduled,
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.token_budget,
             preempted_req_ids=[r.request_id for r in plan.preempted],
             finished_req_ids=self._finished_req_ids,
             errored_req_ids=list(self._errored),
+            num_steps=window if plan.scheduled else 1,
         )
         self._errored_reported.update(self._errored)
         self._errored.clear()
@@ -302,6 +342,49 @@ class Scheduler:
                     return
             planned(_scheduled_request(request, num_new))
             plan.token_budget -= num_new
+            i += 1
+
+    def _decode_window(self) -> int:
+        """Decode steps the next output covers: num_scheduler_steps when every running request
+        decodes (feeds one token), allows multi-step sampling, is past its min_tokens and can
+        take all of them without reaching its length, and nobody waiting could be admitted
+        instead; else 1. (A request that will take fewer steps than the window, being near its
+        length, only ends the window early for itself.)"""
+        window = self.config.num_scheduler_steps
+        running = self.running
+        if window == 1 or not running or (self.waiting
+                                          and len(running) < self.config.max_num_seqs):
+            return 1
+        longest = 0
+        for request in running:
+            total = len(request.all_token_ids) + request.num_output_placeholders
+            if total - request.num_computed_tokens != 1 or not request.multi_step or \
+                    total - request.num_prompt_tokens < request.min_tokens:
+                return 1
+            longest = max(longest, request.length_limit - total)
+        return window if longest >= window else 1
+
+    def _schedule_window(self, plan: _Plan, window: int) -> None:
+        """`_schedule_running` for a multi-step output: every running request feeds one token
+        and takes up to `window` decode steps (fewer near its length limit), with blocks for
+        all of them; blocks that run out preempt from the end of `running` as usual."""
+        running, allocate_slots = self.running, self.block_manager.allocate_slots
+        i = 0
+        while i < len(running):
+            request = running[i]
+            total = len(request.all_token_ids) + request.num_output_placeholders
+            num_steps = min(window, request.length_limit - total)
+            if num_steps < 1:
+                i += 1  # its placeholders already take it to its length
+                continue
+            while not allocate_slots(request, num_steps):
+                victim = running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is request:
+                    return
+            plan.scheduled.append(_scheduled_window(request, num_steps))
+            plan.token_budget -= 1
             i += 1
 
     def _preempt(self, request: Request) -> None:
@@ -360,11 +443,13 @@ class Scheduler:
         )
 
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int | list[int]]
     ) -> list[Request]:
-        """Apply a step's results; steps are applied in the order they were scheduled. Returns
-        the requests that got a new token (finished or not) and the requests rejected by
-        add_request that this output reported."""
+        """Apply a step's results; steps are applied in the order they were scheduled. A
+        request of a multi-step output (`num_steps` > 1) gets the list of its own `num_steps`
+        tokens; they are appended in order until one stops it. Returns the requests that got
+        new tokens (finished or not) and the requests rejected by add_request that this output
+        reported."""
         if not self._in_flight or self._in_flight[0] is not scheduler_output:
             raise ValueError("update_from_output() got an output that is not the oldest one in flight")
         missing = [
@@ -374,6 +459,12 @@ class Scheduler:
         ]
         if missing:  # checked first, so a bad call changes nothing
             raise ValueError(f"sampled_token_ids has no token for {missing}, which sampled this step")
+        if scheduler_output.num_steps != 1:
+            for s in scheduler_output.scheduled_requests:
+                tokens = sampled_token_ids.get(s.request_id)
+                if s.request_id in self.requests and len(tokens) != s.num_steps:
+                    raise ValueError(f"{s.request_id!r} took {s.num_steps} decode steps but got "
+                                     f"{len(tokens)} tokens")
         self._in_flight.popleft()
         changed = [self._errored_reported.pop(request_id) for request_id in scheduler_output.errored_req_ids]
         requests, block_manager = self.requests, self.block_manager
@@ -382,11 +473,16 @@ class Scheduler:
         num_cached = block_manager.num_cached_blocks if block_manager.enable_prefix_caching else None
         block_size = self.config.block_size
         append, check_stop = changed.append, self._check_stop
+        window = scheduler_output.num_steps != 1
         for scheduled in scheduler_output.scheduled_requests:
             request = requests.get(scheduled.request_id)
             if request is None:  # finished (aborted, stopped) after schedule()
                 continue
             sample = scheduled.sample
+            if window:
+                self._apply_window(request, scheduled, sampled_token_ids[scheduled.request_id])
+                append(request)
+                continue
             if sample:
                 request.num_output_placeholders -= 1
                 request.append_output_token(int(sampled_token_ids[scheduled.request_id]))
@@ -403,6 +499,25 @@ class Scheduler:
                 if check_stop(request):
                     self._finish(request)
         return changed
+
+    def _apply_window(self, request: Request, scheduled: ScheduledRequest,
+                      token_ids: list[int]) -> None:
+        """update_from_output for one request of a multi-step output."""
+        request.num_output_placeholders -= scheduled.num_steps
+        stopped = False
+        for token_id in token_ids:
+            request.append_output_token(int(token_id))
+            if self._check_stop(request):
+                stopped = True
+                break
+        block_manager = self.block_manager
+        if block_manager.enable_prefix_caching:
+            num_known = min(request.num_computed_tokens, len(request.all_token_ids))
+            if num_known // self.config.block_size > \
+                    block_manager.num_cached_blocks.get(request.request_id, 0):
+                block_manager.cache_blocks(request, num_known)
+        if stopped:
+            self._finish(request)
 
     @staticmethod
     def _check_stop(request: Request) -> bool:

@@ -9,8 +9,9 @@ Invariants (kept by the scheduler, checked by its tests):
     ``[0, num_computed_tokens)`` is in the blocks ``block_ids`` (the request's block table), or
     will be once the steps already handed to the device have run.
   * ``num_output_placeholders`` counts tokens a scheduled step will sample but whose ids the
-    host does not know yet (0 or 1 between steps; with async scheduling, the next step may
-    already feed that unknown token, which the device takes from the previous step's output).
+    host does not know yet (between steps: 0 or 1, up to num_scheduler_steps with multi-step
+    outputs; with async scheduling, the next step may already feed the last unknown token,
+    which the device takes from the previous step's output).
   * ``block_hashes[i]`` is the chained hash of the i-th full block of ``all_token_ids``; the
     list only grows, since tokens are never rewritten (preemption keeps it).
 """
@@ -72,11 +73,13 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # Stop conditions resolved from sampling_params once, when the scheduler admits it (read
     # every step): the length at which it finishes (max_tokens or max_model_len), min_tokens,
-    # the EOS id that stops it (None with ignore_eos) and its stop token ids.
+    # the EOS id that stops it (None with ignore_eos) and its stop token ids; and whether its
+    # sampling allows multi-step outputs (no logprobs, no penalties).
     length_limit: int = field(default=0, repr=False)
     min_tokens: int = field(default=0, repr=False)
     stop_eos_token_id: int | None = field(default=None, repr=False)
     stop_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
+    multi_step: bool = field(default=False, repr=False)  # may decode several steps an output
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

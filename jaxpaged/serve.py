@@ -164,6 +164,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=defaults.async_scheduling,
                         help="plan and dispatch step N + 1 while step N runs on the device")
+    parser.add_argument("--num-scheduler-steps", type=int, default=defaults.num_scheduler_steps,
+                        help="decode steps one scheduler output may run on the device (> 1: "
+                             "multi-step decoding; tokens then stream in groups)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction,
                         default=defaults.warmup,
@@ -184,7 +187,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, warmup=args.warmup,
         attention_impl=args.attention_impl, tensor_parallel_size=args.tensor_parallel_size,
-        async_scheduling=args.async_scheduling)
+        async_scheduling=args.async_scheduling, num_scheduler_steps=args.num_scheduler_steps)
 
 
 def run_server(args: argparse.Namespace) -> None:

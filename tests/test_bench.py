@@ -241,6 +241,26 @@ def test_step_recorder_sees_every_step_and_uninstalls(tiny_llm):
     assert all(0 < s.forward_seconds <= s.dispatch_seconds for s in recorder.steps)
 
 
+def test_step_recorder_counts_each_step_of_a_multi_step_output(tiny_model):
+    from jaxpaged import LLM, SamplingParams
+
+    llm = LLM(tiny_model, load_format="dummy", max_num_seqs=4, max_num_batched_tokens=16,
+              max_model_len=64, num_kv_blocks=9, num_scheduler_steps=3)
+    engine = llm.llm_engine
+    recorder = StepRecorder(engine)
+    prompts = random_workload(3, 5, 1, 0.0, 512, seed=2).prompts  # one prefill step
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    recorder.uninstall()
+    assert "_run_multi_step" not in vars(engine.runner)
+    # Every prompt token and the 7 tokens fed back per request, a window's as one a step.
+    assert sum(s.num_tokens for s in recorder.steps) == 15 + 3 * 7
+    decode = recorder.decode_steps(num_seqs=3)
+    assert len(decode) == 7 and all(s.num_tokens == 3 for s in decode)
+    # Contexts grow by one a request a step, inside windows too: 6 + 7 + ... per request.
+    assert [s.context_tokens for s in decode] == [3 * (6 + j) for j in range(7)]
+    assert all(0 < s.forward_seconds for s in decode)
+
+
 def test_reservation_limits_the_batch_and_paging_does_not(tiny_llm):
     engine = tiny_llm.llm_engine
     prompts = random_workload(8, 12, 1, 0.0, 512, seed=1).prompts
@@ -280,6 +300,17 @@ def test_throughput_end_to_end_json(tiny_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "output tok/s" in printed and "of which the forward's call" in printed
     assert "involuntary context switches" in printed
+
+
+def test_throughput_with_multi_step_decoding(tiny_model, tmp_path):
+    out = tmp_path / "r.json"
+    bench.main(["throughput", "--model", tiny_model, *TINY_ENGINE, "--num-prompts", "4",
+                "--input-len", "10", "--output-len", "9", "--ignore-eos", "--copy-bytes",
+                "1000000", "--num-scheduler-steps", "4", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["engine"]["num_scheduler_steps"] == 4
+    assert r["output_tokens"] == 4 * 9 and r["compiles_after_warmup"] == 0
+    assert r["steady_decode"]["num_seqs"] == 4 and r["steady_decode"]["num_steps"] == 8
 
 
 def test_summary_checks_the_targets(tmp_path, capsys):

@@ -217,6 +217,21 @@ def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
     assert llm.llm_engine.runner.num_compiles_since_warmup == 0
 
 
+def test_multi_step_with_the_gpu_kernels_matches_transformers(monkeypatch):
+    """A multi-step program on the GPU path (interpreted): the decode kernel, the KV-write
+    kernel and the stacked projections, in an unrolled decode step, inside the window's loop."""
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
+                   max_num_seqs=4, max_num_batched_tokens=64, num_scheduler_steps=3)
+    assert llm.llm_engine.runner.unrolls(True)
+    windows = _watch_windows(llm.llm_engine)
+    picks = [0, 9]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
+    assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
+    assert windows.count(3) == 2
+
+
 def test_bfloat16_logits_reach_the_sampler_as_compiled():
     """A bf16 model's forward leaves its logits in bf16 (the sampler widens them): warm-up
     compiles the samplers for that dtype, so serving (logprobs included) compiles nothing new."""
@@ -423,3 +438,87 @@ def test_the_dispatch_thread_setting(monkeypatch):
     monkeypatch.setenv("JAXPAGED_SWITCH_INTERVAL_US", "fast")
     with pytest.raises(ValueError, match="JAXPAGED_SWITCH_INTERVAL_US='fast'"):
         switch_interval_setting()
+
+
+# -- multi-step decoding (num_scheduler_steps > 1) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_step():
+    return make_llm(max_num_seqs=16, max_num_batched_tokens=256, warmup=True,
+                    num_scheduler_steps=4)
+
+
+def _watch_windows(engine) -> list[int]:
+    """The num_steps of every output the engine's scheduler plans from now on."""
+    windows, schedule = [], engine.scheduler.schedule
+
+    def watched():
+        out = schedule()
+        windows.append(out.num_steps)
+        return out
+
+    engine.scheduler.schedule = watched
+    return windows
+
+
+def test_multi_step_greedy_matches_transformers_without_compiling(multi_step):
+    engine = multi_step.llm_engine
+    windows = _watch_windows(engine)
+    try:
+        outputs = multi_step.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        del engine.scheduler.schedule
+    assert token_ids(outputs) == EXPECTED
+    assert windows.count(4) >= 4 and set(windows) == {1, 4}
+    assert engine.runner.num_compiles_since_warmup == 0
+    assert kv_blocks_in_use(multi_step) == 0
+
+
+def test_multi_step_gives_what_single_steps_give(llm, multi_step):
+    """Seeded sampling (top-k, top-p, min_tokens), stop strings and ids inside a window,
+    max_tokens shorter than a window, n > 1, and a request with logprobs (which plans single
+    steps while it lives): the same tokens, texts and finish reasons as one step at a time."""
+    text = llm.get_tokenizer().decode(EXPECTED[0])
+    params = [SamplingParams(temperature=1.0, seed=5, max_tokens=20, min_tokens=6,
+                             stop_token_ids=[EXPECTED[0][3]]),
+              SamplingParams(temperature=0.9, top_k=20, top_p=0.8, seed=9, max_tokens=22),
+              SamplingParams(temperature=0.0, max_tokens=32, stop=[text[14:20]]),
+              SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[EXPECTED[1][9]]),
+              SamplingParams(temperature=0.0, max_tokens=2), SamplingParams(temperature=0.0,
+                                                                             max_tokens=7),
+              SamplingParams(temperature=0.8, n=2, seed=3, max_tokens=17), GREEDY]
+    prompts = [PROMPTS[i] for i in (0, 4, 0, 1, 2, 3, 5, 6)]
+    engine = multi_step.llm_engine
+    windows = _watch_windows(engine)
+    try:
+        got = multi_step.generate(prompts, params, use_tqdm=False)
+        first_run = len(windows)
+        # The request with logprobs outlives the others: no window at all.
+        mixed = (prompts[:3] + [PROMPTS[7]],
+                 params[:3] + [SamplingParams(temperature=0.0, max_tokens=40, logprobs=2,
+                                              ignore_eos=True)])
+        with_logprobs = multi_step.generate(*mixed, use_tqdm=False)
+    finally:
+        del engine.scheduler.schedule
+    want = llm.generate(prompts, params, use_tqdm=False)
+    assert windows[:first_run].count(4) >= 3 and windows[first_run:].count(4) == 0
+    for g, w in zip(got, want, strict=True):
+        assert [c.token_ids for c in g.outputs] == [c.token_ids for c in w.outputs]
+        assert [c.text for c in g.outputs] == [c.text for c in w.outputs]
+        assert [(c.finish_reason, c.stop_reason) for c in g.outputs] == \
+            [(c.finish_reason, c.stop_reason) for c in w.outputs]
+    assert got[2].outputs[0].stop_reason == text[14:20]
+    assert got[3].outputs[0].stop_reason == EXPECTED[1][9]
+    assert token_ids(with_logprobs) == token_ids(llm.generate(*mixed, use_tqdm=False))
+    assert len(with_logprobs[3].outputs[0].logprobs) == 40
+    assert kv_blocks_in_use(multi_step) == 0
+
+
+def test_multi_step_under_preemption_matches_transformers():
+    llm = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
+                   enable_prefix_caching=False, num_scheduler_steps=3)
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert token_ids(outputs) == EXPECTED
+    assert kv_blocks_in_use(llm) == 0

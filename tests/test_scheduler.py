@@ -31,6 +31,8 @@ def fake_token(request: Request) -> int:
 def step(sched: Scheduler, tokens: dict[str, int] | None = None) -> tuple[SchedulerOutput, list[Request]]:
     out = sched.schedule()
     sampled = {s.request_id: fake_token(sched.requests[s.request_id]) for s in out.scheduled_requests if s.sample}
+    if out.num_steps > 1:  # a multi-step window: each request's tokens as a list
+        sampled = {s.request_id: [sampled[s.request_id]] * s.num_steps for s in out.scheduled_requests}
     sampled.update(tokens or {})
     changed = sched.update_from_output(out, sampled)
     sched.block_manager.check_invariants(sched.requests.values())
@@ -356,13 +358,112 @@ def test_config_validation(overrides, field):
         make_scheduler(**overrides)
 
 
+# -- multi-step windows -----------------------------------------------------------------------
+
+
+def prefilled(sched: Scheduler, *requests: Request) -> None:
+    """Add the requests and run the prefill step that gives each its first token."""
+    for r in requests:
+        sched.add_request(r)
+    out, _ = step(sched)
+    assert out.num_steps == 1 and all(r.num_output_tokens == 1 for r in requests)
+
+
+def test_a_window_allocates_its_steps_and_appends_its_tokens_in_order():
+    sched = make_scheduler(num_scheduler_steps=4, block_size=4)
+    a = make_request("a", list(range(20, 26)), max_tokens=20)  # 6 tokens: the window crosses a block
+    b = make_request("b", list(range(30, 33)), max_tokens=3)  # 2 steps left after its first token
+    prefilled(sched, a, b)
+    out = sched.schedule()
+    assert out.num_steps == 4 and out.total_num_scheduled_tokens == 2
+    sa, sb = out.scheduled_requests
+    assert (sa.token_ids, sa.start_pos, sa.num_steps) == ([a.output_token_ids[0]], 6, 4)
+    assert (sb.start_pos, sb.num_steps) == (3, 2)  # max_tokens 3: two more tokens
+    # Positions 6..9 are written: three blocks of 4; the placeholders are the window's samples.
+    assert len(sa.block_ids) == 3 and a.num_computed_tokens == 10 and a.num_output_placeholders == 4
+    assert b.num_computed_tokens == 5 and b.num_output_placeholders == 2
+    changed = sched.update_from_output(out, {"a": [41, 42, 43, 44], "b": [51, 52]})
+    assert changed == [a, b]
+    assert a.output_token_ids[1:] == [41, 42, 43, 44] and a.num_output_placeholders == 0
+    assert b.output_token_ids[1:] == [51, 52] and b.status == RequestStatus.FINISHED_LENGTH
+    assert b.block_ids == [] and "b" not in sched.requests
+    sched.block_manager.check_invariants(sched.requests.values())
+
+
+def test_a_stop_inside_a_window_drops_the_tokens_after_it():
+    sched = make_scheduler(num_scheduler_steps=4)
+    a = make_request("a", [20, 21, 22], max_tokens=20, stop_token_ids=[7])
+    c = make_request("c", [23, 24, 25], max_tokens=20)
+    prefilled(sched, a, c)
+    out = sched.schedule()
+    assert out.num_steps == 4
+    changed = sched.update_from_output(out, {"a": [40, 7, 41, 42], "c": [EOS, 43, 44, 45]})
+    assert changed == [a, c]
+    assert a.output_token_ids[1:] == [40, 7] and a.stop_reason == 7
+    assert c.output_token_ids[1:] == [EOS] and c.status == RequestStatus.FINISHED_STOPPED
+    assert not sched.requests and sched.block_manager.num_free_blocks == 63
+
+
+def test_a_window_is_planned_only_when_every_request_allows_it():
+    def window_after_prefill(*requests, **config) -> int:
+        sched = make_scheduler(num_scheduler_steps=3, **config)
+        prefilled(sched, *requests)
+        return sched.schedule().num_steps
+
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=9)) == 3
+    # Logprobs and penalties are computed a step at a time on the host's request.
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=9),
+                                make_request("b", [22, 23], max_tokens=9, logprobs=1)) == 1
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=9,
+                                             repetition_penalty=1.2)) == 1
+    # Under min_tokens, the stop ids are suppressed a step at a time (the next sample is the
+    # second output: suppressed under min_tokens 2, free under 1).
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=9, min_tokens=2)) == 1
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=9, min_tokens=1)) == 3
+    # Nobody can use the whole window.
+    assert window_after_prefill(make_request("a", [20, 21], max_tokens=3)) == 1
+    # A waiting request that could be admitted is admitted now, not after a window.
+    sched = make_scheduler(num_scheduler_steps=3, max_num_seqs=2)
+    prefilled(sched, make_request("a", [20, 21], max_tokens=9))
+    sched.add_request(make_request("b", [22, 23], max_tokens=9))
+    out = sched.schedule()
+    assert out.num_steps == 1 and [s.request_id for s in out.scheduled_requests] == ["a", "b"]
+    # ... but with every sequence slot taken, the waiting one cannot be admitted anyway.
+    sched = make_scheduler(num_scheduler_steps=3, max_num_seqs=1)
+    prefilled(sched, make_request("a", [20, 21], max_tokens=9))
+    sched.add_request(make_request("b", [22, 23], max_tokens=9))
+    assert sched.schedule().num_steps == 3
+
+
+def test_async_after_a_window_feeds_its_last_sample_and_preempts_for_its_blocks():
+    # 5 usable blocks of 2 tokens: the prefills take 2 each, a window of 3 one more each.
+    sched = make_scheduler(num_scheduler_steps=3, block_size=2, num_blocks=6,
+                           max_outputs_in_flight=2)
+    a = make_request("a", [20, 21, 22], max_tokens=7)
+    b = make_request("b", [23, 24, 25], max_tokens=7)
+    prefilled(sched, a, b)
+    first = sched.schedule()
+    assert first.num_steps == 3 and first.preempted_req_ids == ["b"]
+    assert [s.request_id for s in first.scheduled_requests] == ["a"]
+    second = sched.schedule()  # planned before the first is applied
+    [s] = second.scheduled_requests
+    assert s.token_ids == [PLACEHOLDER_TOKEN_ID] and s.start_pos == 6
+    sched.update_from_output(first, {"a": [30, 31, 32]})
+    assert a.all_token_ids[s.start_pos] == 32  # the placeholder is the window's last sample
+    assert second.num_steps == 1  # b waits with a sequence slot free: no window
+    sched.update_from_output(second, {"a": 33})
+    run_to_completion(sched)
+    assert a.num_output_tokens == 7 and b.num_output_tokens == 7 and b.num_preemptions == 1
+
+
 # -- stateful: random traffic against a tiny cache -------------------------------------------
 
 class SchedulerMachine(RuleBasedStateMachine):
     """Adds, steps (with random sampled tokens), aborts and forced preemptions (a tiny cache,
     squeezed further by blocks taken away); after every rule the bookkeeping must add up.
     With max_outputs_in_flight=2 (async scheduling) a step schedules the next output before
-    the previous one is applied, as the engine does."""
+    the previous one is applied, as the engine does; with num_scheduler_steps > 1 some outputs
+    are multi-step windows (num_scheduler_steps 2 or 3), whose requests get lists of tokens."""
 
     @initialize(
         num_blocks=st.integers(4, 16),
@@ -372,9 +473,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_model_len=st.integers(4, 24),
         enable_prefix_caching=st.booleans(),
         max_outputs_in_flight=st.sampled_from([1, 2]),
+        num_scheduler_steps=st.sampled_from([1, 2, 3]),
     )
     def init(self, num_blocks, block_size, max_num_seqs, extra_budget, max_model_len, enable_prefix_caching,
-             max_outputs_in_flight):
+             max_outputs_in_flight, num_scheduler_steps):
         self.config = SchedulerConfig(
             max_model_len=max_model_len,
             num_blocks=num_blocks,
@@ -383,6 +485,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_num_batched_tokens=max_num_seqs + extra_budget,
             enable_prefix_caching=enable_prefix_caching,
             max_outputs_in_flight=max_outputs_in_flight,
+            num_scheduler_steps=num_scheduler_steps,
         )
         self.sched = Scheduler(self.config)
         self.in_flight: list = []  # scheduled outputs not applied yet, oldest first
@@ -392,12 +495,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         n=st.integers(1, 3),
-        max_tokens=st.integers(1, 8),
+        max_tokens=st.integers(1, 12),
         min_tokens=st.integers(0, 2),
         ignore_eos=st.booleans(),
         prompt_logprobs=st.sampled_from([None, None, 1]),
+        logprobs=st.sampled_from([None, None, None, 1]),
     )
-    def add(self, data, n, max_tokens, min_tokens, ignore_eos, prompt_logprobs):
+    def add(self, data, n, max_tokens, min_tokens, ignore_eos, prompt_logprobs, logprobs):
         # Mostly prompts that fit, a few that are empty or too long; a small alphabet makes
         # shared prefixes (and prefix hits) common.
         cfg = self.config
@@ -405,7 +509,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         prompt = data.draw(st.lists(st.integers(0, 3), max_size=max_len))
         params = SamplingParams(
             n=n, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), ignore_eos=ignore_eos,
-            stop_token_ids=[3], prompt_logprobs=prompt_logprobs,
+            stop_token_ids=[3], prompt_logprobs=prompt_logprobs, logprobs=logprobs,
         )
         for _ in range(n):  # parallel sampling: n children with one prompt
             req = Request(f"r{self.next_id}", prompt, params, eos_token_id=EOS)
@@ -435,9 +539,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         old = [i for i in ids if i in running_before]
         # Running first, in order (one whose step in flight ends it by length is skipped).
         assert ids[: len(old)] == old == [i for i in running_before if i in old]
+        if out.num_steps > 1:  # a multi-step window: decodes only, of requests that allow it
+            assert out.num_steps == cfg.num_scheduler_steps and ids
+            for s in out.scheduled_requests:
+                req = sched.requests[s.request_id]
+                assert len(s.token_ids) == 1 and s.sample and 1 <= s.num_steps <= out.num_steps
+                assert req.multi_step and req.sampling_params.logprobs is None
+                assert s.start_pos - req.num_prompt_tokens >= req.min_tokens - 1
+            # The window is as long as some request can use (unless that one was preempted).
+            assert max(s.num_steps for s in out.scheduled_requests) == out.num_steps or \
+                out.preempted_req_ids
+            event("multi-step window")
+        else:
+            assert all(s.num_steps == 1 for s in out.scheduled_requests)
         for s in out.scheduled_requests:
             req = sched.requests[s.request_id]
-            end = s.start_pos + len(s.token_ids)
+            # Positions written by the step(s): one a token fed, one a step of a window.
+            end = s.start_pos + len(s.token_ids) - 1 + s.num_steps
             assert s.token_ids and end == req.num_computed_tokens  # advanced at schedule time
             known = req.all_token_ids[s.start_pos : end]
             assert s.token_ids[: len(known)] == known
@@ -455,22 +573,34 @@ class SchedulerMachine(RuleBasedStateMachine):
         if abort_mid_step and ids:
             sched.finish_requests(data.draw(st.sampled_from(ids)), RequestStatus.FINISHED_ABORTED)
         while len(self.in_flight) >= cfg.max_outputs_in_flight or (drain and self.in_flight):
-            self.apply_oldest(data.draw(st.integers(0, 12)))
+            self.apply_oldest(data.draw(st.lists(st.integers(0, 12), min_size=3, max_size=3)))
 
-    def apply_oldest(self, token: int):
+    def apply_oldest(self, tokens: list[int]):
+        """Apply the oldest output: a request samples tokens[0], or in a window tokens[:k]."""
         sched = self.sched
         out = self.in_flight.pop(0)
-        sampled = {s.request_id: token for s in out.scheduled_requests if s.sample}
+        sampled = {s.request_id: tokens[: s.num_steps] if out.num_steps > 1 else tokens[0]
+                   for s in out.scheduled_requests if s.sample}
+        lengths = {s.request_id: sched.requests[s.request_id].num_output_tokens
+                   for s in out.scheduled_requests if s.request_id in sched.requests}
         for req in sched.update_from_output(out, sampled):
             assert req.is_finished or req.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
             if req.is_finished:
                 assert req.block_ids == [] and req.request_id not in sched.requests
-        # A placeholder in the next output is the token this output just sampled.
+            if req.request_id in lengths:  # its tokens, in order, up to the first that stops it
+                new = req.output_token_ids[lengths[req.request_id]:]
+                got = sampled[req.request_id]
+                got = got if isinstance(got, list) else [got]
+                assert new == got[: len(new)] and new
+                assert len(new) == len(got) or req.is_finished
+        # A placeholder in the next output is the token this output sampled last.
         for nxt in self.in_flight:
             for s in nxt.scheduled_requests:
                 req = sched.requests.get(s.request_id)
                 if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID and req is not None:
-                    assert req.all_token_ids[s.start_pos + len(s.token_ids) - 1] == token
+                    last = sampled[s.request_id]
+                    last = last[-1] if isinstance(last, list) else last
+                    assert req.all_token_ids[s.start_pos + len(s.token_ids) - 1] == last
 
     @precondition(lambda self: self.sched.requests)
     @rule(data=st.data())
@@ -504,7 +634,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert req.block_ids == [] and req.num_computed_tokens == 0
         for req in sched.requests.values():
-            assert req.num_output_placeholders <= len(self.in_flight)
+            assert req.num_output_placeholders <= len(self.in_flight) * self.config.num_scheduler_steps
         for req in sched.running:
             assert req.status == RequestStatus.RUNNING
             assert req.num_tokens <= self.config.max_model_len
@@ -527,7 +657,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if self.sched.has_requests():
                 self.in_flight.append(self.sched.schedule())
             if len(self.in_flight) >= self.config.max_outputs_in_flight or not self.sched.has_requests():
-                self.apply_oldest(rng.randrange(7))
+                self.apply_oldest([rng.randrange(7) for _ in range(3)])
             self.bookkeeping_adds_up()
         assert not self.sched.has_requests() and not self.in_flight
         bm = self.sched.block_manager
