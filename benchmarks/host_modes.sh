@@ -14,7 +14,9 @@
 # shows whether placement decides the mode). EXTRA_ENV="VAR=value ..." is set for every run.
 # VARIANTS="name:VAR=value,VAR=value name2:..." makes it an A/B: each of the RUNS rounds runs
 # every variant once, in turn (interleaved, so a host that changes speed mid-call hits all of
-# them), e.g. VARIANTS="base:JAXPAGED_DISPATCH_THREAD=0 thread:JAXPAGED_DISPATCH_THREAD=1". For a dry run
+# them), e.g. VARIANTS="base:JAXPAGED_DISPATCH_THREAD=0 thread:JAXPAGED_DISPATCH_THREAD=1";
+# a setting that starts with -- is a flag of the benchmark instead, e.g.
+# VARIANTS="k1: k8:--num-scheduler-steps=8". For a dry run
 # on the CPU: MODEL_ARGS= WORKLOAD="--num-prompts 4 --input-len 16 --output-len 8" (the
 # embedded SmolLM2).
 set -uo pipefail
@@ -30,12 +32,12 @@ export JAXPAGED_GIT_REV=${JAXPAGED_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 LOG=$OUT/host_modes.log
 
-run() {  # run NAME [command prefix...]
+run() {  # run NAME [command prefix...]; $FLAGS: extra benchmark flags
   local name=$1
   shift
   echo "=== $name" | tee -a "$LOG"
   # shellcheck disable=SC2086  # the *_ARGS variables are word lists
-  env ${EXTRA_ENV:-} "$@" "$PY" -m jaxpaged.bench throughput $MODEL_ARGS \
+  env ${EXTRA_ENV:-} "$@" "$PY" -m jaxpaged.bench throughput $MODEL_ARGS ${FLAGS:-} \
     --max-num-seqs 256 --max-num-batched-tokens 8192 $WORKLOAD --ignore-eos \
     --json "$OUT/host_modes_$name.json" 2>&1 | grep --line-buffered -v "Processed prompts" \
     | tee -a "$LOG" | grep "steady decode\|main thread"
@@ -44,9 +46,12 @@ run() {  # run NAME [command prefix...]
 
 for i in $(seq 1 "$RUNS"); do
   for variant in ${VARIANTS:-r:}; do
-    settings=${variant#*:}
-    # shellcheck disable=SC2086  # the variant's settings are a word list
-    run "${variant%%:*}$i" env ${settings//,/ }
+    settings=() FLAGS=""
+    IFS=, read -ra words <<< "${variant#*:}"
+    for word in "${words[@]}"; do
+      if [[ $word == --* ]]; then FLAGS+=" ${word/=/ }"; else settings+=("$word"); fi
+    done
+    run "${variant%%:*}$i" env "${settings[@]}"
   done
 done
 if [[ ${PIN:-0} == 1 ]]; then
