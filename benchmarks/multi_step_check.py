@@ -47,7 +47,7 @@ def main() -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
               if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i,
                                            max_tokens=int(n), min_tokens=5, ignore_eos=True)
-              for i, n in enumerate(rng.integers(3, 60, args.num_prompts))]
+              for i, n in enumerate(rng.integers(6, 60, args.num_prompts))]
     single, t1, c1 = run(args, 1, prompts, params)
     multi, tk, ck = run(args, args.steps, prompts, params)
     equal = [a == b for a, b in zip(single, multi)]

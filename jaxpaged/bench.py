@@ -56,9 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "jax.distributed.initialize; see docs/tensor_parallel.md)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="plan and dispatch step N + 1 while step N runs on the device")
-    g.add_argument("--num-scheduler-steps", type=_positive_int, default=1,
+    g.add_argument("--num-scheduler-steps", type=_positive_int, default=None,
                    help="decode steps one scheduler output may run on the device (vLLM's "
-                        "multi-step scheduling; default 1)")
+                        "multi-step scheduling; default: 4 on a GPU, 1 on the CPU)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 (greedy, default) gives every system the same work per token")
     g.add_argument("--json", default=None, metavar="PATH",

@@ -93,7 +93,7 @@ def engine_summary(llm: Any) -> dict[str, Any]:
             "block_size": engine.config.block_size, "dtype": np.dtype(engine.model.dtype).name,
             "tensor_parallel_size": engine.config.tensor_parallel_size,
             "async_scheduling": engine.config.async_scheduling,
-            "num_scheduler_steps": engine.config.num_scheduler_steps,
+            "num_scheduler_steps": engine.num_scheduler_steps,
             "warmup_programs": programs, "warmup_s": seconds}
 
 

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULTS = (16, 256, 1024)
 _GPU_DEFAULTS = (256, 8192, 8192)
 _CPU_KV_BYTES = 1 << 30  # the CPU has no device-memory figure to take a fraction of
+# Decode steps a scheduler output may cover on a GPU (EngineConfig.num_scheduler_steps None).
+# With 4, llama-3.2-1b's steady step at batch 256 on an H100 went from 4.91 to 3.70 ms (the
+# host's share of a token from 3.7 to 1.3 ms; benchmarks/NOTES_engine.md, tenth session); 8
+# measured the same as 4, and each step of a window is one more token a new request may wait.
+GPU_SCHEDULER_STEPS = 4
 
 
 # Objects allocated between the collector's youngest-generation passes (Python's default: 700).
@@ -117,6 +122,8 @@ class LLMEngine:
         self.max_num_seqs = config.max_num_seqs or seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(tokens,
                                                                            self.max_num_seqs)
+        self.num_scheduler_steps = config.num_scheduler_steps or (
+            1 if on_cpu else GPU_SCHEDULER_STEPS)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(on_cpu)
         impl = config.attention_impl
         if impl == "auto":
@@ -126,18 +133,19 @@ class LLMEngine:
                                   max_num_batched_tokens=self.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, attention_impl=impl,
                                   mesh=self.mesh,
-                                  num_scheduler_steps=config.num_scheduler_steps)
+                                  num_scheduler_steps=self.num_scheduler_steps)
         self.scheduler = Scheduler(SchedulerConfig(
             max_model_len=self.max_model_len, num_blocks=num_blocks,
             block_size=config.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
             max_outputs_in_flight=2 if config.async_scheduling else 1,
-            num_scheduler_steps=config.num_scheduler_steps))
+            num_scheduler_steps=self.num_scheduler_steps))
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device), "
-                    "attention=%s, tensor_parallel_size=%d", num_blocks - 1, config.block_size,
-                    (num_blocks - 1) * config.block_size,
-                    self._kv_bytes_per_block() * num_blocks / 2**30, impl, tp)
+                    "attention=%s, tensor_parallel_size=%d, num_scheduler_steps=%d",
+                    num_blocks - 1, config.block_size, (num_blocks - 1) * config.block_size,
+                    self._kv_bytes_per_block() * num_blocks / 2**30, impl, tp,
+                    self.num_scheduler_steps)
         self.warmup_stats: tuple[int, float] | None = None
         if config.warmup:
             self.warmup_stats = self.runner.warmup()

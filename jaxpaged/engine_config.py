@@ -25,7 +25,8 @@ class EngineConfig:
     async_scheduling: bool = True
     # Decode steps one scheduler output may cover (vLLM's --num-scheduler-steps): > 1 runs
     # that many decode steps in one device program when the batch allows (jaxpaged.scheduler).
-    num_scheduler_steps: int = 1
+    # None picks per platform: 4 on a GPU, 1 on the CPU (LLMEngine.num_scheduler_steps).
+    num_scheduler_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -43,9 +44,10 @@ class EngineConfig:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a "
                              f"positive int")
-        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+        if self.num_scheduler_steps is not None and (
+                not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1):
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps!r} must be a "
-                             f"positive int")
+                             f"positive int or None")
         if self.attention_impl not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: auto, reference, "
                              f"pallas")

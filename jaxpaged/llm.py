@@ -24,7 +24,7 @@ class LLM:
                  kv_cache_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,
                  seed: int = 0, warmup: bool = True, attention_impl: str = "auto",
                  tensor_parallel_size: int = 1, async_scheduling: bool = True,
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int | None = None):
         config = EngineConfig(
             model=model, dtype=dtype, load_format=load_format, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -158,8 +158,9 @@ def _multi_step(model_def, params_leaves, kv_cache, packed, prev_sampled, packed
                                       kv_lens=jnp.where(step_counts > 0, md.kv_lens + offset, 0))
         kv_cache, logits = _forward(model_def, params, kv_cache, ids, pos, step_md, impl, mesh,
                                     unroll, stacked)
-        new = sample(logits, dataclasses.replace(
-            smd, output_positions=smd.output_positions + k)).sampled_token_ids
+        # Nothing is suppressed in a window: no copy of the logits for it.
+        new = sample(logits, dataclasses.replace(smd, output_positions=smd.output_positions + k),
+                     suppress=False).sampled_token_ids
         return (kv_cache, jnp.where(live, new, ids), jnp.where(live, new, last_ids),
                 tokens.at[k].set(new))
 

@@ -166,15 +166,20 @@ def _random_sample(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return jnp.argmax(logits + noise, axis=-1)
 
 
-def sample(logits: jax.Array, md: SamplingMetadata,
-           return_logits: bool = False) -> SamplerOutput | tuple[SamplerOutput, jax.Array]:
+def sample(logits: jax.Array, md: SamplingMetadata, return_logits: bool = False,
+           suppress: bool = True) -> SamplerOutput | tuple[SamplerOutput, jax.Array]:
     """Draws one token per row of ``logits`` ([R, V] in the model's dtype, widened to f32
     here); jit it with ``md`` as an argument. ``return_logits`` also returns the logits after
     the min_tokens suppression, in their own dtype: a jit that donates ``logits`` and returns
     them aliases the two, so the suppression writes its -inf in place and, without logprobs or
-    penalties, the step reads the logits once (no f32 copy of them reaches memory)."""
+    penalties, the step reads the logits once (no f32 copy of them reaches memory).
+    ``suppress=False`` skips the suppression (and its copy of the logits where they are not
+    donated): for callers whose rows are all past their min_tokens."""
     num_rows, vocab_size = logits.shape
     raw_logits = logits  # the reported logprobs are of these, before suppression and penalties
+    if not suppress:
+        out = _sample(logits.astype(jnp.float32), raw_logits, md)
+        return (out, logits) if return_logits else out
     suppressed = jnp.where(md.suppressed_token_ids >= 0, md.suppressed_token_ids, vocab_size)
     # -inf is exact in every float dtype, so suppressing before widening changes nothing.
     suppressed_logits = logits.at[jnp.arange(num_rows)[:, None], suppressed].set(-jnp.inf,

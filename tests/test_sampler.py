@@ -330,3 +330,14 @@ def test_runner_sampler_suppresses_in_place_in_the_model_dtype() -> None:
     assert np.isneginf(np.asarray(suppressed, np.float32)[[0, 2], 0]).all()
     assert not np.isneginf(np.asarray(suppressed, np.float32)[[1, 3], 0]).any()
     assert int(got.sampled_token_ids[1]) == 0 and int(got.sampled_token_ids[0]) != 0
+
+
+def test_sampling_without_suppression_equals_sampling_when_nothing_is_suppressed() -> None:
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(6, V)).astype(np.float32))
+    rows = [row(temperature=0.0), row(seed=1, temperature=0.9, top_k=3), row(seed=2, top_p=0.7),
+            row(temperature=0.0, min_tokens=1, tokens=[4, 4], eos=2), None, row(seed=5)]
+    md = build_sampling_metadata(rows, 6, V, L)
+    assert not np.any(md.suppressed_token_ids >= 0)
+    want = sample_jit(logits, md)
+    got = jax.jit(sample, static_argnames="suppress")(logits, md, suppress=False)
+    np.testing.assert_array_equal(got.sampled_token_ids, want.sampled_token_ids)

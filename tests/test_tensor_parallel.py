@@ -309,6 +309,24 @@ def test_stacked_matmul_engine_on_2_shards_matches_unsharded(monkeypatch, tmp_pa
     assert "stacked_matmul" in runner.lower_forward(decode).as_text()
 
 
+def test_multi_step_windows_on_2_shards_match_single_steps_unsharded(monkeypatch, tmp_path):
+    """num_scheduler_steps=3 on the stacked GPU path at tensor_parallel_size 2 (the window's
+    loop around the per-shard kernels): the unsharded single-step engine's greedy tokens."""
+    _tiny_hf_model("qwen2", tmp_path)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = LLM(str(tmp_path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+               max_model_len=128, warmup=False).generate(TINY_PROMPTS, greedy, use_tqdm=False)
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, attention_impl="pallas", dtype="float32",
+              max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, warmup=False,
+              num_scheduler_steps=3)
+    windows, schedule = [], llm.llm_engine.scheduler.schedule
+    llm.llm_engine.scheduler.schedule = lambda: windows.append(schedule()) or windows[-1]
+    got = llm.generate(TINY_PROMPTS, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert sum(out.num_steps == 3 for out in windows) >= 2
+
+
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_smollm2_on_2_3_4_shards_matches_transformers(smollm2, tp):
     """SmolLM2's 9 query and 3 KV heads split three ways as they are, and two or four ways
