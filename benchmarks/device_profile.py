@@ -3,7 +3,8 @@
     python benchmarks/device_profile.py --model llama-3.1-8b --batch 256 --context 640
 
 Fills the batch with dummy-weight requests, steps until every request decodes, then records
-`--steps` engine steps with the JAX profiler and sums the device's kernel events by name
+`--steps` engine steps (each a window of several decode steps under multi-step decoding,
+and then reported per decode step) with the JAX profiler and sums the device's kernel events by name
 (jax.profiler.ProfileData, no TensorBoard needed). `--phase prefill` records the prompts' steps
 instead (from the first, at most `--steps` of them, each a full `--max-num-batched-tokens`
 chunk but the last): where issue 5's workload spends its prefill time. Prints the top kernels
@@ -122,7 +123,9 @@ def main() -> None:
         jax.effects_barrier()
         wall = time.perf_counter() - t0
     tokens = computed() - start
-    args.steps = steps
+    # A decode call of the engine may run a multi-step window: count decode steps, a token
+    # for each request each.
+    args.steps = steps = steps if args.phase == "prefill" else max(1, round(tokens / args.batch))
     seconds, counts, planes, events = kernel_times(trace_dir)
     total = sum(seconds.values()) or float("nan")
     timeline = idle_gaps(events)
