@@ -23,6 +23,7 @@ Invariants:
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -278,27 +279,37 @@ class ModelRunner:
                                  num_logits=shape.num_logits, decode_only=shape.decode_only)
 
     def _precompile(self) -> None:
-        """Compile the forward of every bucket concurrently: XLA compiles outside the GIL, so
-        the threads divide warm-up time by the cores available. The sequential pass in
-        `warmup` then finds each program already compiled."""
-        def compile_one(shape: BucketShape) -> None:
-            self.lower_forward(shape).compile()
+        """Compile every program of warm-up concurrently: XLA compiles outside the GIL, so the
+        threads divide warm-up time by the cores available. One queue, the slowest programs
+        first (the window programs and the unrolled decode steps, then the other forwards,
+        then the samplers and prompt-logprobs programs), so no thread idles at a phase's end
+        while another finishes a long compile. The sequential pass in `warmup` then finds each
+        program already compiled."""
+        shapes = sorted(self.bucket_shapes(), key=lambda shape: not shape.decode_only)
 
-        def compile_sampler(args: tuple) -> None:
-            logits, smd = args
-            _jit_sample.lower(logits, *pack(smd), width=self.max_num_seqs).compile()
+        def logits(rows: int) -> jax.ShapeDtypeStruct:  # the forward's: in the model's dtype
+            return jax.ShapeDtypeStruct((rows, self.vocab_size), self.loaded.dtype,
+                                        sharding=self._logits_sharding)
 
-        # The forward leaves logits in the model's dtype (models/llama.py).
-        samplers = [(jax.ShapeDtypeStruct((S, self.vocab_size), self.loaded.dtype,
-                                          sharding=self._logits_sharding), smd)
-                    for S in self.seq_buckets
-                    for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)]
+        def rows(n: int) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((n,), jnp.int32)
+
+        prompt_logprobs = [shape for shape in shapes if shape.num_logits != shape.num_seqs]
+        jobs = ([functools.partial(self.lower_multi_step, S, smd)
+                 for S, smd in self._multi_step_variants()]
+                + [functools.partial(self.lower_forward, shape) for shape in shapes]
+                + [functools.partial(_jit_sample.lower, logits(S), *pack(smd),
+                                     width=self.max_num_seqs)
+                   for S in self.seq_buckets
+                   for smd in sampling_metadata_variants(S, self.vocab_size, self.max_model_len)]
+                + [functools.partial(_jit_prompt_logprobs.lower, logits(shape.num_logits),
+                                     rows(shape.num_logits), num=self.num_logprobs)
+                   for shape in prompt_logprobs]
+                + [functools.partial(_jit_take_rows.lower, logits(shape.num_logits),
+                                     rows(shape.num_seqs)) for shape in prompt_logprobs])
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(compile_one, self.bucket_shapes()))
-            list(pool.map(compile_sampler, samplers))
-            list(pool.map(lambda args: self.lower_multi_step(*args).compile(),
-                          self._multi_step_variants()))
+            list(pool.map(lambda lower: lower().compile(), jobs))
 
     def lower_forward(self, shape: BucketShape) -> jax.stages.Lowered:
         """The forward program of one bucket, lowered (not compiled) for its empty step."""

@@ -522,3 +522,35 @@ def test_multi_step_under_preemption_matches_transformers():
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert token_ids(outputs) == EXPECTED
     assert kv_blocks_in_use(llm) == 0
+
+
+def test_multi_step_streams_cumulative_outputs_and_aborts_mid_window(multi_step):
+    """The streaming engine under windows of 4: each report extends the last by 1 to 4 tokens
+    (text with them), the completions end as transformers', and an abort while a window is in
+    flight finishes that request alone and frees its blocks."""
+    engine = multi_step.llm_engine
+    for name, i in (("a", 8), ("b", 9), ("c", 10)):
+        engine.add_request(name, PROMPTS[i], SamplingParams(temperature=0, max_tokens=32))
+    reports: dict[str, list] = {"a": [], "b": [], "c": []}
+    step = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            reports[o.request_id].append(o)
+        step += 1
+        if step == 4:
+            engine.abort_request("c")
+    tok = multi_step.get_tokenizer()
+    for name, i in (("a", 8), ("b", 9)):
+        lens = [len(o.outputs[0].token_ids) for o in reports[name]]
+        assert all(1 <= b - a <= 4 for a, b in zip(lens, lens[1:])) and max(
+            b - a for a, b in zip(lens, lens[1:])) == 4
+        final = reports[name][-1]
+        assert final.finished and final.outputs[0].token_ids == EXPECTED[i]
+        assert final.outputs[0].text == tok.decode(EXPECTED[i], skip_special_tokens=True)
+        texts = [o.outputs[0].text for o in reports[name]]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    aborted = reports["c"][-1]
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert aborted.outputs[0].token_ids == EXPECTED[10][:len(aborted.outputs[0].token_ids)]
+    assert kv_blocks_in_use(multi_step) == 0
+    engine.scheduler.block_manager.check_invariants([])
