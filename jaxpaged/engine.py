@@ -6,7 +6,10 @@ scheduler applies the sampled tokens, and the engine turns what changed into out
 and dispatches step N + 1 before it waits for step N, so the host's scheduling, input
 preparation and output processing overlap the device's work instead of idling it; outputs are
 the same token for token. Requests with repetition/frequency/presence penalties need every
-previous token on the host, so while one is live the engine runs steps one at a time.
+previous token on the host, so while one is live the engine runs steps one at a time. With
+multi-step decoding (`num_scheduler_steps`, 4 on a GPU) a step may be a window of several
+decode steps (jaxpaged.scheduler): a request then gets up to that many tokens from one
+`step()`, cut at a stop string like any other.
 
 A request with `n > 1` fans out into `n` child requests sharing its prompt (and, through the
 prefix cache, its prompt's KV blocks).

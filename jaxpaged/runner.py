@@ -7,6 +7,10 @@ Invariants:
     it stays 0 through `generate`).
   * A decode-only step (every scheduled request feeds one token) uses T = S, so the GPU path
     can run the decode kernel; any other step uses T from the token ladder and S = min(T, max).
+  * A multi-step output (`SchedulerOutput.num_steps` = num_scheduler_steps > 1) is a
+    decode-only step of bucket S run num_steps times in one program (`_multi_step`), one per
+    (S, sampler variant without penalties or logprobs), also compiled at warm-up; its sampled
+    ids come back as [num_steps, S], and the next step's placeholders take each row's last.
   * Logits rows: one per sequence slot (R = S), or one per token (R = T) when a request wants
     prompt logprobs in this step.
   * `dispatch` only enqueues device work and returns; `fetch` waits for it. Between the two the
@@ -342,7 +346,8 @@ class ModelRunner:
             num_steps=self.num_scheduler_steps, width=self.max_num_seqs)
 
     def warmup(self) -> tuple[int, float]:
-        """Compile every bucket's forward and every sampler variant; -> (count, seconds)."""
+        """Compile every bucket's forward, every sampler variant and every multi-step window
+        program; -> (count, seconds)."""
         start, count = time.perf_counter(), 0
         self._precompile()
         for shape in self.bucket_shapes():

@@ -346,10 +346,10 @@ class Scheduler:
 
     def _decode_window(self) -> int:
         """Decode steps the next output covers: num_scheduler_steps when every running request
-        decodes (feeds one token), allows multi-step sampling, is past its min_tokens and can
-        take all of them without reaching its length, and nobody waiting could be admitted
-        instead; else 1. (A request that will take fewer steps than the window, being near its
-        length, only ends the window early for itself.)"""
+        decodes (feeds one token), allows multi-step sampling and is past its min_tokens, some
+        request can take all of them before reaching its length, and nobody waiting could be
+        admitted instead; else 1. (A request that takes fewer steps than the window, being
+        near its length, only ends the window early for itself.)"""
         window = self.config.num_scheduler_steps
         running = self.running
         if window == 1 or not running or (self.waiting
@@ -462,9 +462,11 @@ class Scheduler:
         if scheduler_output.num_steps != 1:
             for s in scheduler_output.scheduled_requests:
                 tokens = sampled_token_ids.get(s.request_id)
-                if s.request_id in self.requests and len(tokens) != s.num_steps:
-                    raise ValueError(f"{s.request_id!r} took {s.num_steps} decode steps but got "
-                                     f"{len(tokens)} tokens")
+                if s.request_id in self.requests and (not isinstance(tokens, (list, tuple))
+                                                      or len(tokens) != s.num_steps):
+                    raise ValueError(f"{s.request_id!r} took {s.num_steps} decode steps of a "
+                                     f"multi-step output; got {tokens!r}, not a list of "
+                                     f"{s.num_steps} token ids")
         self._in_flight.popleft()
         changed = [self._errored_reported.pop(request_id) for request_id in scheduler_output.errored_req_ids]
         requests, block_manager = self.requests, self.block_manager

@@ -390,6 +390,19 @@ def test_a_window_allocates_its_steps_and_appends_its_tokens_in_order():
     sched.block_manager.check_invariants(sched.requests.values())
 
 
+def test_a_window_refuses_results_of_the_wrong_shape_and_changes_nothing():
+    sched = make_scheduler(num_scheduler_steps=3)
+    a = make_request("a", [20, 21, 22], max_tokens=20)
+    prefilled(sched, a)
+    out = sched.schedule()
+    for bad in ({"a": 40}, {"a": [40, 41]}, {}):
+        with pytest.raises(ValueError, match="'a'"):
+            sched.update_from_output(out, bad)
+    assert a.num_output_tokens == 1 and a.num_output_placeholders == 3
+    sched.update_from_output(out, {"a": [40, 41, 42]})
+    assert a.output_token_ids[1:] == [40, 41, 42]
+
+
 def test_a_stop_inside_a_window_drops_the_tokens_after_it():
     sched = make_scheduler(num_scheduler_steps=4)
     a = make_request("a", [20, 21, 22], max_tokens=20, stop_token_ids=[7])
