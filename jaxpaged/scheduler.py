@@ -332,17 +332,24 @@ class Scheduler:
                 i += 1  # a placeholder already takes it to its length: it finishes when applied
                 continue
             num_new = min(total - request.num_computed_tokens, plan.token_budget)
-            while not allocate_slots(request, num_new):
-                # Recompute preemption: the most recently admitted request gives its blocks
-                # back; it may be this very request when it is the last one running.
-                victim = running.pop()
-                self._preempt(victim)
-                plan.preempted.append(victim)
-                if victim is request:
-                    return
+            if not allocate_slots(request, num_new) and \
+                    not self._preempt_until_allocated(request, num_new, plan):
+                return
             planned(_scheduled_request(request, num_new))
             plan.token_budget -= num_new
             i += 1
+
+    def _preempt_until_allocated(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
+        """Recompute preemption until `request` gets blocks for `num_tokens` more: the most
+        recently admitted request gives its blocks back, which may be this very request when
+        it is the last one running. -> False if it was (it is preempted, not planned)."""
+        while not self.block_manager.allocate_slots(request, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _decode_window(self) -> int:
         """Decode steps the next output covers: num_scheduler_steps when every running request
@@ -377,12 +384,9 @@ class Scheduler:
             if num_steps < 1:
                 i += 1  # its placeholders already take it to its length
                 continue
-            while not allocate_slots(request, num_steps):
-                victim = running.pop()
-                self._preempt(victim)
-                plan.preempted.append(victim)
-                if victim is request:
-                    return
+            if not allocate_slots(request, num_steps) and \
+                    not self._preempt_until_allocated(request, num_steps, plan):
+                return
             plan.scheduled.append(_scheduled_window(request, num_steps))
             plan.token_budget -= 1
             i += 1
