@@ -554,3 +554,19 @@ def test_multi_step_streams_cumulative_outputs_and_aborts_mid_window(multi_step)
     assert aborted.outputs[0].token_ids == EXPECTED[10][:len(aborted.outputs[0].token_ids)]
     assert kv_blocks_in_use(multi_step) == 0
     engine.scheduler.block_manager.check_invariants([])
+
+
+def test_num_scheduler_steps_is_checked_and_defaults_per_platform(llm, multi_step):
+    import argparse
+
+    from jaxpaged.engine_config import EngineConfig
+    from jaxpaged.serve import add_cli_args, engine_config_from_args
+
+    for bad in (0, -2, 1.5, "4"):
+        with pytest.raises(ValueError, match=f"num_scheduler_steps={bad!r}"):
+            EngineConfig(num_scheduler_steps=bad)
+    assert EngineConfig().num_scheduler_steps is None  # the engine picks: 1 on the CPU
+    assert llm.llm_engine.num_scheduler_steps == 1 and llm.llm_engine.runner.num_scheduler_steps == 1
+    assert multi_step.llm_engine.scheduler.config.num_scheduler_steps == 4
+    args = add_cli_args(argparse.ArgumentParser()).parse_args(["--num-scheduler-steps", "3"])
+    assert engine_config_from_args(args).num_scheduler_steps == 3
