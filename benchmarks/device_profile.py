@@ -3,12 +3,13 @@
     python benchmarks/device_profile.py --model llama-3.1-8b --batch 256 --context 640
 
 Fills the batch with dummy-weight requests, steps until every request decodes, then records
-`--steps` engine steps (each a window of several decode steps under multi-step decoding,
-and then reported per decode step) with the JAX profiler and sums the device's kernel events by name
-(jax.profiler.ProfileData, no TensorBoard needed). `--phase prefill` records the prompts' steps
-instead (from the first, at most `--steps` of them, each a full `--max-num-batched-tokens`
-chunk but the last): where issue 5's workload spends its prefill time. Prints the top kernels
-in ms per step and the share of the step each takes; `--json` keeps the table. Compare the total with the roofline
+`--steps` engine steps (under multi-step decoding each is a window of several decode steps,
+and the times are reported per decode step) with the JAX profiler and sums the device's kernel
+events by name (jax.profiler.ProfileData, no TensorBoard needed). `--phase prefill` records the
+prompts' steps instead (from the first, at most `--steps` of them, each a full
+`--max-num-batched-tokens` chunk but the last): where issue 5's workload spends its prefill
+time. Prints the top kernels in ms per step and the share of the step each takes; `--json`
+keeps the table. Compare the total with the roofline
 that `jaxpaged-bench throughput` prints for the same batch and context.
 """
 

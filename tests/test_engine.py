@@ -566,7 +566,8 @@ def test_num_scheduler_steps_is_checked_and_defaults_per_platform(llm, multi_ste
         with pytest.raises(ValueError, match=f"num_scheduler_steps={bad!r}"):
             EngineConfig(num_scheduler_steps=bad)
     assert EngineConfig().num_scheduler_steps is None  # the engine picks: 1 on the CPU
-    assert llm.llm_engine.num_scheduler_steps == 1 and llm.llm_engine.runner.num_scheduler_steps == 1
+    engine = llm.llm_engine
+    assert engine.num_scheduler_steps == 1 and engine.runner.num_scheduler_steps == 1
     assert multi_step.llm_engine.scheduler.config.num_scheduler_steps == 4
     args = add_cli_args(argparse.ArgumentParser()).parse_args(["--num-scheduler-steps", "3"])
     assert engine_config_from_args(args).num_scheduler_steps == 3
