@@ -159,6 +159,26 @@ def test_hf_peer_has_the_presets_architecture(preset):
     assert sum(p.numel() for p in hf.parameters()) == PRESETS[preset].num_params
 
 
+def test_static_hf_peer_is_timed_after_a_full_batch_of_warm_up():
+    """The first batch runs once, untimed, at its real shapes (on an H100 a cold first batch
+    took 4x a warm one); every batch is then timed, and each request gets its own length."""
+    from jaxpaged.bench_common import Workload
+    from jaxpaged.bench_hf import load_hf_model, run_static
+
+    hf = load_hf_model("smollm2-135m", "dummy", "float32", "cpu")
+    calls = []
+    generate = hf.generate
+    hf.generate = lambda *a, **kw: calls.append(a[0].shape) or generate(*a, **kw)
+    work = Workload([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]], [3, 2, 4, 1, 2])
+    tokens: list[list[int]] = []
+    r = run_static(hf, work, batch_size=2, temperature=0.0, device="cpu", progress=False,
+                   tokens=tokens)
+    assert calls[0] == calls[1] == (2, 3)  # the warm-up is the first batch itself
+    assert len(calls) == 4 and len(r["batch_s"]) == 3 and r["warmup_s"] > 0
+    assert [len(t) for t in tokens] == work.output_lens
+    assert r["output_tokens_per_s"] == pytest.approx(sum(work.output_lens) / r["elapsed_s"])
+
+
 # -- the no-paging allocator and the waste accounting -------------------------------------------
 
 
