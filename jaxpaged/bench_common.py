@@ -286,13 +286,14 @@ class StepRecorder:
                 reqs = plan.scheduled_requests
                 num_decode = sum(len(r.token_ids) == 1 for r in reqs)
                 context = sum(r.start_pos + len(r.token_ids) for r in reqs)
-                for j in range(plan.num_steps):  # a token a request still live at step j
-                    tokens = (plan.total_num_scheduled_tokens if j == 0
-                              else sum(r.num_steps > j for r in reqs))
+                tokens = plan.total_num_scheduled_tokens
+                for j in range(plan.num_steps):
+                    if j:  # a window's step j: a token and a KV position for each live request
+                        tokens = sum(r.num_steps > j for r in reqs)
+                        context += tokens
                     self.steps.append(StepRecord(
-                        dt / k, len(reqs), tokens, num_decode == len(reqs), num_decode,
-                        context + sum(min(j, r.num_steps - 1) for r in reqs), usage,
-                        self._dispatch / k, self._wait / k, self._forward / k))
+                        dt / k, len(reqs), tokens, num_decode == len(reqs), num_decode, context,
+                        usage, self._dispatch / k, self._wait / k, self._forward / k))
             return out
 
         scheduler.schedule, engine.step = recorded_schedule, timed_step
