@@ -75,6 +75,7 @@ def _decode_kernel(
     max_blocks: int,
     block_n: int,
     split_tokens: int,
+    prefetch: int,
 ):
     s, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = q_ref.shape[-1]
@@ -91,14 +92,19 @@ def _decode_kernel(
     num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
     qk_scale = sm_scale * LOG2E  # scores in base 2 so the softmax uses exp2
 
-    def body(j, carry):
-        acc, m, l = carry
+    def tile_rows(j):
         pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
         valid = pos < end
         page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
         rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
+        return rows, valid
+
+    def load_kv(rows, valid):
         k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
         v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
+        return k, v
+
+    def attend(k, v, valid, acc, m, l):
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [Gp, BN]
         m_new = jnp.maximum(m, scores.max(axis=1))
@@ -113,7 +119,29 @@ def _decode_kernel(
         jnp.full((group_pad,), -jnp.inf, jnp.float32),
         jnp.zeros((group_pad,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
+    if prefetch == 0:
+        def body(j, carry):
+            rows, valid = tile_rows(j)
+            return attend(*load_kv(rows, valid), valid, *carry)
+
+        acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
+    elif prefetch == 1:  # the next tile's page lookups are issued before this tile's loads
+        def body(j, carry):
+            acc, m, l, rows, valid = carry
+            nxt = tile_rows(j + 1)
+            return (*attend(*load_kv(rows, valid), valid, acc, m, l), *nxt)
+
+        acc, m, l, _, _ = jax.lax.fori_loop(0, num_tiles, body, (*init, *tile_rows(0)))
+    else:  # the next tile's keys and values are loaded (into registers) before this tile's math
+        def body(j, carry):
+            acc, m, l, k, v, valid = carry
+            rows_n, valid_n = tile_rows(j + 1)
+            k_n, v_n = load_kv(rows_n, valid_n)
+            return (*attend(k, v, valid, acc, m, l), k_n, v_n, valid_n)
+
+        rows0, valid0 = tile_rows(0)
+        acc, m, l, _, _, _ = jax.lax.fori_loop(
+            0, num_tiles, body, (*init, *load_kv(rows0, valid0), valid0))
     # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     if not lse_ref:
@@ -148,7 +176,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages"),
+    static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages",
+                     "prefetch"),
 )
 def paged_decode_attention_tuned(
     q: jax.Array,
@@ -163,6 +192,7 @@ def paged_decode_attention_tuned(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    prefetch: int = 0,
 ) -> jax.Array:
     """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
     _check_shapes(q, k_cache, v_cache, block_tables)
@@ -197,6 +227,7 @@ def paged_decode_attention_tuned(
         max_blocks=max_blocks,
         block_n=block_n,
         split_tokens=split_tokens,
+        prefetch=prefetch,
     )
     rows = num_seqs * num_heads
     if num_splits == 1:
