@@ -20,17 +20,18 @@ ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-llama-3.2-1b,llama-3.1-8b}
 NCU_VARIANTS=${NCU_VARIANTS:-base,pf2}
 TAG=${TAG:-}
+EXTRA=${EXTRA:-0}  # kv_lens = context + EXTRA
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 timeout "${VARIANTS_SECONDS:-300}" "$PY" benchmarks/decode_variants.py ${VARIANTS:+--variants "$VARIANTS"} \
-  --rounds "$ROUNDS" --models "$MODELS" --out "$OUT" --tag "$TAG" 2>&1 | tee "$OUT/decode_variants$TAG.log"
+  --rounds "$ROUNDS" --models "$MODELS" --out "$OUT" --tag "$TAG" --extra-tokens "$EXTRA" 2>&1 | tee "$OUT/decode_variants$TAG.log"
 if [ -n "$NCU_VARIANTS" ] && command -v ncu >/dev/null; then
   timeout "${NCU_SECONDS:-200}" ncu --clock-control none -k regex:paged_decode \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats \
     "$PY" benchmarks/decode_variants.py --profile-only --variants "$NCU_VARIANTS" \
-    --models llama-3.2-1b > "$OUT/ncu_decode$TAG.txt" 2>&1
+    --models llama-3.2-1b --extra-tokens "$EXTRA" > "$OUT/ncu_decode$TAG.txt" 2>&1
   echo "ncu exit $?"
-  grep -E "paged_decode|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Duration|Stall|L2 Hit|Warp Cycles Per Issued" \
-    "$OUT/ncu_decode$TAG.txt" | head -80
+  grep -E "^  paged_decode|DRAM Throughput|Achieved Occupancy|Registers Per|Dynamic Shared|Duration" \
+    "$OUT/ncu_decode$TAG.txt" | awk '/paged_decode/{n++; if (n % 3 != 1) skip=1; else skip=0} !skip' | head -60
 fi

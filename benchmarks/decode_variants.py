@@ -19,27 +19,38 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import (ENGINE_DECODE_SHAPES, L2_BYTES, card_name, make_decode_inputs,  # noqa: E402
                      time_jax)
 
-from pallas_kernels.paged_decode_attention import paged_decode_attention_tuned  # noqa: E402
+from pallas_kernels.paged_decode_attention import (  # noqa: E402
+    paged_decode_attention_reference, paged_decode_attention_tuned)
 
 VARIANTS = {
-    "base": dict(block_n=64, num_warps=4, num_stages=2, prefetch=0),
-    "base_s3": dict(block_n=64, num_warps=4, num_stages=3, prefetch=0),
-    "pf1": dict(block_n=64, num_warps=4, num_stages=2, prefetch=1),
-    "pf1_s3": dict(block_n=64, num_warps=4, num_stages=3, prefetch=1),
-    "pf1_s1": dict(block_n=64, num_warps=4, num_stages=1, prefetch=1),
-    "pf2": dict(block_n=64, num_warps=4, num_stages=1, prefetch=2),
-    "pf2_s2": dict(block_n=64, num_warps=4, num_stages=2, prefetch=2),
-    "pf2_bn32": dict(block_n=32, num_warps=4, num_stages=1, prefetch=2),
-    "pf2_bn128": dict(block_n=128, num_warps=4, num_stages=1, prefetch=2),
-    "pf2_w2": dict(block_n=64, num_warps=2, num_stages=1, prefetch=2),
-    "pf2_bn128_w8": dict(block_n=128, num_warps=8, num_stages=1, prefetch=2),
-    "pf1_bn128": dict(block_n=128, num_warps=4, num_stages=2, prefetch=1),
+    "base": dict(),  # the default: Triton, kv heads fastest
+    "seqs_fastest": dict(heads_fastest=False),
+    "bn32": dict(block_n=32),
+    "bn128": dict(block_n=128),
+    "base_s3": dict(num_stages=3),
+    "mgpu": dict(kernel="mgpu"),
+    "mgpu_s2": dict(kernel="mgpu", stages=2),
+    "mgpu_s3": dict(kernel="mgpu", stages=3),
+    "mgpu_s6": dict(kernel="mgpu", stages=6),
+    "mgpu_bn128": dict(kernel="mgpu", block_n=128),
+    "mgpu_bn128_s3": dict(kernel="mgpu", block_n=128, stages=3),
 }
+
+
+def variant_fn(params: dict):
+    """The decode kernel a variant names, with its tuning (``kernel="mgpu"``: the Mosaic GPU one)."""
+    params = dict(params)
+    if params.pop("kernel", "triton") == "mgpu":
+        from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu
+
+        return functools.partial(paged_decode_attention_mgpu, **params)
+    return functools.partial(paged_decode_attention_tuned, **params)
 
 
 def main() -> None:
@@ -48,6 +59,8 @@ def main() -> None:
     parser.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=640)
+    parser.add_argument("--extra-tokens", type=int, default=0,
+                        help="kv_lens = context + this (1-15: a partial last page and tile)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile-only", action="store_true",
                         help="call each variant a few times, untimed (run under ncu)")
@@ -58,24 +71,39 @@ def main() -> None:
     rev = os.environ.get("JAXPAGED_GIT_REV") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"card": card_name(), "jax": jax.__version__, "git_revision": rev,
-              "batch": args.batch, "context": args.context, "variants": {n: VARIANTS[n] for n in names},
+              "batch": args.batch, "context": args.context, "extra_tokens": args.extra_tokens, "variants": {n: VARIANTS[n] for n in names},
               "models": {}}
     for model in args.models.split(","):
         nq, nkv, head_dim = ENGINE_DECODE_SHAPES[model]
-        kv_bytes = 2 * args.batch * args.context * nkv * head_dim * 2
+        kv_bytes = 2 * args.batch * (args.context + args.extra_tokens) * nkv * head_dim * 2
         total = kv_bytes + 2 * args.batch * nq * head_dim * 2
         num_sets = 1 if args.profile_only else int(min(16, max(1, -(-4 * L2_BYTES // kv_bytes))))
+        pages_ctx = args.context + (16 if args.extra_tokens else 0)
         k_cache, v_cache, tables, qs, lens = make_decode_inputs(
-            args.batch, args.context, nq, nkv, num_sets, head_dim=head_dim)
+            args.batch, pages_ctx, nq, nkv, num_sets, head_dim=head_dim)
+        lens = lens * 0 + args.context + args.extra_tokens
         sets = tuple((t,) for t in tables)
-        fns = {n: functools.partial(paged_decode_attention_tuned, **VARIANTS[n]) for n in names}
+        fns = {n: variant_fn(VARIANTS[n]) for n in names}
         if args.profile_only:
             for n, fn in fns.items():
-                for _ in range(3):
-                    jax.block_until_ready(fn(qs[0], k_cache, v_cache, tables[0], lens))
-                print(f"{model} {n}: called", flush=True)
+                try:
+                    for _ in range(3):
+                        jax.block_until_ready(fn(qs[0], k_cache, v_cache, tables[0], lens))
+                    print(f"{model} {n}: called", flush=True)
+                except Exception as e:  # one failing variant must not lose the others
+                    print(f"{model} {n}: {e!r}"[:500], flush=True)
             continue
-        times: dict[str, list[float]] = {n: [] for n in names}
+        # Same answer as the XLA reference on the first table set, before any timing.
+        ref = np.asarray(paged_decode_attention_reference(qs[0], k_cache, v_cache, tables[0], lens),
+                         np.float32)
+        errs = {}
+        for n, fn in fns.items():
+            try:
+                out = np.asarray(fn(qs[0], k_cache, v_cache, tables[0], lens), np.float32)
+                errs[n] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            except Exception as e:
+                result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
+        times: dict[str, list[float]] = {n: [] for n in names if n in errs}
         for _ in range(args.rounds):
             for n, fn in fns.items():
                 try:
@@ -86,23 +114,24 @@ def main() -> None:
                     result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
         rows = {}
         for n in names:
-            if not times[n]:
+            if not times.get(n):
                 continue
             med = statistics.median(times[n])
-            rows[n] = {"us": med * 1e6, "TBps": total / med / 1e12,
+            rows[n] = {"us": med * 1e6, "TBps": total / med / 1e12, "rel_err": errs[n],
                        "rounds_us": [t * 1e6 for t in times[n]]}
         result["models"][model] = {"bytes": total, "rows": rows}
         del k_cache, v_cache
     if args.profile_only:
         return
     base = names[0]
-    lines = [f"{'model':14} {'variant':14} {'us':>8} {'TB/s':>6} {'vs ' + base:>9}  rounds"]
+    lines = [f"{'model':14} {'variant':14} {'us':>8} {'TB/s':>6} {'vs ' + base:>9} {'rel err':>8}  rounds"]
     for model, entry in result["models"].items():
         ref = entry["rows"].get(base, {}).get("us")
         for n, row in entry["rows"].items():
             ratio = f"{ref / row['us']:.3f}" if ref else "-"
             spread = " ".join(f"{t:.0f}" for t in row["rounds_us"])
-            lines.append(f"{model:14} {n:14} {row['us']:8.1f} {row['TBps']:6.2f} {ratio:>9}  {spread}")
+            lines.append(f"{model:14} {n:14} {row['us']:8.1f} {row['TBps']:6.2f} {ratio:>9} "
+                         f"{row['rel_err']:8.1e}  {spread}")
     table = "\n".join(lines)
     result["table"] = table
     if args.out:

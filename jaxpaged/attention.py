@@ -10,12 +10,14 @@ or "pallas" (the kernels; interpreted on the CPU). `mesh` (tensor parallelism, s
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import pallas_kernels
+from pallas_kernels.paged_decode_attention import apply_rotate_half
 from jaxpaged.metadata import AttentionMetadata
 from jaxpaged.sharding import KV_CACHE_SPEC, TP_AXIS
 
@@ -46,10 +48,20 @@ class KVCache:
         return self.k.shape[2]
 
 
+def fused_rope_setting() -> bool:
+    """JAXPAGED_FUSED_ROPE: "1" (default) rotates q inside the decode kernel and k inside the
+    KV-write kernel; "0" rotates both with XLA before the kernels (one fusion each a layer; kept
+    to measure the difference). The reference impl always rotates with XLA."""
+    return os.environ.get("JAXPAGED_FUSED_ROPE", "1") != "0"
+
+
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
                     layer: jax.Array | int, md: AttentionMetadata, impl: str = "reference",
-                    mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+                    mesh: Mesh | None = None,
+                    rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache]:
     """q [T, N, H], k/v [T, K, H] of one layer -> (attention output [T, N, H], updated cache).
+    `rope` (cos, sin f32[T, H]): q and k are rotate-half RoPE'd here first (None: they already
+    are); the Pallas path does it inside its kernels (see fused_rope_setting).
 
     With a mesh (tensor parallelism) the same body runs once per shard through `shard_map`:
     q, k, v split on their head axis, the cache on K, the metadata replicated. Heads never
@@ -60,35 +72,41 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
     slots = jnp.where(md.slot_mapping < 0, -1, md.slot_mapping + layer * P * B)
     block_tables = md.block_tables + layer * P
     attend = functools.partial(_write_and_attend, impl=impl, decode_only=md.decode_only,
-                               sm_scale=1.0 / (H ** 0.5))
+                               sm_scale=1.0 / (H ** 0.5),
+                               fused_rope=impl == "pallas" and fused_rope_setting())
     if mesh is not None:
         heads, rep = PartitionSpec(None, TP_AXIS, None), PartitionSpec()
         # check_vma off: pallas_call does not type its outputs as varying over the mesh axis.
         attend = jax.shard_map(attend, mesh=mesh, check_vma=False,
                                in_specs=(heads, heads, heads, KV_CACHE_SPEC, KV_CACHE_SPEC,
-                                         rep, rep, rep, rep),
+                                         rep, rep, rep, rep, rep),
                                out_specs=(heads, KV_CACHE_SPEC, KV_CACHE_SPEC))
     out, k_cache, v_cache = attend(q, k, v, kv_cache.k, kv_cache.v, slots, block_tables,
-                                   md.kv_lens, md.cu_q_lens)
+                                   md.kv_lens, md.cu_q_lens, rope)
     return out, KVCache(k_cache, v_cache)
 
 
-def _write_and_attend(q, k, v, k_cache, v_cache, slots, block_tables, kv_lens, cu_q_lens, *,
-                      impl: str, decode_only: bool, sm_scale: float):
+def _write_and_attend(q, k, v, k_cache, v_cache, slots, block_tables, kv_lens, cu_q_lens, rope,
+                      *, impl: str, decode_only: bool, sm_scale: float, fused_rope: bool):
     """One shard's (or the whole model's) write + attention over the flat page pool."""
     L, P, B, K, H = k_cache.shape
     k_pool = k_cache.reshape(L * P, B, K, H)
     v_pool = v_cache.reshape(L * P, B, K, H)
+    if rope is not None and not fused_rope:
+        q, k = apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
+        rope = None
     if impl == "reference":
         k_pool, v_pool = pallas_kernels.write_kv_cache_reference(k, v, k_pool, v_pool, slots)
         out = pallas_kernels.ragged_paged_attention_reference(
             q, k_pool, v_pool, block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale)
     else:
-        k_pool, v_pool = pallas_kernels.write_kv_cache(k, v, k_pool, v_pool, slots)
+        k_pool, v_pool = pallas_kernels.write_kv_cache(k, v, k_pool, v_pool, slots, rope)
         if decode_only:
             out = pallas_kernels.paged_decode_attention(
-                q, k_pool, v_pool, block_tables, kv_lens, sm_scale=sm_scale)
+                q, k_pool, v_pool, block_tables, kv_lens, rope, sm_scale=sm_scale)
         else:
+            if rope is not None:  # the ragged kernel takes q already rotated
+                q = apply_rotate_half(q, *rope)
             out = pallas_kernels.ragged_paged_attention(
                 q, k_pool, v_pool, block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale)
     return out, k_pool.reshape(L, P, B, K, H), v_pool.reshape(L, P, B, K, H)

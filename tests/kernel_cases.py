@@ -46,3 +46,12 @@ def poison_device_memory():
     """On a GPU, leave NaN in freed memory so an unwritten output row would show up."""
     if jax.default_backend() != "cpu":
         jnp.full((1 << 24,), jnp.nan, jnp.float32).block_until_ready().delete()
+
+
+def rope_tables_for(positions, head_dim: int, theta: float = 10000.0):
+    """cos, sin f32[T, H] of rotate-half RoPE at ``positions`` (the model's layout)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    angles = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
+    cos = np.concatenate([np.cos(angles)] * 2, axis=-1)
+    sin = np.concatenate([np.sin(angles)] * 2, axis=-1)
+    return jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32)

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import write_kv_cache, write_kv_cache_reference
+from pallas_kernels.paged_decode_attention import apply_rotate_half
+
+from kernel_cases import rope_tables_for
 
 PAD_SLOT_ID = -1
 
@@ -51,6 +54,24 @@ def test_matches_reference(num_tokens, num_kv_heads, head_dim, block_size, dtype
     written = np.asarray(slots) >= 0
     flat = np.asarray(got[0], np.float32).reshape(-1, num_kv_heads, head_dim)
     np.testing.assert_array_equal(flat[np.asarray(slots)[written]], np.asarray(k, np.float32)[written])
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, jnp.bfloat16), (128, jnp.float32)])
+def test_rope_on_the_way_into_the_cache(head_dim, dtype):
+    """Keys rotated in the kernel = the reference with rope = the plain write of keys rotated by
+    XLA; values are never rotated."""
+    k, v, k_cache, v_cache, slots = make_case(3, 9, 4, 16, 3, head_dim, dtype)
+    rope = rope_tables_for(np.arange(9) * 5 + 3, head_dim)
+    got = write_kv_cache(k, v, k_cache, v_cache, slots, rope)
+    # The rotation's f32 arithmetic may round differently (fused multiply-adds): one bf16 ulp.
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for want in (write_kv_cache_reference(k, v, k_cache, v_cache, slots, rope),
+                 write_kv_cache(apply_rotate_half(k, *rope), v, k_cache, v_cache, slots)):
+        np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), **tol)
+        np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+    written = np.asarray(slots) >= 0
+    flat = np.asarray(got[0], np.float32).reshape(-1, 3, head_dim)
+    assert not np.allclose(flat[np.asarray(slots)[written]], np.asarray(k, np.float32)[written])
 
 
 def test_all_padding_leaves_cache_untouched():

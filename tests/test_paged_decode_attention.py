@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_decode_attention, paged_decode_attention_reference
-from pallas_kernels.paged_decode_attention import paged_decode_attention_tuned
+from pallas_kernels.paged_decode_attention import apply_rotate_half, paged_decode_attention_tuned
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-from kernel_cases import assert_close, make_paged_cache, poison_device_memory
+from kernel_cases import assert_close, make_paged_cache, poison_device_memory, rope_tables_for
 
 
 def run_case(seed, kv_lens, group, num_kv_heads, head_dim, block_size, dtype, **tuned):
@@ -79,6 +79,40 @@ def test_agrees_with_ragged_kernel_on_decodes():
     cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
     ragged = ragged_paged_attention(q, k_cache, v_cache, block_tables, kv, cu_q_lens)
     assert_close(ragged, out, jnp.float32)
+
+
+def test_sequences_fastest_grid_matches_reference():
+    run_case(11, LENGTHS_16, 4, 2, 64, 16, jnp.bfloat16, heads_fastest=False)
+
+
+@pytest.mark.parametrize("head_dim,dtype,num_splits", [(64, jnp.bfloat16, 1), (128, jnp.float32, 2)])
+def test_rope_inside_the_kernel(head_dim, dtype, num_splits):
+    """q rotated in the kernel = the reference with rope = the kernel on q rotated by XLA."""
+    rng = np.random.default_rng(12)
+    kv_lens = [1, 16, 17, 83, 0]
+    k_cache, v_cache, block_tables = make_paged_cache(rng, kv_lens, 16, 2, head_dim, dtype)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), 8, head_dim)), dtype)
+    kv = jnp.asarray(kv_lens, jnp.int32)
+    rope = rope_tables_for(np.maximum(np.asarray(kv_lens) - 1, 0) * 7, head_dim)
+    out = paged_decode_attention_tuned(q, k_cache, v_cache, block_tables, kv, rope,
+                                       num_splits=num_splits)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv, rope)
+    assert_close(out, ref, dtype)
+    pre_rotated = paged_decode_attention(apply_rotate_half(q, *rope), k_cache, v_cache,
+                                         block_tables, kv)
+    assert_close(out, pre_rotated, dtype)
+    unrotated = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv)
+    assert not np.allclose(np.asarray(ref, np.float32), np.asarray(unrotated, np.float32), atol=1e-2)
+
+
+def test_rejects_rope_tables_of_the_wrong_shape():
+    rng = np.random.default_rng(13)
+    k_cache, v_cache, block_tables = make_paged_cache(rng, [20, 3], 16, 2, 64, jnp.float32)
+    q = jnp.zeros((2, 4, 64), jnp.float32)
+    cos, sin = rope_tables_for([0, 1, 2], 64)
+    with pytest.raises(ValueError, match="rope"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables, jnp.asarray([20, 3], jnp.int32),
+                               (cos, sin))
 
 
 def test_rejects_more_query_rows_than_sequences():

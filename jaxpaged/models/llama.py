@@ -93,20 +93,14 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin f32[T, 1, H] for the rotate-half layout, computed once per step and shared by
-    every layer (inside the scan XLA recomputed them in each layer: one kernel a layer)."""
+    """cos, sin f32[T, H] for the rotate-half layout, computed once per step and shared by
+    every layer. The optimization barrier keeps them one kernel a step: without it XLA
+    recomputed them in every layer of an unrolled step (a kernel a layer), as it did inside
+    the scan."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
-    return cos, sin
-
-
-def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, H], rope from rope_tables."""
-    cos, sin = rope
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos + rotated * sin).astype(x.dtype)
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
+    return jax.lax.optimization_barrier((cos, sin))
 
 
 class RMSNorm(nnx.Module):
@@ -247,8 +241,8 @@ class Attention(nnx.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh)
+        # RoPE is applied by the attention seam (in the kernels on the Pallas path).
+        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, impl, mesh, rope)
         out = out.reshape(T, -1)  # [T, N * H]
         if at is None:
             return self.o_proj(out), kv_cache
