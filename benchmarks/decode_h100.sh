@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-}
 ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-llama-3.2-1b,llama-3.1-8b}
-NCU_VARIANTS=${NCU_VARIANTS:-base,pf2}
+NCU_VARIANTS=${NCU_VARIANTS:-base,mgpu}
 TAG=${TAG:-}
 EXTRA=${EXTRA:-0}  # kv_lens = context + EXTRA
 

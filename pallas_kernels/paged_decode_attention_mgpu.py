@@ -10,6 +10,13 @@ tile in flight per program; at head dim 64 it stalls on those loads. Here the Te
 Accelerator copies whole pages, several tiles ahead, into a shared-memory ring that one
 warpgroup consumes with wgmma.
 
+Measured on an H100 (benchmarks/NOTES_kernels.md, eleventh session): correct (the same error
+against the XLA reference as the Triton kernel) but slower at the engine's batch-256 shapes:
+llama-3.2-1b 163-182 us a layer against Triton's 149, llama-3.1-8b 263-272 against 254. Nsight
+Compute: 128 registers and 92 KB of shared memory a program leave 12% occupancy and 69% of DRAM
+bandwidth (Triton: 80%). Nothing calls it yet (the engine uses the Triton kernel); it is the
+Hopper-native starting point (warp specialisation, P in registers, a persistent grid are next).
+
 Design:
 - One program (one warpgroup, 128 threads) per (sequence, kv head). The caches are viewed as
   [P*B, K*H] (a free reshape): the box of (page, kv head kh) is rows page*B .. +B, columns
