@@ -194,3 +194,45 @@ def test_rope_tables_are_computed_once_outside_the_layer_loop():
     body = str(scan.params["jaxpr"])
     assert {"cos", "sin"} <= outside
     assert " cos" not in body and " sin" not in body
+
+
+def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
+    """JAXPAGED_FUSED_ROPE: the Pallas path (interpreted here) rotating q in the decode kernel and
+    k in the KV write gives the logits and cache of rotating both with XLA first, through a
+    prefill step and then a decode-only step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxpaged.attention import KVCache
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.metadata import build_step_inputs
+    from jaxpaged.models import CausalLM, forward
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16)
+    graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    prefill = build_step_inputs(prompts, [0, 0], [[1], [2]], 16, num_tokens=8, num_seqs=2,
+                                max_blocks_per_seq=1, logits_indices=[4, 6], num_logits=2)
+    decode = build_step_inputs([[9], [10]], [5, 2], [[1], [2]], 16, num_tokens=2, num_seqs=2,
+                               max_blocks_per_seq=1, logits_indices=[0, 1], num_logits=2,
+                               decode_only=True)
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("JAXPAGED_FUSED_ROPE", fused)
+        cache = KVCache.zeros(2, 3, 16, 2, 16, jnp.float32)
+        logits = []
+        for ids, pos, md in (prefill, decode):
+            cache, out = forward(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
+                                 jax.tree.map(jnp.asarray, md), impl="pallas")
+            logits.append(np.asarray(out))
+        results[fused] = (logits, np.asarray(cache.k), np.asarray(cache.v))
+    for got, want in zip(results["1"][0], results["0"][0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Layer 0's values are equal; later layers see the f32 rounding of the rotation upstream.
+    np.testing.assert_array_equal(results["1"][2][0], results["0"][2][0])
+    for got, want in zip(results["1"][1:], results["0"][1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
