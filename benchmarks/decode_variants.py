@@ -5,8 +5,8 @@ apart, more than the differences it was looking for. Here every variant runs onc
 the same order, for several rounds on the same inputs, and the table reports each variant's
 median over the rounds and its ratio to the first variant of the list.
 
-    python benchmarks/decode_variants.py --variants base,pf1,pf2 --rounds 3 --out $OUT
-    python benchmarks/decode_variants.py --variants base,pf2 --profile-only   # for ncu
+    python benchmarks/decode_variants.py --variants base,seqs_fastest,mgpu --rounds 3 --out $OUT
+    python benchmarks/decode_variants.py --variants base,mgpu --profile-only   # under ncu
 """
 
 import argparse
