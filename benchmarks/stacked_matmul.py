@@ -141,6 +141,19 @@ MGPU_LAUNCH_SWEEP = [
     dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=6),
     dict(max_concurrent_steps=6, block_n=64),
 ]
+# D_in split across several programs an output tile (f32 partial sums added by XLA), for the
+# launches with too few output tiles to fill the SMs (llama-3.2-1b's o and down at T 256: 64
+# tiles of 128 x 64), and wider tiles that re-read x less often (x is read once per column
+# block). `--mgpu-sweep split` runs these instead of MGPU_LAUNCH_SWEEP.
+MGPU_SPLIT_SWEEP = [
+    dict(max_concurrent_steps=8, block_n=64),  # unsplit, auto's setting for 64-wide tiles
+    dict(max_concurrent_steps=6, block_n=64, num_splits=2),
+    dict(max_concurrent_steps=6, block_n=64, num_splits=4),
+    dict(max_concurrent_steps=4, block_n=128, num_splits=2),
+    dict(max_concurrent_steps=4, block_n=128, num_splits=4),
+    dict(max_concurrent_steps=3, block_n=128, num_splits=8),
+    dict(max_concurrent_steps=3, block_m=256, block_n=64, num_splits=4),
+]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
@@ -268,8 +281,12 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
     sweeps = {"triton": LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP,
               "mgpu": MGPU_LAUNCH_SWEEP[:3] if args.quick else MGPU_LAUNCH_SWEEP, "xla": [],
               "auto": []}
+    if args.mgpu_sweep == "split":
+        sweeps["mgpu"] = MGPU_SPLIT_SWEEP
     kernels = [k.partition(":") for k in args.launch_kernels]  # "mgpu:4": its first 4 settings
     for launch, (d_in, names, epilogue) in LAUNCHES.items():
+        if args.launches and launch not in args.launches:
+            continue
         h = jax.random.normal(jax.random.key(num_tokens), (num_tokens, shape[d_in]),
                               jnp.float32).astype(ws["q"].dtype)
         weight_bytes = sum(ws[n].nbytes for n in names)
@@ -436,6 +453,11 @@ def main() -> None:
     p.add_argument("--launch-kernels", nargs="+", default=["triton"],
                    help="kernels of the launch variant: triton, mgpu, auto, xla; KERNEL:N tries only "
                    "the first N settings of its sweep")
+    p.add_argument("--launches", nargs="+", default=None, choices=list(LAUNCHES),
+                   help="the launch variant times only these launches")
+    p.add_argument("--mgpu-sweep", choices=("default", "split"), default="default",
+                   help="the Mosaic GPU settings of the launch variant: MGPU_LAUNCH_SWEEP or "
+                   "MGPU_SPLIT_SWEEP")
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")

@@ -32,6 +32,7 @@ takes this kernel, and with which settings.
 import functools
 import itertools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,15 @@ DEFAULT_STEPS = 4
 #   on q/k/v, o and down, also at 64 tiles (o, down: each tile streams 4096 rows); silu_mul
 #   tied. The rule there: not silu_mul, at least _MOSAIC_MIN_TILES_SMALL_T tiles.
 # - Below T 64 nothing was measured: Triton.
+# - T 256 with fewer tiles (llama-3.2-1b's o and down): D_in split in two across 128 programs of
+#   128 x 64 tiles, 6 steps in flight, beat Triton's own split by 12-14% (eleventh session,
+#   results/session11_2026-11-27/launch_split_*); JAXPAGED_MOSAIC_SPLIT=0 turns that rule off.
 _MOSAIC_MIN_TOKENS = 64
 _MOSAIC_LARGE_T = 129
 _MOSAIC_MIN_TILES = 96
 _MOSAIC_MIN_TILES_SMALL_T = 64
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
-           "swizzle", "warp_specialized", "interpret")
+           "swizzle", "warp_specialized", "num_splits", "interpret")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -91,20 +95,23 @@ def _smem_transforms(row_elems: int, itemsize: int, swizzle: bool) -> tuple:
     return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
 
 
-def _for_each_tile(m_tiles: int, col_starts: tuple[int, ...], silu_mul: bool, project) -> None:
-    """The persistent loop over output tiles, row blocks fastest. Calls project(mi, nb, i):
-    row block mi, column block nb of weight i (None with silu_mul: gate and up together)."""
-    @plgpu.nd_loop((m_tiles * col_starts[-1],), collective_axes="sm")
+def _for_each_tile(m_tiles: int, col_starts: tuple[int, ...], silu_mul: bool, project,
+                   splits: int = 1) -> None:
+    """The persistent loop over output tiles, row blocks fastest, then D_in splits. Calls
+    project(mi, nb, i, sk): row block mi, column block nb of weight i (None with silu_mul: gate
+    and up together), D_in split sk."""
+    @plgpu.nd_loop((m_tiles * splits * col_starts[-1],), collective_axes="sm")
     def _tile(info):
         (idx,) = info.index
-        mi, n = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
+        mi, rest = lax.rem(idx, m_tiles), lax.div(idx, m_tiles)
+        sk, n = lax.rem(rest, splits), lax.div(rest, splits)
         if silu_mul:
-            project(mi, n, None)
+            project(mi, n, None, sk)
             return
         num_weights = len(col_starts) - 1
         for i in range(num_weights):
             def run(i=i):
-                project(mi, n - col_starts[i], i)
+                project(mi, n - col_starts[i], i, sk)
             if num_weights == 1:
                 run()
             else:  # column block n belongs to weight i when col_starts[i] <= n < col_starts[i + 1]
@@ -113,20 +120,24 @@ def _for_each_tile(m_tiles: int, col_starts: tuple[int, ...], silu_mul: bool, pr
 
 def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
             silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
-            k_steps: int, steps: int, x_transforms: tuple, w_transforms: tuple):
+            k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple):
     # A slot is refilled one step after its wgmma was issued (delay_release=1), once that wgmma
     # is done: each step leaves only its own wgmma group(s) in flight. One step: no overlap.
+    # With D_in split (splits > 1) a tile covers k_steps of its split's D_in and stores its f32
+    # partial sum at row block sk * m_tiles + mi.
     delay = 1 if steps > 1 else 0
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
     layer = layer_gmem[0]
 
-    def pipeline(body, mi, nb, ws):
+    def pipeline(body, mi, nb, ws, sk):
         spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
+        k0 = sk * k_steps
         plgpu.emit_pipeline(
             body,
             grid=(k_steps,),
-            in_specs=[spec((block_m, block_k), lambda k: (mi, k), transforms=x_transforms)]
-            + [spec((block_k, block_n), lambda k: (k, nb), transforms=w_transforms) for _ in ws],
+            in_specs=[spec((block_m, block_k), lambda k: (mi, k0 + k), transforms=x_transforms)]
+            + [spec((block_k, block_n), lambda k: (k0 + k, nb), transforms=w_transforms)
+               for _ in ws],
             max_concurrent_steps=steps,
         )(x_gmem, *(w.at[layer] for w in ws))
 
@@ -139,15 +150,16 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
                 o_smem, o_ref.at[pl.ds(mi * block_m, block_m), pl.ds(nb * block_n, block_n)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    def project(mi, nb, w_ref, o_ref):
+    def project(mi, nb, w_ref, o_ref, sk):
         def acc_scope(acc):
             def body(_, x_smem, w_smem):
                 plgpu.wgmma(acc, x_smem, w_smem)
                 plgpu.wgmma_wait(delay)
-            pipeline(body, mi, nb, (w_ref,))
+            pipeline(body, mi, nb, (w_ref,), sk)
             return acc[...]
 
-        store(o_ref, pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n))), mi, nb)
+        store(o_ref, pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n))),
+              sk * m_tiles + mi, nb)
 
     def project_silu_mul(mi, nb):
         def acc_scope(acc_gate, acc_up):
@@ -155,25 +167,25 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
                 plgpu.wgmma(acc_gate, x_smem, gate_smem)
                 plgpu.wgmma(acc_up, x_smem, up_smem)
                 plgpu.wgmma_wait(2 * delay)
-            pipeline(body, mi, nb, w_refs)
+            pipeline(body, mi, nb, w_refs, 0)
             return silu_mul_epilogue(acc_gate[...], acc_up[...], o_refs[0].dtype)
 
         value = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)),
                               plgpu.ACC((block_m, block_n)))
         store(o_refs[0], value, mi, nb)
 
-    def project_tile(mi, nb, i):
+    def project_tile(mi, nb, i, sk):
         if i is None:
             project_silu_mul(mi, nb)
         else:
-            project(mi, nb, w_refs[i], o_refs[i])
+            project(mi, nb, w_refs[i], o_refs[i], sk)
 
-    _for_each_tile(m_tiles, col_starts, silu_mul, project_tile)
+    _for_each_tile(m_tiles, col_starts, silu_mul, project_tile, splits)
 
 
 def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
                silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
-               k_steps: int, steps: int, x_transforms: tuple, w_transforms: tuple):
+               k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple):
     """Warp-specialized: a memory warpgroup issues the TMA copies, two compute warpgroups each
     multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile)."""
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
@@ -241,13 +253,14 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                 *(w.at[layer, :, pl.ds(nb * block_n, block_n)] for w in ws),
                 allocations=allocations)
 
-        def project_tile(mi, nb, i):
+        def project_tile(mi, nb, i, sk):
+            del sk  # warp-specialized launches are never split
             if i is None:
                 run(mi, nb, w_refs, o_refs[0])
             else:
                 run(mi, nb, (w_refs[i],), o_refs[i])
 
-        _for_each_tile(m_tiles, col_starts, silu_mul, project_tile)
+        _for_each_tile(m_tiles, col_starts, silu_mul, project_tile, splits)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
@@ -264,6 +277,7 @@ def stacked_matmul_mgpu(
     programs_per_sm: int = 1,
     swizzle: bool = False,
     warp_specialized: bool = False,
+    num_splits: int = 1,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch; see ``stacked_matmul_fused``
@@ -272,7 +286,9 @@ def stacked_matmul_mgpu(
     ``block_m`` (a multiple of 64) shrinks to T rounded up to 64 when T is smaller; ``block_n``
     and ``block_k`` shrink to the largest power of two dividing every D_out and D_in. ``max_concurrent_steps``: TMA copies in flight a tile.
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
-    and swizzle instead of Mosaic GPU's inferred layout."""
+    and swizzle instead of Mosaic GPU's inferred layout. ``num_splits``: D_in split across that
+    many tiles of each output tile (more programs for a launch with few output tiles), each
+    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized)."""
     check_epilogue(ws, epilogue)
     ws = tuple(ws)
     check_stacks(x, ws, layer)
@@ -295,18 +311,27 @@ def stacked_matmul_mgpu(
     # One block_n for every weight, so that a column block is never shared by two of them.
     block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
+    k_steps = d_in // block_k
+    if num_splits > 1 and (silu_mul or warp_specialized):
+        raise ValueError("num_splits > 1 is for plain projections: not with epilogue='silu_mul' "
+                         "or warp_specialized")
+    if num_splits < 1 or k_steps % num_splits:
+        raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
     padded = _round_up(num_tokens, block_m)
     x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
     col_blocks = [d // block_n for d in d_outs[:1 if silu_mul else None]]
     m_tiles = padded // block_m
-    num_tiles = m_tiles * sum(col_blocks)
+    num_tiles = m_tiles * sum(col_blocks) * num_splits
     kernel = functools.partial(
         _kernel_ws if warp_specialized else _kernel, num_weights=len(ws),
         col_starts=tuple(itertools.accumulate(col_blocks, initial=0)), silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
-        k_steps=d_in // block_k, steps=min(max_concurrent_steps, d_in // block_k),
+        k_steps=k_steps // num_splits, steps=min(max_concurrent_steps, k_steps // num_splits),
+        splits=num_splits,
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
         w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle))
-    out_shapes = [jax.ShapeDtypeStruct((padded, d), x.dtype) for d in d_outs[:len(col_blocks)]]
+    out_dtype = jnp.float32 if num_splits > 1 else x.dtype
+    out_shapes = [jax.ShapeDtypeStruct((num_splits * padded, d), out_dtype)
+                  for d in d_outs[:len(col_blocks)]]
     interpret_params = _interpret_params(interpret)
     programs = 4 if interpret_params else _num_sms() * programs_per_sm
     outs = plgpu.kernel(
@@ -320,8 +345,12 @@ def stacked_matmul_mgpu(
         interpret=interpret_params,
         kernel_name="stacked_matmul_mgpu_silu_mul" if silu_mul else "stacked_matmul_mgpu",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
-    outs = tuple(o[:num_tokens] for o in outs) if padded != num_tokens else tuple(outs)
-    return outs[0] if silu_mul else outs
+    if num_splits > 1:  # f32 partial sums [splits * padded, d] -> their sum in x's dtype
+        outs = tuple(o.reshape(num_splits, padded, -1)[:, :num_tokens].sum(axis=0).astype(x.dtype)
+                     for o in outs)
+    elif padded != num_tokens:
+        outs = tuple(o[:num_tokens] for o in outs)
+    return outs[0] if silu_mul else tuple(outs)
 
 
 def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
@@ -341,9 +370,14 @@ def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: boo
             return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)
         return None
     # Wide tiles where they still make enough tiles, then narrow ones with more steps in flight
-    # (the most that fit in shared memory; more steps measured faster at every shape).
+    # (the most that fit in shared memory; more steps measured faster at every shape), then
+    # narrow ones with D_in split in two (f32 partials in shared memory leave room for 6 steps).
     for block_n, steps in ((128, 5), (64, 8)):
         if (all(d % block_n == 0 for d in d_outs)
                 and row_tiles * sum(d // block_n for d in d_outs) >= _MOSAIC_MIN_TILES):
             return dict(block_m=128, block_n=block_n, max_concurrent_steps=steps)
+    if (os.environ.get("JAXPAGED_MOSAIC_SPLIT", "1") != "0" and d_in % 128 == 0
+            and all(d % 64 == 0 for d in d_outs)
+            and 2 * row_tiles * sum(d // 64 for d in d_outs) >= _MOSAIC_MIN_TILES):
+        return dict(block_m=128, block_n=64, max_concurrent_steps=6, num_splits=2)
     return None

@@ -54,6 +54,11 @@ def test_silu_mul_matches_reference(warp_specialized):
     check(x, ws, 1, epilogue="silu_mul", block_n=64, warp_specialized=warp_specialized)
 
 
+def test_split_d_in_over_several_column_blocks_and_weights():
+    x, ws = tokens(9, 130, 256), stacks(10, 256, (128, 64))
+    check(x, ws, 1, block_n=64, num_splits=4)
+
+
 def test_every_layer_under_one_compile():
     x, ws = tokens(5, 40, 128, jnp.float16), stacks(6, 128, (64,), jnp.float16)
     run = jax.jit(functools.partial(stacked_matmul_mgpu, max_concurrent_steps=2))
@@ -68,6 +73,8 @@ def test_every_layer_under_one_compile():
     dict(block_k=128),  # the whole D_in in one step
     dict(swizzle=True, block_n=64),
     dict(programs_per_sm=2),
+    dict(num_splits=2, block_n=64),  # D_in split: f32 partial sums added by XLA
+    dict(num_splits=2, max_concurrent_steps=1),
 ])
 def test_tuning_variants(tuning):
     x, ws = tokens(7, 72, 128), stacks(8, 128, (128,))
@@ -88,6 +95,8 @@ def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(block_m=96), "block_m=96"),
     (dict(block_m=64, warp_specialized=True), "block_m=64"),
+    (dict(num_splits=3), "num_splits=3"),
+    (dict(num_splits=2, warp_specialized=True, block_m=128), "num_splits > 1"),
 ])
 def test_rejects_bad_tuning(kwargs, match):
     x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
@@ -116,17 +125,22 @@ def launches(model: str):
             "down": (f, [d], False)}
 
 
-def test_auto_picks_mosaic_where_it_measured_faster():
+def test_auto_picks_mosaic_where_it_measured_faster(monkeypatch):
     def picked(model, name, num_tokens=256, dtype=jnp.bfloat16):
         d_in, d_outs, silu_mul = launches(model)[name]
         return mosaic_settings(num_tokens, d_in, d_outs, silu_mul, dtype)
 
-    # Every 8B launch; the 1B's q/k/v and silu_mul. The 1B's o and down make 64 tiles: Triton.
+    # Every 8B launch unsplit; the 1B's q/k/v and silu_mul. The 1B's o and down make 64 tiles:
+    # D_in split in two (128 programs), unless JAXPAGED_MOSAIC_SPLIT=0 (then Triton).
     for name in ("qkv", "gate_up", "o", "down"):
-        assert picked("llama-3.1-8b", name) is not None
+        assert picked("llama-3.1-8b", name).get("num_splits", 1) == 1
     assert picked("llama-3.2-1b", "qkv") == dict(block_m=128, block_n=64, max_concurrent_steps=8)
     assert picked("llama-3.2-1b", "gate_up")["warp_specialized"]
+    split = dict(block_m=128, block_n=64, max_concurrent_steps=6, num_splits=2)
+    assert picked("llama-3.2-1b", "o") == split and picked("llama-3.2-1b", "down") == split
+    monkeypatch.setenv("JAXPAGED_MOSAIC_SPLIT", "0")
     assert picked("llama-3.2-1b", "o") is None and picked("llama-3.2-1b", "down") is None
+    monkeypatch.delenv("JAXPAGED_MOSAIC_SPLIT")
     # At T 64 and 128 (measured on the 8B): q/k/v, o and down, not silu_mul (it tied).
     for num_tokens in (64, 128):
         assert picked("llama-3.1-8b", "gate_up", num_tokens=num_tokens) is None
