@@ -40,18 +40,7 @@ VARIANTS = {
     "mgpu_s6": dict(kernel="mgpu", stages=6),
     "mgpu_bn128": dict(kernel="mgpu", block_n=128),
     "mgpu_bn128_s3": dict(kernel="mgpu", block_n=128, stages=3),
-    # The cache laid out [P, K, B, H] (each page's rows of one kv head contiguous: 2 KB at head
-    # dim 64 instead of 128-byte rows at a 1 KB stride); the engine's is [P, B, K, H].
-    "pkbh": dict(cache_layout="pkbh"),
-    "pkbh_seqs_fastest": dict(cache_layout="pkbh", heads_fastest=False),
-    "pkbh_bn128": dict(cache_layout="pkbh", block_n=128),
-    "pkbh_bn32": dict(cache_layout="pkbh", block_n=32),
 }
-
-
-def caches_for(params: dict, k_cache, v_cache, heads_major):
-    """The caches a variant reads: [P, K, B, H] ones for cache_layout="pkbh"."""
-    return heads_major if params.get("cache_layout") == "pkbh" else (k_cache, v_cache)
 
 
 def variant_fn(params: dict):
@@ -95,15 +84,11 @@ def main() -> None:
         lens = lens * 0 + args.context + args.extra_tokens
         sets = tuple((t,) for t in tables)
         fns = {n: variant_fn(VARIANTS[n]) for n in names}
-        heads_major = None
-        if any(VARIANTS[n].get("cache_layout") == "pkbh" for n in names):
-            heads_major = (k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3))
-        cache_of = {n: caches_for(VARIANTS[n], k_cache, v_cache, heads_major) for n in names}
         if args.profile_only:
             for n, fn in fns.items():
                 try:
                     for _ in range(3):
-                        jax.block_until_ready(fn(qs[0], *cache_of[n], tables[0], lens))
+                        jax.block_until_ready(fn(qs[0], k_cache, v_cache, tables[0], lens))
                     print(f"{model} {n}: called", flush=True)
                 except Exception as e:  # one failing variant must not lose the others
                     print(f"{model} {n}: {e!r}"[:500], flush=True)
@@ -114,7 +99,7 @@ def main() -> None:
         errs = {}
         for n, fn in fns.items():
             try:
-                out = np.asarray(fn(qs[0], *cache_of[n], tables[0], lens), np.float32)
+                out = np.asarray(fn(qs[0], k_cache, v_cache, tables[0], lens), np.float32)
                 errs[n] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             except Exception as e:
                 result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
@@ -123,7 +108,7 @@ def main() -> None:
             for n, fn in fns.items():
                 try:
                     times[n].append(time_jax(lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln),
-                                             qs[0], (*cache_of[n], lens), sets))
+                                             qs[0], (k_cache, v_cache, lens), sets))
                 except Exception as e:  # one failing variant must not lose the others
                     times[n] = []
                     result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
@@ -135,7 +120,7 @@ def main() -> None:
             rows[n] = {"us": med * 1e6, "TBps": total / med / 1e12, "rel_err": errs[n],
                        "rounds_us": [t * 1e6 for t in times[n]]}
         result["models"][model] = {"bytes": total, "rows": rows}
-        del k_cache, v_cache, heads_major, cache_of
+        del k_cache, v_cache
     if args.profile_only:
         return
     base = names[0]

@@ -97,7 +97,6 @@ def _decode_kernel(
     block_n: int,
     split_tokens: int,
     heads_fastest: bool,
-    heads_major: bool,
 ):
     if heads_fastest:
         kh, s, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -131,10 +130,7 @@ def _decode_kernel(
         pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
         valid = pos < end
         page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
-        if heads_major:  # cache [P, K, B, H]: a page's rows of one kv head are contiguous
-            rows = ((page * num_kv_heads + kh) * block_size + jax.lax.rem(pos, block_size))[:, None]
-        else:
-            rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
+        rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
         return rows, valid
 
     def load_kv(rows, valid):
@@ -197,7 +193,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_n
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "interpret", "block_n", "num_splits", "num_warps", "num_stages",
-                     "heads_fastest", "cache_layout"),
+                     "heads_fastest"),
 )
 def paged_decode_attention_tuned(
     q: jax.Array,
@@ -214,20 +210,11 @@ def paged_decode_attention_tuned(
     num_warps: int = 4,
     num_stages: int = 2,
     heads_fastest: bool = True,
-    cache_layout: str = "pbkh",
 ) -> jax.Array:
-    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks).
-    ``cache_layout="pkbh"`` takes caches laid out [P, K, B, H] (a layout experiment: each
-    page's rows of one kv head contiguous; the engine's caches are [P, B, K, H])."""
-    if cache_layout not in ("pbkh", "pkbh"):
-        raise ValueError(f"cache_layout={cache_layout!r}; allowed: 'pbkh', 'pkbh'")
-    heads_major = cache_layout == "pkbh"
-    # Checked as [P, B, K, H] either way; only the kernel's row indexing differs.
-    as_pbkh = [jax.ShapeDtypeStruct(c.shape[:1] + (c.shape[2], c.shape[1]) + c.shape[3:], c.dtype)
-               if heads_major else c for c in (k_cache, v_cache)]
-    _check_shapes(q, *as_pbkh, block_tables)
+    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
+    _check_shapes(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape
-    num_pages, block_size, num_kv_heads, _ = as_pbkh[0].shape
+    num_pages, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
     if block_tables.shape[0] != num_seqs or kv_lens.shape != (num_seqs,):
         # One query row per sequence: a token bucket larger than the sequence bucket would read
@@ -260,7 +247,6 @@ def paged_decode_attention_tuned(
         block_n=block_n,
         split_tokens=split_tokens,
         heads_fastest=heads_fastest,
-        heads_major=heads_major,
     )
     rows = num_seqs * num_heads
     if num_splits == 1:

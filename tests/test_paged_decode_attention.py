@@ -81,24 +81,6 @@ def test_agrees_with_ragged_kernel_on_decodes():
     assert_close(ragged, out, jnp.float32)
 
 
-@pytest.mark.parametrize("heads_fastest", [True, False])
-def test_kv_heads_major_cache_layout(heads_fastest):
-    """cache_layout="pkbh" (the layout experiment): the same caches transposed to [P, K, B, H]
-    give the reference's answer."""
-    rng = np.random.default_rng(14)
-    kv_lens = [1, 16, 17, 83, 0]
-    k_cache, v_cache, block_tables = make_paged_cache(rng, kv_lens, 16, 2, 64, jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((len(kv_lens), 8, 64)), jnp.bfloat16)
-    kv = jnp.asarray(kv_lens, jnp.int32)
-    out = paged_decode_attention_tuned(q, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3),
-                                       block_tables, kv, cache_layout="pkbh",
-                                       heads_fastest=heads_fastest)
-    assert_close(out, paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv),
-                 jnp.bfloat16)
-    with pytest.raises(ValueError, match="cache_layout"):
-        paged_decode_attention_tuned(q, k_cache, v_cache, block_tables, kv, cache_layout="bkph")
-
-
 def test_sequences_fastest_grid_matches_reference():
     run_case(11, LENGTHS_16, 4, 2, 64, 16, jnp.bfloat16, heads_fastest=False)
 
