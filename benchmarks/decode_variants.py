@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels  # noqa: E402
 from kernels import (ENGINE_DECODE_SHAPES, L2_BYTES, card_name, make_decode_inputs,  # noqa: E402
                      time_jax)
 
@@ -64,14 +65,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile-only", action="store_true",
                         help="call each variant a few times, untimed (run under ncu)")
+    parser.add_argument("--timer", choices=("wall", "device"), default="wall",
+                        help="kernels.py's TIMER: host wall clock over the chain, or device time")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     names = args.variants.split(",")
+    kernels.TIMER = args.timer
     rev = os.environ.get("JAXPAGED_GIT_REV") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"card": card_name(), "jax": jax.__version__, "git_revision": rev,
-              "batch": args.batch, "context": args.context, "extra_tokens": args.extra_tokens, "variants": {n: VARIANTS[n] for n in names},
+              "timer": args.timer, "batch": args.batch, "context": args.context, "extra_tokens": args.extra_tokens, "variants": {n: VARIANTS[n] for n in names},
               "models": {}}
     for model in args.models.split(","):
         nq, nkv, head_dim = ENGINE_DECODE_SHAPES[model]

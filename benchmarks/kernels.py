@@ -47,8 +47,34 @@ def log(msg: str) -> None:
     LOG.append(msg)
 
 
+# "wall": host wall clock over a chain of calls (launch gaps included: ~25 us a call for the
+# decode kernel, where Nsight Compute reads 125 us against the chain's 150). "device": the
+# device's kernel time over the same chain, from a JAX profiler trace (gaps excluded, like the
+# CUDA events that time the torch peers). Set by --timer.
+TIMER = "wall"
+
+
+def device_seconds(fn, args, reps: int) -> float:
+    """Device kernel time (seconds, summed over every kernel; memcpy and memset excluded) of
+    ``reps`` runs of ``fn(*args)``, from a JAX profiler trace."""
+    import tempfile
+
+    from device_profile import kernel_times
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            for _ in range(reps):
+                jax.block_until_ready(fn(*args))
+        finally:
+            jax.profiler.stop_trace()
+        seconds, _, _, _ = kernel_times(trace_dir)
+    return sum(t for name, t in seconds.items() if not name.startswith(("Memcpy", "Memset")))
+
+
 def time_jax(step, x0, shared=(), sets=((),), reps: int = 10, min_calls: int = 8) -> float:
-    """Median seconds per call of ``x = step(x, *shared, *sets[i])``, queued back to back in one jit.
+    """Median seconds per call of ``x = step(x, *shared, *sets[i])``, queued back to back in one jit
+    (with TIMER "device": the mean device kernel time per call over ``reps`` chains).
 
     Feeding each output into the next call keeps XLA from merging identical calls, and rotating
     over ``sets`` (disjoint inputs) keeps repeats from being served out of L2.
@@ -68,6 +94,8 @@ def time_jax(step, x0, shared=(), sets=((),), reps: int = 10, min_calls: int = 8
     t_end = time.perf_counter() + 0.1
     while time.perf_counter() < t_end:
         jax.block_until_ready(multi(x0, shared, sets))
+    if TIMER == "device":
+        return device_seconds(multi, (x0, shared, sets), reps) / (reps * calls)
     times: list[float] = []
     t_end = time.perf_counter() + 0.1
     while len(times) < reps or time.perf_counter() < t_end:
@@ -511,10 +539,15 @@ def main() -> None:
     parser.add_argument("--smollm2-decode-variants", default="default,bn128_w4_s2")
     parser.add_argument("--key-decode-variants", default=",".join(DECODE_VARIANTS), help="at the target configurations")
     parser.add_argument("--smollm2-prefill-variants", default="default")
+    parser.add_argument("--timer", choices=("wall", "device"), default="wall",
+                        help="JAX timings: host wall clock over a chain of calls, or the device's "
+                        "kernel time over it from a profiler trace (no launch gaps)")
     args = parser.parse_args()
+    global TIMER
+    TIMER = args.timer
     sections = args.sections.split(",")
     out_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] + ([args.out] if args.out else [])
-    results = {"card": card_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    results = {"card": card_name(), "jax": jax.__version__, "timer": args.timer, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "decode": {}, "prefill": {}, "write": {}}
     slug = card_name().replace(" ", "_").replace("/", "_")
     previous = os.path.join(out_dirs[0], f"kernels_{slug}.json")
