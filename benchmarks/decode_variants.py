@@ -14,11 +14,11 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +26,7 @@ import kernels  # noqa: E402
 from kernels import (ENGINE_DECODE_SHAPES, L2_BYTES, card_name, make_decode_inputs,  # noqa: E402
                      time_jax)
 
+from jaxpaged.bench_common import git_revision  # noqa: E402
 from pallas_kernels.paged_decode_attention import (  # noqa: E402
     paged_decode_attention_reference, paged_decode_attention_tuned)
 
@@ -72,10 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     names = args.variants.split(",")
     kernels.TIMER = args.timer
-    rev = os.environ.get("JAXPAGED_GIT_REV") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = git_revision()
     result = {"card": card_name(), "jax": jax.__version__, "git_revision": rev,
-              "timer": args.timer, "batch": args.batch, "context": args.context, "extra_tokens": args.extra_tokens, "variants": {n: VARIANTS[n] for n in names},
+              "timer": args.timer, "batch": args.batch, "context": args.context,
+              "extra_tokens": args.extra_tokens, "variants": {n: VARIANTS[n] for n in names},
               "models": {}}
     for model in args.models.split(","):
         nq, nkv, head_dim = ENGINE_DECODE_SHAPES[model]
@@ -85,7 +86,7 @@ def main() -> None:
         pages_ctx = args.context + (16 if args.extra_tokens else 0)
         k_cache, v_cache, tables, qs, lens = make_decode_inputs(
             args.batch, pages_ctx, nq, nkv, num_sets, head_dim=head_dim)
-        lens = lens * 0 + args.context + args.extra_tokens
+        lens = jnp.full_like(lens, args.context + args.extra_tokens)
         sets = tuple((t,) for t in tables)
         fns = {n: variant_fn(VARIANTS[n]) for n in names}
         if args.profile_only:
@@ -109,7 +110,8 @@ def main() -> None:
                 result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
         times: dict[str, list[float]] = {n: [] for n in names if n in errs}
         for _ in range(args.rounds):
-            for n, fn in fns.items():
+            for n in times:
+                fn = fns[n]
                 try:
                     times[n].append(time_jax(lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln),
                                              qs[0], (k_cache, v_cache, lens), sets))

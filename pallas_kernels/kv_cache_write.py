@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode_attention import (_check_rope, _next_pow2, _use_interpret,
-                                                   apply_rotate_half)
+                                                   apply_rotate_half, rotate_half_in_kernel)
 
 
 def _write_kernel(
@@ -44,15 +44,16 @@ def _write_kernel(
     # Skipped rows point past the end: never touched on the GPU (masked) and dropped by the
     # interpreter's scatter, so they can never collide with a real destination row.
     dst = jnp.where(ok, slot * num_kv_heads + kh, k_cache_ref.shape[0])[:, None]
-    k = plt.load(k_ref.at[src, cols], mask=ok[:, None], other=0.0)
+    def load_k(c):
+        return plt.load(k_ref.at[src, c], mask=ok[:, None], other=0.0)
+
     v = plt.load(v_ref.at[src, cols], mask=ok[:, None], other=0.0)
-    if rope:  # rotate-half RoPE of the new keys at their token's position (f32, then rounded)
-        half = head_dim // 2
-        k_swap = plt.load(k_ref.at[src, jax.lax.rem(cols + half, head_dim)], mask=ok[:, None], other=0.0)
+    if rope:  # the new keys at their token's position
         at_t = (t[:, None] + jnp.zeros_like(cols), cols + jnp.zeros_like(t)[:, None])
-        cos = plt.load(cos_ref.at[at_t], mask=ok[:, None], other=0.0)
-        sin = jnp.where(cols < half, -1.0, 1.0) * plt.load(sin_ref.at[at_t], mask=ok[:, None], other=0.0)
-        k = (k.astype(jnp.float32) * cos + k_swap.astype(jnp.float32) * sin).astype(k_ref.dtype)
+        k = rotate_half_in_kernel(load_k, cols, plt.load(cos_ref.at[at_t], mask=ok[:, None], other=0.0),
+                                  plt.load(sin_ref.at[at_t], mask=ok[:, None], other=0.0), k_ref.dtype)
+    else:
+        k = load_k(cols)
     plt.store(k_cache_ref.at[dst, cols], k.astype(k_cache_ref.dtype), mask=ok[:, None])
     plt.store(v_cache_ref.at[dst, cols], v.astype(v_cache_ref.dtype), mask=ok[:, None])
 

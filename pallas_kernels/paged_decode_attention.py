@@ -78,6 +78,18 @@ def apply_rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
     return out.astype(x.dtype)
 
 
+def rotate_half_in_kernel(load, cols, cos, sin, dtype, x=None):
+    """Rotate-half RoPE inside a Triton kernel, as ``apply_rotate_half`` (f32, then rounded to
+    ``dtype``): ``load(c)`` loads the rows at head columns ``c`` [1, H], once as they are (unless
+    given as ``x``) and once with the halves swapped; cos and sin broadcast against them."""
+    head_dim = cols.shape[-1]
+    half = head_dim // 2
+    x = load(cols) if x is None else x
+    x_swap = load(jax.lax.rem(cols + half, head_dim))
+    sin = jnp.where(cols < half, -1.0, 1.0) * sin
+    return (x.astype(jnp.float32) * cos + x_swap.astype(jnp.float32) * sin).astype(dtype)
+
+
 def _decode_kernel(
     q_ref,  # [S*N, H]
     k_ref,  # [P*B*K, H]
@@ -111,34 +123,28 @@ def _decode_kernel(
     g = jnp.arange(group_pad)
     row_ok = g < group
     q_rows = s * num_heads + kh * group + g  # [Gp]
-    q = plt.load(q_ref.at[q_rows[:, None], cols], mask=row_ok[:, None], other=0.0)
-    if rope:  # rotate-half RoPE at this sequence's position, in f32 as apply_rotate_half
-        half = head_dim // 2
-        q_swap = plt.load(q_ref.at[q_rows[:, None], jax.lax.rem(cols + half, head_dim)],
-                          mask=row_ok[:, None], other=0.0)
+    def load_q(c):
+        return plt.load(q_ref.at[q_rows[:, None], c], mask=row_ok[:, None], other=0.0)
+
+    q = load_q(cols)
+    if rope:  # at this sequence's position
         at_s = (jnp.zeros_like(cols) + s, cols)
-        cos = plt.load(cos_ref.at[at_s])  # [1, H]
-        sin = jnp.where(cols < half, -1.0, 1.0) * plt.load(sin_ref.at[at_s])
-        q = (q.astype(jnp.float32) * cos + q_swap.astype(jnp.float32) * sin).astype(q_ref.dtype)
+        q = rotate_half_in_kernel(load_q, cols, plt.load(cos_ref.at[at_s]),
+                                  plt.load(sin_ref.at[at_s]), q_ref.dtype, x=q)
 
     start = sp * split_tokens
     end = jnp.minimum(kv_len, start + split_tokens)
     num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
     qk_scale = sm_scale * LOG2E  # scores in base 2 so the softmax uses exp2
 
-    def tile_rows(j):
+    def body(j, carry):
+        acc, m, l = carry
         pos = start + j * block_n + jnp.arange(block_n)  # [BN] cache positions
         valid = pos < end
         page = plt.load(bt_ref.at[s * max_blocks + jax.lax.div(pos, block_size)], mask=valid, other=0)
         rows = ((page * block_size + jax.lax.rem(pos, block_size)) * num_kv_heads + kh)[:, None]
-        return rows, valid
-
-    def load_kv(rows, valid):
         k = plt.load(k_ref.at[rows, cols], mask=valid[:, None], other=0.0)  # [BN, H]
         v = plt.load(v_ref.at[rows, cols], mask=valid[:, None], other=0.0)
-        return k, v
-
-    def attend(k, v, valid, acc, m, l):
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         scores = jnp.where(valid[None, :], scores * qk_scale, -jnp.inf)  # [Gp, BN]
         m_new = jnp.maximum(m, scores.max(axis=1))
@@ -153,10 +159,6 @@ def _decode_kernel(
         jnp.full((group_pad,), -jnp.inf, jnp.float32),
         jnp.zeros((group_pad,), jnp.float32),
     )
-    def body(j, carry):
-        rows, valid = tile_rows(j)
-        return attend(*load_kv(rows, valid), valid, *carry)
-
     acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
     # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]

@@ -50,8 +50,7 @@ def poison_device_memory():
 
 def rope_tables_for(positions, head_dim: int, theta: float = 10000.0):
     """cos, sin f32[T, H] of rotate-half RoPE at ``positions`` (the model's layout)."""
+    from jaxpaged.models.llama import rope_tables
+
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-    angles = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
-    cos = np.concatenate([np.cos(angles)] * 2, axis=-1)
-    sin = np.concatenate([np.sin(angles)] * 2, axis=-1)
-    return jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32)
+    return rope_tables(jnp.asarray(positions, jnp.int32), jnp.asarray(inv_freq))
