@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.batch,
-              kv_cache_memory_fraction=0.8)  # room for layer 0's copy
+              kv_cache_memory_fraction=0.6)  # room for layer 0's copy
     engine = llm.llm_engine
     cfg = engine.model.config
     rng = np.random.default_rng(0)
@@ -114,10 +114,14 @@ def main() -> None:
             continue
         t = np.asarray(t)[:, :need]
         r = (cos, sin) if rope else None
-        out = paged_decode_attention(q0, kc, vc, jnp.asarray(t), jnp.asarray(lens), r)
-        ref = paged_decode_attention_reference(q0, kc, vc, jnp.asarray(t), jnp.asarray(lens), r)
-        errs[n] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
-                        / jnp.maximum(jnp.linalg.norm(ref.astype(jnp.float32)), 1e-30))
+        try:
+            out = paged_decode_attention(q0, kc, vc, jnp.asarray(t), jnp.asarray(lens), r)
+            ref = paged_decode_attention_reference(q0, kc, vc, jnp.asarray(t), jnp.asarray(lens), r)
+            errs[n] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
+                            / jnp.maximum(jnp.linalg.norm(ref.astype(jnp.float32)), 1e-30))
+        except Exception as e:  # the check must not cost the timings
+            print(f"{n}: reference check failed: {e!r}"[:400], flush=True)
+            errs[n] = float("nan")
     for _ in range(args.rounds):
         for n in names:
             kc, vc, t, rope = cases[n]
