@@ -42,12 +42,18 @@ VARIANTS = {
     "mgpu_s6": dict(kernel="mgpu", stages=6),
     "mgpu_bn128": dict(kernel="mgpu", block_n=128),
     "mgpu_bn128_s3": dict(kernel="mgpu", block_n=128, stages=3),
+    # The engine's inputs, one difference at a time: RoPE tables (the model passes them), and a
+    # page pool over 4 GiB (the engine's: Pallas's Triton lowering then computes 64-bit offsets).
+    "rope": dict(rope=True),
+    "big_pool": dict(pool_gib=5),
+    "big_pool_rope": dict(pool_gib=5, rope=True),
 }
+INPUT_OPTIONS = ("rope", "pool_gib")
 
 
 def variant_fn(params: dict):
     """The decode kernel a variant names, with its tuning (``kernel="mgpu"``: the Mosaic GPU one)."""
-    params = dict(params)
+    params = {k: v for k, v in params.items() if k not in INPUT_OPTIONS}
     if params.pop("kernel", "triton") == "mgpu":
         from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu
 
@@ -89,6 +95,19 @@ def main() -> None:
         lens = jnp.full_like(lens, args.context + args.extra_tokens)
         sets = tuple((t,) for t in tables)
         fns = {n: variant_fn(VARIANTS[n]) for n in names}
+        pools = {0: (k_cache, v_cache)}
+        for n in names:  # the same pages at the front of a larger pool, zeros after them
+            gib = VARIANTS[n].get("pool_gib", 0)
+            if gib not in pools:
+                pad = max(0, int(gib * 2**30) // (k_cache[0].size * k_cache.dtype.itemsize)
+                          - k_cache.shape[0])
+                pools[gib] = tuple(jnp.pad(c, ((0, pad), (0, 0), (0, 0), (0, 0))) for c in (k_cache, v_cache))
+        angles = jax.random.uniform(jax.random.key(7), (args.batch, head_dim // 2), jnp.float32, 0, 6.3)
+        rope = (jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1)))
+        for n in names:
+            if VARIANTS[n].get("rope"):
+                fns[n] = functools.partial(fns[n], rope=rope)
+        caches = {n: pools[VARIANTS[n].get("pool_gib", 0)] for n in names}
         if args.profile_only:
             for n, fn in fns.items():
                 try:
@@ -99,12 +118,14 @@ def main() -> None:
                     print(f"{model} {n}: {e!r}"[:500], flush=True)
             continue
         # Same answer as the XLA reference on the first table set, before any timing.
-        ref = np.asarray(paged_decode_attention_reference(qs[0], k_cache, v_cache, tables[0], lens),
-                         np.float32)
+        refs = {r: np.asarray(paged_decode_attention_reference(qs[0], k_cache, v_cache, tables[0],
+                                                               lens, rope if r else None), np.float32)
+                for r in (False, True)}
         errs = {}
         for n, fn in fns.items():
+            ref = refs[bool(VARIANTS[n].get("rope"))]
             try:
-                out = np.asarray(fn(qs[0], k_cache, v_cache, tables[0], lens), np.float32)
+                out = np.asarray(fn(qs[0], *caches[n], tables[0], lens), np.float32)
                 errs[n] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             except Exception as e:
                 result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
@@ -114,7 +135,7 @@ def main() -> None:
                 fn = fns[n]
                 try:
                     times[n].append(time_jax(lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln),
-                                             qs[0], (k_cache, v_cache, lens), sets))
+                                             qs[0], (*caches[n], lens), sets))
                 except Exception as e:  # one failing variant must not lose the others
                     times[n] = []
                     result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
@@ -126,7 +147,7 @@ def main() -> None:
             rows[n] = {"us": med * 1e6, "TBps": total / med / 1e12, "rel_err": errs[n],
                        "rounds_us": [t * 1e6 for t in times[n]]}
         result["models"][model] = {"bytes": total, "rows": rows}
-        del k_cache, v_cache
+        del k_cache, v_cache, pools, caches
     if args.profile_only:
         return
     base = names[0]
