@@ -47,8 +47,13 @@ VARIANTS = {
     "rope": dict(rope=True),
     "big_pool": dict(pool_gib=5),
     "big_pool_rope": dict(pool_gib=5, rope=True),
+    # The same pages at the front of a --big-pool-gib pool, or spread evenly over all of it
+    # (the engine's pages drift over its pool as its FIFO free queue hands out blocks). One
+    # pool holds both copies of the pages.
+    "pool_big": dict(pool_gib="big"),
+    "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread")
 
 
 def variant_fn(params: dict):
@@ -70,6 +75,8 @@ def main() -> None:
     parser.add_argument("--extra-tokens", type=int, default=0,
                         help="kv_lens = context + this (1-15: a partial last page and tile)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big-pool-gib", type=float, default=16.0,
+                        help="the pool size of the pool_big variants")
     parser.add_argument("--profile-only", action="store_true",
                         help="call each variant a few times, untimed (run under ncu)")
     parser.add_argument("--timer", choices=("wall", "device"), default="wall",
@@ -98,6 +105,7 @@ def main() -> None:
         pools = {0: (k_cache, v_cache)}
         for n in names:  # the same pages at the front of a larger pool, zeros after them
             gib = VARIANTS[n].get("pool_gib", 0)
+            gib = args.big_pool_gib if gib == "big" else gib
             if gib not in pools:
                 pad = max(0, int(gib * 2**30) // (k_cache[0].size * k_cache.dtype.itemsize)
                           - k_cache.shape[0])
@@ -107,7 +115,20 @@ def main() -> None:
         for n in names:
             if VARIANTS[n].get("rope"):
                 fns[n] = functools.partial(fns[n], rope=rope)
-        caches = {n: pools[VARIANTS[n].get("pool_gib", 0)] for n in names}
+        def pool_of(n):
+            gib = VARIANTS[n].get("pool_gib", 0)
+            return args.big_pool_gib if gib == "big" else gib
+
+        variant_sets = {n: sets for n in names}
+        for n in names:  # page p -> n + p * stride, behind the front copy, spread to the end
+            if VARIANTS[n].get("spread"):
+                gib, front = pool_of(n), k_cache.shape[0]
+                stride = (pools[gib][0].shape[0] - front) // front
+                ids = front + jnp.arange(front) * stride
+                put = jax.jit(lambda c, src: c.at[ids].set(src), donate_argnums=0)
+                pools[gib] = (put(pools[gib][0], k_cache), put(pools[gib][1], v_cache))
+                variant_sets[n] = tuple((front + t * stride,) for t in tables)
+        caches = {n: pools[pool_of(n)] for n in names}
         if args.profile_only:
             for n, fn in fns.items():
                 try:
@@ -125,7 +146,7 @@ def main() -> None:
         for n, fn in fns.items():
             ref = refs[bool(VARIANTS[n].get("rope"))]
             try:
-                out = np.asarray(fn(qs[0], *caches[n], tables[0], lens), np.float32)
+                out = np.asarray(fn(qs[0], *caches[n], variant_sets[n][0][0], lens), np.float32)
                 errs[n] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             except Exception as e:
                 result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
@@ -135,7 +156,7 @@ def main() -> None:
                 fn = fns[n]
                 try:
                     times[n].append(time_jax(lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln),
-                                             qs[0], (*caches[n], lens), sets))
+                                             qs[0], (*caches[n], lens), variant_sets[n]))
                 except Exception as e:  # one failing variant must not lose the others
                     times[n] = []
                     result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
