@@ -34,6 +34,7 @@ from pallas_kernels.paged_decode_attention import (  # noqa: E402
     paged_decode_attention_tuned,
 )
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_tuned  # noqa: E402
+from jaxpaged.bench_common import git_revision  # noqa: E402
 
 BLOCK = 16
 HEAD_DIM = 128
@@ -52,6 +53,10 @@ def log(msg: str) -> None:
 # device's kernel time over the same chain, from a JAX profiler trace (gaps excluded, like the
 # CUDA events that time the torch peers). Set by --timer.
 TIMER = "wall"
+TIMER_DESCRIPTIONS = {
+    "wall": "host wall clock over a chain of calls in one jit (launch gaps included)",
+    "device": "the device's kernel time over a chain of calls in one jit, from a JAX profiler trace",
+}
 
 
 def device_seconds(fn, args, reps: int) -> float:
@@ -459,7 +464,10 @@ def _decode_cells(row: dict) -> str:
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"# Kernel benchmark on {results['card']}", "", f"jax {results['jax']}, {results['date']}", ""]
+    lines = [f"# Kernel benchmark on {results['card']}", "",
+             f"jax {results['jax']}, {results['date']}, git {results.get('git_revision', '?')}", ""]
+    timer = results.get("timer", "wall")
+    lines += [f"JAX timings: {TIMER_DESCRIPTIONS.get(timer, timer)}; torch's by CUDA events.", ""]
     c = results.get("copy", {})
     m = results.get("matmul", {})
     if c:
@@ -547,7 +555,8 @@ def main() -> None:
     TIMER = args.timer
     sections = args.sections.split(",")
     out_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] + ([args.out] if args.out else [])
-    results = {"card": card_name(), "jax": jax.__version__, "timer": args.timer, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    results = {"card": card_name(), "jax": jax.__version__, "timer": args.timer,
+               "git_revision": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "decode": {}, "prefill": {}, "write": {}}
     slug = card_name().replace(" ", "_").replace("/", "_")
     previous = os.path.join(out_dirs[0], f"kernels_{slug}.json")
