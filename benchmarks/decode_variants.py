@@ -133,7 +133,7 @@ def main() -> None:
             for n, fn in fns.items():
                 try:
                     for _ in range(3):
-                        jax.block_until_ready(fn(qs[0], k_cache, v_cache, tables[0], lens))
+                        jax.block_until_ready(fn(qs[0], *caches[n], variant_sets[n][0][0], lens))
                     print(f"{model} {n}: called", flush=True)
                 except Exception as e:  # one failing variant must not lose the others
                     print(f"{model} {n}: {e!r}"[:500], flush=True)
