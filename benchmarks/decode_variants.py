@@ -47,6 +47,13 @@ VARIANTS = {
     "rope": dict(rope=True),
     "big_pool": dict(pool_gib=5),
     "big_pool_rope": dict(pool_gib=5, rope=True),
+    # With 64-bit offsets the kernel takes 65 registers and loses an eighth of its occupancy
+    # (ncu): tiles and warps that may bring it back under 64.
+    "big_pool_bn32": dict(pool_gib=5, block_n=32),
+    "big_pool_w8": dict(pool_gib=5, num_warps=8),
+    "big_pool_bn128_w8": dict(pool_gib=5, block_n=128, num_warps=8),
+    "big_pool_s1": dict(pool_gib=5, num_stages=1),
+    "big_pool_s3": dict(pool_gib=5, num_stages=3),
     # The same pages at the front of a --big-pool-gib pool, or spread evenly over all of it
     # (the engine's pages drift over its pool as its FIFO free queue hands out blocks). One
     # pool holds both copies of the pages.
