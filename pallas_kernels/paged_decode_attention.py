@@ -22,6 +22,7 @@ Design (after vLLM's unified attention and FlashDecoding):
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,22 @@ LOG2E = math.log2(math.e)
 _SPLIT_BELOW_PROGRAMS = 256
 _TARGET_PROGRAMS = 512
 _MIN_SPLIT_TOKENS = 128
+
+
+def default_block_n(head_dim: int) -> int:
+    """Keys per tile: 32 at head dim 64 or less, else 64; JAXPAGED_DECODE_BLOCK_N overrides.
+
+    Measured on the H100 at the engine's batch-256 shapes (benchmarks/NOTES_kernels.md, twelfth
+    session): with a page pool over 4 GiB, as the engine's, Pallas's Triton lowering computes
+    64-bit offsets and the head-dim-64 kernel at 64 keys a tile takes 65 registers, losing an
+    eighth of its occupancy (llama-3.2-1b's shape: 125 us against 119 with a small pool); at 32
+    keys it takes 118 us. At head dim 128 the two tiles measure the same."""
+    setting = os.environ.get("JAXPAGED_DECODE_BLOCK_N")
+    if setting is not None:
+        if setting not in ("16", "32", "64", "128"):
+            raise ValueError(f"JAXPAGED_DECODE_BLOCK_N={setting!r}; allowed: 16, 32, 64, 128")
+        return int(setting)
+    return 32 if head_dim <= 64 else 64
 
 
 def _next_pow2(x: int) -> int:
@@ -207,13 +224,14 @@ def paged_decode_attention_tuned(
     *,
     sm_scale: float | None = None,
     interpret: bool = False,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     heads_fastest: bool = True,
 ) -> jax.Array:
-    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks)."""
+    """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks);
+    ``block_n`` None: ``default_block_n``."""
     _check_shapes(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape
     num_pages, block_size, num_kv_heads, _ = k_cache.shape
@@ -228,6 +246,8 @@ def paged_decode_attention_tuned(
     _check_rope(rope, num_seqs, head_dim)
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_pow2(group))
+    if block_n is None:
+        block_n = default_block_n(head_dim)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     max_tokens = max_blocks * block_size
