@@ -54,6 +54,10 @@ VARIANTS = {
     "big_pool_bn128_w8": dict(pool_gib=5, block_n=128, num_warps=8),
     "big_pool_s1": dict(pool_gib=5, num_stages=1),
     "big_pool_s3": dict(pool_gib=5, num_stages=3),
+    "big_pool_bn16": dict(pool_gib=5, block_n=16),
+    "big_pool_bn32_w2": dict(pool_gib=5, block_n=32, num_warps=2),
+    "big_pool_bn32_s3": dict(pool_gib=5, block_n=32, num_stages=3),
+    "big_pool_bn64": dict(pool_gib=5, block_n=64),
     # The same pages at the front of a --big-pool-gib pool, or spread evenly over all of it
     # (the engine's pages drift over its pool as its FIFO free queue hands out blocks). One
     # pool holds both copies of the pages.
