@@ -313,8 +313,11 @@ def paged_decode_attention(
 ) -> jax.Array:  # [S, N, H] in q.dtype
     """Attention of each sequence's one new token over its ``kv_lens[s]`` cached positions.
     With ``rope``, q is first rotated (rotate-half RoPE, ``apply_rotate_half``) in the kernel."""
+    # The tile is chosen here, outside the jit, so that JAXPAGED_DECODE_BLOCK_N is read at each
+    # call rather than frozen into the first trace.
     return paged_decode_attention_tuned(
-        q, k_cache, v_cache, block_tables, kv_lens, rope, sm_scale=sm_scale, interpret=interpret
+        q, k_cache, v_cache, block_tables, kv_lens, rope, sm_scale=sm_scale, interpret=interpret,
+        block_n=default_block_n(q.shape[-1]),
     )
 
 

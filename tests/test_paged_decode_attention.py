@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_decode_attention, paged_decode_attention_reference
-from pallas_kernels.paged_decode_attention import apply_rotate_half, paged_decode_attention_tuned
+from pallas_kernels.paged_decode_attention import (apply_rotate_half, default_block_n,
+                                                   paged_decode_attention_tuned)
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 from kernel_cases import assert_close, make_paged_cache, poison_device_memory, rope_tables_for
@@ -57,6 +58,23 @@ def test_matches_reference(group, num_kv_heads, head_dim, dtype):
 def test_kv_splits_merge(num_splits):
     # Splits past a sequence's end are empty and must weigh nothing in the merge.
     run_case(7, [1, 33, 150, 0], 4, 2, 64, 16, jnp.float32, num_splits=num_splits, block_n=16)
+
+
+def test_default_tile_by_head_dim_and_its_override(monkeypatch):
+    monkeypatch.delenv("JAXPAGED_DECODE_BLOCK_N", raising=False)
+    assert (default_block_n(64), default_block_n(128)) == (32, 64)
+    monkeypatch.setenv("JAXPAGED_DECODE_BLOCK_N", "128")
+    assert default_block_n(64) == 128
+    monkeypatch.setenv("JAXPAGED_DECODE_BLOCK_N", "48")
+    with pytest.raises(ValueError, match="JAXPAGED_DECODE_BLOCK_N"):
+        default_block_n(64)
+
+
+def test_overridden_tile_matches_reference(monkeypatch):
+    # 64 keys a tile at head dim 64 (the default there is 32): lengths across tiles and pages.
+    monkeypatch.setenv("JAXPAGED_DECODE_BLOCK_N", "64")
+    run_case(5, [1, 64, 65, 150, 0], group=4, num_kv_heads=2, head_dim=64, block_size=16,
+             dtype=jnp.bfloat16)
 
 
 def test_block_size_32_and_tile_spanning_pages():
