@@ -48,6 +48,16 @@ class KVCache:
         return self.k.shape[2]
 
 
+def fused_kv_write_setting() -> bool:
+    """JAXPAGED_FUSED_KV_WRITE: "1" (default) has the decode-attention kernel write this step's
+    keys and values into the cache (one launch a layer instead of two, on decode-only steps);
+    "0" runs the separate KV-write kernel first, as prefill and mixed steps always do."""
+    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"JAXPAGED_FUSED_KV_WRITE={setting!r}; allowed: 0, 1")
+    return setting == "1"
+
+
 def fused_rope_setting() -> bool:
     """JAXPAGED_FUSED_ROPE: "1" (default) rotates q inside the decode kernel and k inside the
     KV-write kernel; "0" rotates both with XLA before the kernels (one fusion each a layer; kept
@@ -73,7 +83,8 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
     block_tables = md.block_tables + layer * P
     attend = functools.partial(_write_and_attend, impl=impl, decode_only=md.decode_only,
                                sm_scale=1.0 / (H ** 0.5),
-                               fused_rope=impl == "pallas" and fused_rope_setting())
+                               fused_rope=impl == "pallas" and fused_rope_setting(),
+                               fused_write=impl == "pallas" and fused_kv_write_setting())
     if mesh is not None:
         heads, rep = PartitionSpec(None, TP_AXIS, None), PartitionSpec()
         # check_vma off: pallas_call does not type its outputs as varying over the mesh axis.
@@ -87,7 +98,8 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: KVCache,
 
 
 def _write_and_attend(q, k, v, k_cache, v_cache, slots, block_tables, kv_lens, cu_q_lens, rope,
-                      *, impl: str, decode_only: bool, sm_scale: float, fused_rope: bool):
+                      *, impl: str, decode_only: bool, sm_scale: float, fused_rope: bool,
+                      fused_write: bool):
     """One shard's (or the whole model's) write + attention over the flat page pool."""
     L, P, B, K, H = k_cache.shape
     k_pool = k_cache.reshape(L * P, B, K, H)
@@ -99,6 +111,9 @@ def _write_and_attend(q, k, v, k_cache, v_cache, slots, block_tables, kv_lens, c
         k_pool, v_pool = pallas_kernels.write_kv_cache_reference(k, v, k_pool, v_pool, slots)
         out = pallas_kernels.ragged_paged_attention_reference(
             q, k_pool, v_pool, block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale)
+    elif decode_only and fused_write:
+        out, k_pool, v_pool = pallas_kernels.paged_decode_attention(
+            q, k_pool, v_pool, block_tables, kv_lens, rope, (k, v, slots), sm_scale=sm_scale)
     else:
         k_pool, v_pool = pallas_kernels.write_kv_cache(k, v, k_pool, v_pool, slots, rope)
         if decode_only:

@@ -86,6 +86,20 @@ def _check_rope(rope, num_rows: int, head_dim: int) -> None:
                          f"{[getattr(t, 'shape', None) for t in rope]}")
 
 
+def _check_write(write, num_seqs: int, k_cache: jax.Array) -> None:
+    if write is None:
+        return
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    if len(write) != 3:
+        raise ValueError("write must be (k, v, slot_mapping)")
+    k, v, slots = write
+    if k.shape != (num_seqs, num_kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"write's k and v must both be [S={num_seqs}, K={num_kv_heads}, "
+                         f"H={head_dim}]; got {k.shape} and {v.shape}")
+    if slots.shape != (num_seqs,):
+        raise ValueError(f"write's slot_mapping must be i32[S={num_seqs}]; got shape {slots.shape}")
+
+
 def apply_rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate-half RoPE (the Hugging Face layout) of x [T, heads, H] with cos, sin [T, H],
     computed in f32 and rounded to x's dtype: the kernels' reference."""
@@ -113,8 +127,10 @@ def _decode_kernel(
     v_ref,  # [P*B*K, H]
     bt_ref,  # i32[S*max_blocks]
     lens_ref,  # i32[S]
-    *refs,  # [cos, sin f32[S, H] with rope], o [S*N, H] or f32[splits*S*N, H], [lse when split]
+    *refs,  # [cos, sin f32[S, H] with rope], [new k, new v [S*K, H], slots i32[S] with write],
+    #         o [S*N, H] or f32[splits*S*N, H], [lse when split], [k, v caches out with write]
     rope: bool,
+    write: bool,
     sm_scale: float,
     num_seqs: int,
     num_heads: int,
@@ -135,7 +151,11 @@ def _decode_kernel(
     kv_len = lens_ref[s]
     cols = jnp.arange(head_dim)[None, :]
 
-    cos_ref, sin_ref, o_ref, *lse_ref = refs if rope else (None, None, *refs)
+    refs = list(refs)
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+    kn_ref, vn_ref, slot_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if write else (None,) * 3
+    ko_ref, vo_ref = (refs.pop(-2), refs.pop(-1)) if write else (None, None)
+    o_ref, *lse_ref = refs
 
     g = jnp.arange(group_pad)
     row_ok = g < group
@@ -146,13 +166,35 @@ def _decode_kernel(
     q = load_q(cols)
     if rope:  # at this sequence's position
         at_s = (jnp.zeros_like(cols) + s, cols)
-        q = rotate_half_in_kernel(load_q, cols, plt.load(cos_ref.at[at_s]),
-                                  plt.load(sin_ref.at[at_s]), q_ref.dtype, x=q)
+        cos, sin = plt.load(cos_ref.at[at_s]), plt.load(sin_ref.at[at_s])
+        q = rotate_half_in_kernel(load_q, cols, cos, sin, q_ref.dtype, x=q)
 
     start = sp * split_tokens
     end = jnp.minimum(kv_len, start + split_tokens)
-    num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
     qk_scale = sm_scale * LOG2E  # scores in base 2 so the softmax uses exp2
+    if write:
+        # This step's key and value of (sequence, kv head): stored into the cache slot by the
+        # split that holds the last position, and attended from registers; the cache reads stop
+        # before that position, so no program reads a row while it is written. A row without a
+        # slot (padding, or a row frozen in a multi-step window) reads its last position from
+        # the cache as before.
+        new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
+        slot = slot_ref[s]
+        last = kv_len - 1
+        fresh = slot >= 0
+        mine = fresh & (start <= last) & (last < start + split_tokens)
+        k_new = plt.load(kn_ref.at[new_at])  # [1, H]
+        if rope:
+            k_new = rotate_half_in_kernel(lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, cos,
+                                          sin, ko_ref.dtype, x=k_new)
+        k_new = k_new.astype(ko_ref.dtype)
+        v_new = plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
+        dst_at = (jnp.zeros_like(cols) + jnp.where(mine, slot * num_kv_heads + kh, 0), cols)
+        store_mask = mine & (cols >= 0)
+        plt.store(ko_ref.at[dst_at], k_new, mask=store_mask)
+        plt.store(vo_ref.at[dst_at], v_new, mask=store_mask)
+        end = jnp.where(fresh, jnp.minimum(end, last), end)
+    num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
 
     def body(j, carry):
         acc, m, l = carry
@@ -177,6 +219,14 @@ def _decode_kernel(
         jnp.zeros((group_pad,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
+    if write:  # the new token, merged into the running softmax as one more key
+        score = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * qk_scale  # [Gp]
+        m_new = jnp.where(mine, jnp.maximum(m, score), m)
+        alpha = jnp.where(mine, jnp.exp2(m - m_new), 1.0)
+        p = jnp.where(mine, jnp.exp2(score - m_new), 0.0)
+        p_rounded = p.astype(v_new.dtype).astype(jnp.float32)  # as the tiles round p for P @ V
+        acc = acc * alpha[:, None] + p_rounded[:, None] * v_new.astype(jnp.float32)
+        m, l = m_new, l * alpha + p
     # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     if not lse_ref:
@@ -221,6 +271,7 @@ def paged_decode_attention_tuned(
     block_tables: jax.Array,
     kv_lens: jax.Array,
     rope: tuple[jax.Array, jax.Array] | None = None,
+    write: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     sm_scale: float | None = None,
     interpret: bool = False,
@@ -244,6 +295,7 @@ def paged_decode_attention_tuned(
             f"{q.shape}, block_tables {block_tables.shape}, kv_lens {kv_lens.shape}"
         )
     _check_rope(rope, num_seqs, head_dim)
+    _check_write(write, num_seqs, k_cache)
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_pow2(group))
     if block_n is None:
@@ -258,6 +310,7 @@ def paged_decode_attention_tuned(
     kernel = functools.partial(
         _decode_kernel,
         rope=rope is not None,
+        write=write is not None,
         sm_scale=float(sm_scale),
         num_seqs=num_seqs,
         num_heads=num_heads,
@@ -272,32 +325,46 @@ def paged_decode_attention_tuned(
     )
     rows = num_seqs * num_heads
     if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
+        out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
     else:
-        out_shape = (
+        out_shape = [
             jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32),
-        )
+        ]
+    flat_k, flat_v = k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim)
+    tables = () if rope is None else (rope[0].astype(jnp.float32), rope[1].astype(jnp.float32))
+    new_kv, aliases = (), {}
+    if write is not None:
+        k_new, v_new, slots = write
+        new_kv = (k_new.reshape(-1, head_dim), v_new.reshape(-1, head_dim), slots.astype(jnp.int32))
+        out_shape += [jax.ShapeDtypeStruct(flat_k.shape, flat_k.dtype),
+                      jax.ShapeDtypeStruct(flat_v.shape, flat_v.dtype)]
+        aliases = {1: len(out_shape) - 2, 2: len(out_shape) - 1}  # the caches, in place
     result = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits),
-        out_shape=out_shape,
+        out_shape=tuple(out_shape),
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_use_interpret(interpret),
         name="paged_decode_attention",
     )(
         q.reshape(rows, head_dim),
-        k_cache.reshape(-1, head_dim),
-        v_cache.reshape(-1, head_dim),
+        flat_k,
+        flat_v,
         block_tables.astype(jnp.int32).reshape(-1),
         kv_lens.astype(jnp.int32),
-        *(() if rope is None else (rope[0].astype(jnp.float32), rope[1].astype(jnp.float32))),
+        *tables,
+        *new_kv,
     )
     if num_splits == 1:
-        return result.reshape(q.shape)
-    parts, lse = result
-    parts = parts.reshape(num_splits, num_seqs, num_heads, head_dim)
-    return _merge_splits(parts, lse.reshape(num_splits, num_seqs, num_heads), q.dtype)
+        out = result[0].reshape(q.shape)
+    else:
+        parts = result[0].reshape(num_splits, num_seqs, num_heads, head_dim)
+        out = _merge_splits(parts, result[1].reshape(num_splits, num_seqs, num_heads), q.dtype)
+    if write is None:
+        return out
+    return out, result[-2].reshape(k_cache.shape), result[-1].reshape(v_cache.shape)
 
 
 def paged_decode_attention(
@@ -307,17 +374,24 @@ def paged_decode_attention(
     block_tables: jax.Array,  # i32[S, max_blocks]
     kv_lens: jax.Array,  # i32[S], 0 for padded rows
     rope: tuple[jax.Array, jax.Array] | None = None,  # cos, sin f32[S, H]
+    write: tuple[jax.Array, jax.Array, jax.Array] | None = None,  # k, v [S, K, H], slots i32[S]
     *,
     sm_scale: float | None = None,
     interpret: bool = False,
-) -> jax.Array:  # [S, N, H] in q.dtype
+):  # [S, N, H] in q.dtype; with write, (that, k_cache, v_cache)
     """Attention of each sequence's one new token over its ``kv_lens[s]`` cached positions.
-    With ``rope``, q is first rotated (rotate-half RoPE, ``apply_rotate_half``) in the kernel."""
+    With ``rope``, q is first rotated (rotate-half RoPE, ``apply_rotate_half``) in the kernel.
+
+    With ``write`` = (k, v, slot_mapping), the kernel also does ``write_kv_cache``'s work for
+    this step (one row per sequence; k rotated when ``rope`` is given; slot -1 skips the row)
+    and returns the caches too, updated in place when they are donated: the sequence's last
+    position (``kv_lens[s] - 1``) is then this step's token, attended from the kernel's
+    registers. One launch instead of two a layer."""
     # The tile is chosen here, outside the jit, so that JAXPAGED_DECODE_BLOCK_N is read at each
     # call rather than frozen into the first trace.
     return paged_decode_attention_tuned(
-        q, k_cache, v_cache, block_tables, kv_lens, rope, sm_scale=sm_scale, interpret=interpret,
-        block_n=default_block_n(q.shape[-1]),
+        q, k_cache, v_cache, block_tables, kv_lens, rope, write, sm_scale=sm_scale,
+        interpret=interpret, block_n=default_block_n(q.shape[-1]),
     )
 
 
@@ -328,15 +402,25 @@ def paged_decode_attention_reference(
     block_tables: jax.Array,
     kv_lens: jax.Array,
     rope: tuple[jax.Array, jax.Array] | None = None,
+    write: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     sm_scale: float | None = None,
     interpret: bool = False,
-) -> jax.Array:
-    """Pure-jnp decode attention: gather each sequence's pages, mask past kv_len, f32 softmax."""
+):
+    """Pure-jnp decode attention: gather each sequence's pages, mask past kv_len, f32 softmax.
+    With ``write``: ``write_kv_cache_reference`` first, and the caches returned too."""
     del interpret
     _check_shapes(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape
     _check_rope(rope, num_seqs, head_dim)
+    if write is not None:
+        from pallas_kernels.kv_cache_write import write_kv_cache_reference  # (it imports us)
+
+        _check_write(write, num_seqs, k_cache)
+        k_cache, v_cache = write_kv_cache_reference(*write[:2], k_cache, v_cache, write[2], rope)
+        out = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, kv_lens, rope,
+                                               sm_scale=sm_scale)
+        return out, k_cache, v_cache
     if rope is not None:
         q = apply_rotate_half(q, *rope)
     _, block_size, num_kv_heads, _ = k_cache.shape

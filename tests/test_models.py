@@ -236,3 +236,61 @@ def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
     np.testing.assert_array_equal(results["1"][2][0], results["0"][2][0])
     for got, want in zip(results["1"][1:], results["0"][1:]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_rope", ["1", "0"])
+def test_kv_write_inside_the_decode_kernel_matches_separate_write(monkeypatch, fused_rope):
+    """JAXPAGED_FUSED_KV_WRITE: decode-only steps whose attention kernel writes the step's keys
+    and values give the logits and cache of the separate KV-write kernel, over a prefill step
+    and two decode steps (the second one's token the first of a new page), with RoPE inside the
+    kernels or not."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxpaged.attention import KVCache
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.metadata import build_step_inputs
+    from jaxpaged.models import CausalLM, forward
+
+    monkeypatch.setenv("JAXPAGED_FUSED_ROPE", fused_rope)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16)
+    graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [6, 7]]
+    steps = [
+        build_step_inputs(prompts, [0, 0], [[1], [2]], 16, num_tokens=24, num_seqs=2,
+                          max_blocks_per_seq=2, logits_indices=[14, 16], num_logits=2),
+        build_step_inputs([[9], [10]], [15, 2], [[1], [2]], 16, num_tokens=2, num_seqs=2,
+                          max_blocks_per_seq=2, logits_indices=[0, 1], num_logits=2,
+                          decode_only=True),
+        build_step_inputs([[11], [12]], [16, 3], [[1, 3], [2]], 16, num_tokens=2, num_seqs=2,
+                          max_blocks_per_seq=2, logits_indices=[0, 1], num_logits=2,
+                          decode_only=True),
+    ]
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", fused)
+        cache = KVCache.zeros(2, 4, 16, 2, 16, jnp.float32)
+        logits = []
+        for ids, pos, md in steps:
+            cache, out = forward(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
+                                 jax.tree.map(jnp.asarray, md), impl="pallas")
+            logits.append(np.asarray(out))
+        results[fused] = (logits, np.asarray(cache.k), np.asarray(cache.v))
+    for got, want in zip(results["1"][0], results["0"][0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(results["1"][1:], results["0"][1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The second decode step wrote sequence 0's token 16 into its new page 3.
+    assert np.abs(results["1"][1][:, 3, 0]).sum() > 0
+
+
+def test_kv_write_setting_rejects_other_values(monkeypatch):
+    from jaxpaged.attention import fused_kv_write_setting
+
+    monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", "yes")
+    with pytest.raises(ValueError, match="JAXPAGED_FUSED_KV_WRITE"):
+        fused_kv_write_setting()

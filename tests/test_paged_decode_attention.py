@@ -152,3 +152,69 @@ def test_rejects_more_query_rows_than_sequences():
 )
 def test_property_random_shapes(kv_lens, group, num_kv_heads, block_size, dtype, seed):
     run_case(seed, kv_lens, group, num_kv_heads, 64, block_size, dtype)
+
+
+def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, group=4, block_size=16):
+    """Caches, tables, q, lengths, rope tables and this step's (k, v, slots): the slot of each
+    sequence's last position, -1 for padded rows and for the rows in ``frozen`` (which read their
+    last position from the cache). The slots to be written hold NaN, so a kernel that read
+    them instead of its registers would show it."""
+    rng = np.random.default_rng(seed)
+    k_cache, v_cache, block_tables = make_paged_cache(rng, kv_lens, block_size, num_kv_heads,
+                                                      head_dim, dtype)
+    lens = np.asarray(kv_lens)
+    last = np.maximum(lens - 1, 0)
+    slots = np.asarray(block_tables)[np.arange(len(lens)), last // block_size] * block_size + last % block_size
+    slots = np.where((lens > 0) & ~np.isin(np.arange(len(lens)), frozen), slots, -1).astype(np.int32)
+    written = slots[slots >= 0]
+    k_cache = k_cache.reshape(-1, num_kv_heads, head_dim).at[written].set(jnp.nan).reshape(k_cache.shape)
+    v_cache = v_cache.reshape(-1, num_kv_heads, head_dim).at[written].set(jnp.nan).reshape(v_cache.shape)
+    q = jnp.asarray(rng.standard_normal((len(lens), group * num_kv_heads, head_dim)), dtype)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((len(lens), num_kv_heads, head_dim)), dtype)
+                    for _ in range(2))
+    rope = rope_tables_for(last * 3, head_dim)
+    return (q, k_cache, v_cache, block_tables, jnp.asarray(lens, jnp.int32), rope,
+            (k_new, v_new, jnp.asarray(slots)))
+
+
+@pytest.mark.parametrize("head_dim,dtype,with_rope,num_splits", [
+    (64, jnp.bfloat16, True, 1), (128, jnp.float32, False, 1), (64, jnp.float32, True, 3),
+    (128, jnp.bfloat16, True, 5)])
+def test_write_inside_the_kernel_matches_write_then_attend(head_dim, dtype, with_rope, num_splits):
+    # Last positions: first of a page, last of a page, mid-page, deep in a long sequence (and in
+    # different splits); a frozen row (no slot, reads its cache); a padded row.
+    q, k_cache, v_cache, tables, lens, rope, write = _fused_write_case(
+        21, [1, 16, 17, 83, 40, 0], frozen=[4], head_dim=head_dim, dtype=dtype)
+    rope = rope if with_rope else None
+    poison_device_memory()
+    out, k_out, v_out = paged_decode_attention_tuned(q, k_cache, v_cache, tables, lens, rope, write,
+                                                     num_splits=num_splits)
+    ref, k_ref, v_ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, rope,
+                                                         write)
+    assert_close(out, ref, dtype)
+    assert (np.asarray(out, np.float32)[5] == 0).all(), "padded rows must be exactly 0"
+    # The caches: every written row as the reference writes it (the rotation's f32 arithmetic
+    # may round differently there, fused multiply-adds: one ulp), every other row untouched.
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(k_out, np.float32), np.asarray(k_ref, np.float32), **tol)
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_ref, np.float32))
+    untouched = np.ones(k_out.shape[:2], bool).reshape(-1)
+    untouched[np.asarray(write[2])[np.asarray(write[2]) >= 0]] = False
+    for got, before in ((k_out, k_cache), (v_out, v_cache)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32).reshape(-1, *got.shape[2:])[untouched],
+                                      np.asarray(before, np.float32).reshape(-1, *got.shape[2:])[untouched])
+    assert not np.isnan(np.asarray(k_out, np.float32)[np.asarray(tables)[0, 0], 0]).any()
+
+
+def test_write_inside_the_kernel_public_entry_and_bad_shapes():
+    q, k_cache, v_cache, tables, lens, rope, (k, v, slots) = _fused_write_case(
+        22, [5, 33, 0], frozen=[], head_dim=64, dtype=jnp.float32)
+    out, k_out, _ = paged_decode_attention(q, k_cache, v_cache, tables, lens, rope, (k, v, slots))
+    ref, k_ref, _ = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, rope,
+                                                     (k, v, slots))
+    assert_close(out, ref, jnp.float32)
+    np.testing.assert_allclose(np.asarray(k_out), np.asarray(k_ref), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="write's k and v"):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, rope, (k[:2], v[:2], slots))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, rope, (k, v, slots[:2]))
