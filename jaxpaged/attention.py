@@ -49,10 +49,13 @@ class KVCache:
 
 
 def fused_kv_write_setting() -> bool:
-    """JAXPAGED_FUSED_KV_WRITE: "1" (default) has the decode-attention kernel write this step's
-    keys and values into the cache (one launch a layer instead of two, on decode-only steps);
-    "0" runs the separate KV-write kernel first, as prefill and mixed steps always do."""
-    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "1")
+    """JAXPAGED_FUSED_KV_WRITE: "1" has the decode-attention kernel write this step's keys and
+    values into the cache (one launch a layer instead of two, on decode-only steps); "0"
+    (default) runs the separate KV-write kernel first, as prefill and mixed steps always do.
+    Off because its first version measured slower on an H100 (llama-3.2-1b's step 3.88 against
+    3.52 ms, one run each; benchmarks/NOTES_engine.md, twelfth session); the kernel has since
+    stopped holding the new row in registers across its loop, unmeasured."""
+    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "0")
     if setting not in ("0", "1"):
         raise ValueError(f"JAXPAGED_FUSED_KV_WRITE={setting!r}; allowed: 0, 1")
     return setting == "1"

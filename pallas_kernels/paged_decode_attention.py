@@ -178,17 +178,24 @@ def _decode_kernel(
         # before that position, so no program reads a row while it is written. A row without a
         # slot (padding, or a row frozen in a multi-step window) reads its last position from
         # the cache as before.
-        new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
+        # The new row is loaded (and rotated) twice, before the loop to store it and after it
+        # to attend it, so that only scalars stay live across the loop: held in registers
+        # through the loop, it cost occupancy (NOTES_kernels, twelfth session).
+        def load_new():
+            new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
+            k_new = plt.load(kn_ref.at[new_at])  # [1, H]
+            if rope:
+                at_s = (jnp.zeros_like(cols) + s, cols)
+                k_new = rotate_half_in_kernel(
+                    lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, plt.load(cos_ref.at[at_s]),
+                    plt.load(sin_ref.at[at_s]), ko_ref.dtype, x=k_new)
+            return k_new.astype(ko_ref.dtype), plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
+
         slot = slot_ref[s]
         last = kv_len - 1
         fresh = slot >= 0
         mine = fresh & (start <= last) & (last < start + split_tokens)
-        k_new = plt.load(kn_ref.at[new_at])  # [1, H]
-        if rope:
-            k_new = rotate_half_in_kernel(lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, cos,
-                                          sin, ko_ref.dtype, x=k_new)
-        k_new = k_new.astype(ko_ref.dtype)
-        v_new = plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
+        k_new, v_new = load_new()
         dst_at = (jnp.zeros_like(cols) + jnp.where(mine, slot * num_kv_heads + kh, 0), cols)
         store_mask = mine & (cols >= 0)
         plt.store(ko_ref.at[dst_at], k_new, mask=store_mask)
@@ -220,6 +227,7 @@ def _decode_kernel(
     )
     acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
     if write:  # the new token, merged into the running softmax as one more key
+        k_new, v_new = load_new()
         score = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * qk_scale  # [Gp]
         m_new = jnp.where(mine, jnp.maximum(m, score), m)
         alpha = jnp.where(mine, jnp.exp2(m - m_new), 1.0)
