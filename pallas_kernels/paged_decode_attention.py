@@ -172,35 +172,39 @@ def _decode_kernel(
     start = sp * split_tokens
     end = jnp.minimum(kv_len, start + split_tokens)
     qk_scale = sm_scale * LOG2E  # scores in base 2 so the softmax uses exp2
+    init = (
+        jnp.zeros((group_pad, head_dim), jnp.float32),
+        jnp.full((group_pad,), -jnp.inf, jnp.float32),
+        jnp.zeros((group_pad,), jnp.float32),
+    )
     if write:
         # This step's key and value of (sequence, kv head): stored into the cache slot by the
-        # split that holds the last position, and attended from registers; the cache reads stop
-        # before that position, so no program reads a row while it is written. A row without a
-        # slot (padding, or a row frozen in a multi-step window) reads its last position from
-        # the cache as before.
-        # The new row is loaded (and rotated) twice, before the loop to store it and after it
-        # to attend it, so that only scalars stay live across the loop: held in registers
-        # through the loop, it cost occupancy (NOTES_kernels, twelfth session).
-        def load_new():
-            new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
-            k_new = plt.load(kn_ref.at[new_at])  # [1, H]
-            if rope:
-                at_s = (jnp.zeros_like(cols) + s, cols)
-                k_new = rotate_half_in_kernel(
-                    lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, plt.load(cos_ref.at[at_s]),
-                    plt.load(sin_ref.at[at_s]), ko_ref.dtype, x=k_new)
-            return k_new.astype(ko_ref.dtype), plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
-
+        # split that holds the last position, and attended first, as the running softmax's
+        # starting state, so nothing extra stays live across the loop (held in registers through
+        # it, the first version cost occupancy: NOTES_kernels, twelfth session). The cache reads
+        # stop before that position, so no program reads a row while it is written. A row
+        # without a slot (padding, or a row frozen in a multi-step window) reads its last
+        # position from the cache as before.
+        new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
+        k_new = plt.load(kn_ref.at[new_at])  # [1, H]
+        if rope:
+            k_new = rotate_half_in_kernel(lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, cos,
+                                          sin, ko_ref.dtype, x=k_new)
+        k_new = k_new.astype(ko_ref.dtype)
+        v_new = plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
         slot = slot_ref[s]
         last = kv_len - 1
         fresh = slot >= 0
         mine = fresh & (start <= last) & (last < start + split_tokens)
-        k_new, v_new = load_new()
         dst_at = (jnp.zeros_like(cols) + jnp.where(mine, slot * num_kv_heads + kh, 0), cols)
         store_mask = mine & (cols >= 0)
         plt.store(ko_ref.at[dst_at], k_new, mask=store_mask)
         plt.store(vo_ref.at[dst_at], v_new, mask=store_mask)
         end = jnp.where(fresh, jnp.minimum(end, last), end)
+        # One key: m = its score, l = exp2(0) = 1, acc = 1 * v (p rounded as the tiles round it).
+        score = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * qk_scale  # [Gp]
+        init = (jnp.where(mine, v_new.astype(jnp.float32), 0.0) + init[0],
+                jnp.where(mine, score, init[1]), jnp.where(mine, 1.0, init[2]))
     num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_n)
 
     def body(j, carry):
@@ -220,21 +224,7 @@ def _decode_kernel(
         pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
-    init = (
-        jnp.zeros((group_pad, head_dim), jnp.float32),
-        jnp.full((group_pad,), -jnp.inf, jnp.float32),
-        jnp.zeros((group_pad,), jnp.float32),
-    )
     acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
-    if write:  # the new token, merged into the running softmax as one more key
-        k_new, v_new = load_new()
-        score = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * qk_scale  # [Gp]
-        m_new = jnp.where(mine, jnp.maximum(m, score), m)
-        alpha = jnp.where(mine, jnp.exp2(m - m_new), 1.0)
-        p = jnp.where(mine, jnp.exp2(score - m_new), 0.0)
-        p_rounded = p.astype(v_new.dtype).astype(jnp.float32)  # as the tiles round p for P @ V
-        acc = acc * alpha[:, None] + p_rounded[:, None] * v_new.astype(jnp.float32)
-        m, l = m_new, l * alpha + p
     # An empty range (padded row, or a split past the end) leaves l == 0: write 0, never 0/0.
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     if not lse_ref:
