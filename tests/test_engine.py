@@ -232,6 +232,22 @@ def test_multi_step_with_the_gpu_kernels_matches_transformers(monkeypatch):
     assert windows.count(3) == 2
 
 
+def test_kv_write_inside_the_decode_kernel_matches_transformers(monkeypatch):
+    """JAXPAGED_FUSED_KV_WRITE=1 in multi-step windows on the GPU path (interpreted): requests
+    of different lengths, so rows freeze inside a window (no slot: they read their last position
+    from the cache) while the others write and attend their new token in the kernel."""
+    monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
+    monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", "1")
+    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
+                   max_num_seqs=4, max_num_batched_tokens=64, num_scheduler_steps=3)
+    picks, lengths = [0, 9, 3], [8, 5, 7]
+    outputs = llm.generate([PROMPTS[i] for i in picks],
+                           [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths],
+                           use_tqdm=False)
+    assert token_ids(outputs) == [EXPECTED[i][:n] for i, n in zip(picks, lengths)]
+    assert kv_blocks_in_use(llm) == 0
+
+
 def test_bfloat16_logits_reach_the_sampler_as_compiled():
     """A bf16 model's forward leaves its logits in bf16 (the sampler widens them): warm-up
     compiles the samplers for that dtype, so serving (logprobs included) compiles nothing new."""
