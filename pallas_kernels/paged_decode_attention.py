@@ -11,6 +11,12 @@ Design (after vLLM's unified attention and FlashDecoding):
   dimension of the matmuls and padded to Gp >= 16 rows (Triton's minimum).
 - With ``rope`` (cos, sin per sequence), q is rotated (rotate-half RoPE) after its load, so the
   model launches no separate RoPE kernel for it.
+- With ``write`` (this step's k, v and slots), the kernel also writes the new row into the
+  cache (aliased, in place) and attends it as the softmax's starting state, its cache reads
+  stopping one position short; one launch instead of the KV write's and this one.
+- Tiles of 32 keys at head dim 64 or less, 64 above (``default_block_n``): over a pool of more
+  than 4 GiB the Triton lowering computes 64-bit offsets, and 64 keys at head dim 64 then need
+  one register too many for 8 programs an SM.
 - Pages are followed at token granularity: each of the ``block_n`` keys of a tile looks up its
   page in the block table, so any block size works and a tile may span several pages.
 - When S * K programs cannot fill the GPU, the KV length is split across ``splits`` programs;
@@ -278,7 +284,7 @@ def paged_decode_attention_tuned(
     num_warps: int = 4,
     num_stages: int = 2,
     heads_fastest: bool = True,
-) -> jax.Array:
+):
     """``paged_decode_attention`` with its tile and launch parameters exposed (for benchmarks);
     ``block_n`` None: ``default_block_n``."""
     _check_shapes(q, k_cache, v_cache, block_tables)
