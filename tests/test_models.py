@@ -196,10 +196,9 @@ def test_rope_tables_are_computed_once_outside_the_layer_loop():
     assert " cos" not in body and " sin" not in body
 
 
-def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
-    """JAXPAGED_FUSED_ROPE: the Pallas path (interpreted here) rotating q in the decode kernel and
-    k in the KV write gives the logits and cache of rotating both with XLA first, through a
-    prefill step and then a decode-only step."""
+def _run_tiny_llama_on_pallas(steps, num_blocks: int):
+    """A 2-layer f32 Llama's forward (impl pallas, interpreted here) over `steps` (each
+    build_step_inputs' output) on a fresh cache -> ([logits of each step], k cache, v cache)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -207,13 +206,29 @@ def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
 
     from jaxpaged.attention import KVCache
     from jaxpaged.config import ModelConfig
-    from jaxpaged.metadata import build_step_inputs
     from jaxpaged.models import CausalLM, forward
 
     cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=16)
     graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
+    cache = KVCache.zeros(2, num_blocks, 16, 2, 16, jnp.float32)
+    logits = []
+    for ids, pos, md in steps:
+        cache, out = forward(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
+                             jax.tree.map(jnp.asarray, md), impl="pallas")
+        logits.append(np.asarray(out))
+    return logits, np.asarray(cache.k), np.asarray(cache.v)
+
+
+def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
+    """JAXPAGED_FUSED_ROPE: the Pallas path (interpreted here) rotating q in the decode kernel and
+    k in the KV write gives the logits and cache of rotating both with XLA first, through a
+    prefill step and then a decode-only step."""
+    import numpy as np
+
+    from jaxpaged.metadata import build_step_inputs
+
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     prefill = build_step_inputs(prompts, [0, 0], [[1], [2]], 16, num_tokens=8, num_seqs=2,
                                 max_blocks_per_seq=1, logits_indices=[4, 6], num_logits=2)
@@ -223,13 +238,7 @@ def test_rope_inside_the_kernels_matches_xla_rope(monkeypatch):
     results = {}
     for fused in ("1", "0"):
         monkeypatch.setenv("JAXPAGED_FUSED_ROPE", fused)
-        cache = KVCache.zeros(2, 3, 16, 2, 16, jnp.float32)
-        logits = []
-        for ids, pos, md in (prefill, decode):
-            cache, out = forward(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
-                                 jax.tree.map(jnp.asarray, md), impl="pallas")
-            logits.append(np.asarray(out))
-        results[fused] = (logits, np.asarray(cache.k), np.asarray(cache.v))
+        results[fused] = _run_tiny_llama_on_pallas((prefill, decode), num_blocks=3)
     for got, want in zip(results["1"][0], results["0"][0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Layer 0's values are equal; later layers see the f32 rounding of the rotation upstream.
@@ -244,21 +253,11 @@ def test_kv_write_inside_the_decode_kernel_matches_separate_write(monkeypatch, f
     and values give the logits and cache of the separate KV-write kernel, over a prefill step
     and two decode steps (the second one's token the first of a new page), with RoPE inside the
     kernels or not."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from jaxpaged.attention import KVCache
-    from jaxpaged.config import ModelConfig
     from jaxpaged.metadata import build_step_inputs
-    from jaxpaged.models import CausalLM, forward
 
     monkeypatch.setenv("JAXPAGED_FUSED_ROPE", fused_rope)
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16)
-    graphdef, params = nnx.split(CausalLM(cfg, jnp.float32, nnx.Rngs(0)))
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [6, 7]]
     steps = [
         build_step_inputs(prompts, [0, 0], [[1], [2]], 16, num_tokens=24, num_seqs=2,
@@ -273,13 +272,7 @@ def test_kv_write_inside_the_decode_kernel_matches_separate_write(monkeypatch, f
     results = {}
     for fused in ("1", "0"):
         monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", fused)
-        cache = KVCache.zeros(2, 4, 16, 2, 16, jnp.float32)
-        logits = []
-        for ids, pos, md in steps:
-            cache, out = forward(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
-                                 jax.tree.map(jnp.asarray, md), impl="pallas")
-            logits.append(np.asarray(out))
-        results[fused] = (logits, np.asarray(cache.k), np.asarray(cache.v))
+        results[fused] = _run_tiny_llama_on_pallas(steps, num_blocks=4)
     for got, want in zip(results["1"][0], results["0"][0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for got, want in zip(results["1"][1:], results["0"][1:]):
