@@ -9,7 +9,8 @@ slower. This script shows such a change on any machine:
 
 1. jax lowers the kernel for CUDA on the CPU, its Triton lowering told the target is an H100
    (jax's own lowering would ask a GPU for it); the Triton IR is kept;
-2. the `triton` package (a dependency of the torch wheel) compiles that IR to PTX for sm_90a;
+2. the `triton` package (a dependency of the torch wheel) compiles that IR to PTX for sm_90a,
+   in a child process (its LLVM and jaxlib's must not share one);
 3. its bundled `ptxas -v` reports registers and spills.
 
 An estimate, not the number the GPU runs with: XLA compiles the same IR with the Triton and
@@ -86,22 +87,32 @@ def lowering_for_h100(captured: list):
             setattr(obj, name, value)
 
 
-def ptxas_usage(ir: str, num_warps: int, num_stages: int) -> dict:
-    """Compile Triton IR text for sm_90a with the `triton` package; ptxas's registers and spills."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+# Run in a child process: the triton package carries its own LLVM, and loading it into a
+# process whose jaxlib has another one crashed a later XLA compile (a segfault in the test suite).
+_COMPILE_IN_CHILD = """
+import os, sys
+import triton
+from triton.backends.compiler import GPUTarget
+path, num_warps, num_stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+with open(path + ".ptx", "w") as f:
+    f.write(compiled.asm["ptx"])
+print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+"""
 
+
+def ptxas_usage(ir: str, num_warps: int, num_stages: int) -> dict:
+    """Compile Triton IR text for sm_90a with the `triton` package (in a child process); ptxas's
+    registers and spills."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ttir")
         with open(path, "w") as f:
             f.write(ir)
-        compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+        ptxas = subprocess.run([sys.executable, "-c", _COMPILE_IN_CHILD, path, str(num_warps),
+                                str(num_stages)], capture_output=True, text=True,
+                               check=True).stdout.strip().splitlines()[-1]
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path + ".ptx", "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     used = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
