@@ -45,3 +45,18 @@ def hf_smollm2():
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's caches of compiled programs. One pytest process
+    otherwise keeps every XLA executable the suite compiles (module-level jitted functions
+    cache them for good), each holding a few memory mappings: the serial suite reached the
+    kernel's limit of 65,530 mappings per process and a late XLA compile segfaulted."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
