@@ -10,7 +10,7 @@ slower. This script shows such a change on any machine:
 1. jax lowers the kernel for CUDA on the CPU, its Triton lowering told the target is an H100
    (jax's own lowering would ask a GPU for it); the Triton IR is kept;
 2. the `triton` package (a dependency of the torch wheel) compiles that IR to PTX for sm_90a,
-   in a child process (its LLVM and jaxlib's must not share one);
+   in a child process (it carries its own LLVM, as jaxlib does; kept apart as a precaution);
 3. its bundled `ptxas -v` reports registers and spills.
 
 An estimate, not the number the GPU runs with: XLA compiles the same IR with the Triton and
@@ -87,8 +87,8 @@ def lowering_for_h100(captured: list):
             setattr(obj, name, value)
 
 
-# Run in a child process: the triton package carries its own LLVM, and loading it into a
-# process whose jaxlib has another one crashed a later XLA compile (a segfault in the test suite).
+# Run in a child process: the triton package carries its own LLVM and jaxlib has another;
+# they are kept out of one process as a precaution.
 _COMPILE_IN_CHILD = """
 import os, sys
 import triton
