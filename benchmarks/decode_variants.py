@@ -113,10 +113,13 @@ def main() -> None:
         lens = jnp.full_like(lens, args.context + args.extra_tokens)
         sets = tuple((t,) for t in tables)
         fns = {n: variant_fn(VARIANTS[n]) for n in names}
+        def pool_of(n):
+            gib = VARIANTS[n].get("pool_gib", 0)
+            return args.big_pool_gib if gib == "big" else gib
+
         pools = {0: (k_cache, v_cache)}
         for n in names:  # the same pages at the front of a larger pool, zeros after them
-            gib = VARIANTS[n].get("pool_gib", 0)
-            gib = args.big_pool_gib if gib == "big" else gib
+            gib = pool_of(n)
             if gib not in pools:
                 pad = max(0, int(gib * 2**30) // (k_cache[0].size * k_cache.dtype.itemsize)
                           - k_cache.shape[0])
@@ -126,10 +129,6 @@ def main() -> None:
         for n in names:
             if VARIANTS[n].get("rope"):
                 fns[n] = functools.partial(fns[n], rope=rope)
-        def pool_of(n):
-            gib = VARIANTS[n].get("pool_gib", 0)
-            return args.big_pool_gib if gib == "big" else gib
-
         variant_sets = {n: sets for n in names}
         for n in names:  # page p -> n + p * stride, behind the front copy, spread to the end
             if VARIANTS[n].get("spread"):

@@ -70,7 +70,7 @@ def lowering_for_h100(captured: list):
 
         def wrapped(ctx, *nodes, compiler_params, **kw):
             params.update(num_warps=compiler_params.num_warps or 4,
-                          num_stages=compiler_params.num_stages or 3, name=kw.get("name"))
+                          num_stages=compiler_params.num_stages or 3)
             return rule(ctx, *nodes, compiler_params=compiler_params, **kw)
         return wrapped
 
