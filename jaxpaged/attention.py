@@ -49,14 +49,12 @@ class KVCache:
 
 
 def fused_kv_write_setting() -> bool:
-    """JAXPAGED_FUSED_KV_WRITE: "1" has the decode-attention kernel write this step's keys and
-    values into the cache (one launch a layer instead of two, on decode-only steps); "0"
-    (default) runs the separate KV-write kernel first, as prefill and mixed steps always do.
-    Off because its first version measured slower on an H100 (llama-3.2-1b's step 3.88 against
-    3.52 ms, one run each; benchmarks/NOTES_engine.md, twelfth session): it held the new row in
-    registers across its loop (94 registers). The kernel now starts its softmax from the new
-    token instead (56 registers, offline estimate), unmeasured on a GPU."""
-    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "0")
+    """JAXPAGED_FUSED_KV_WRITE: "1" (default) has the decode-attention kernel write this step's
+    keys and values into the cache (one launch a layer instead of two, on decode-only steps);
+    "0" runs the separate KV-write kernel first, as prefill and mixed steps always do. On an
+    H100 (benchmarks/NOTES_engine.md, thirteenth session) it made llama-3.2-1b's step 3.49 ms
+    against 3.53-3.54 ms, two interleaved rounds."""
+    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "1")
     if setting not in ("0", "1"):
         raise ValueError(f"JAXPAGED_FUSED_KV_WRITE={setting!r}; allowed: 0, 1")
     return setting == "1"

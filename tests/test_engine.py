@@ -232,12 +232,14 @@ def test_multi_step_with_the_gpu_kernels_matches_transformers(monkeypatch):
     assert windows.count(3) == 2
 
 
-def test_kv_write_inside_the_decode_kernel_matches_transformers(monkeypatch):
-    """JAXPAGED_FUSED_KV_WRITE=1 in multi-step windows on the GPU path (interpreted): requests
-    of different lengths, so rows freeze inside a window (no slot: they read their last position
-    from the cache) while the others write and attend their new token in the kernel."""
+@pytest.mark.parametrize("fused_write", ["1", "0"])
+def test_kv_write_inside_the_decode_kernel_matches_transformers(monkeypatch, fused_write):
+    """JAXPAGED_FUSED_KV_WRITE in multi-step windows on the GPU path (interpreted): requests of
+    different lengths, so rows freeze inside a window (no slot: they read their last position
+    from the cache) while the others write and attend their new token in the kernel ("1", the
+    default) or in the separate KV-write kernel first ("0")."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
-    monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", "1")
+    monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", fused_write)
     llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
                    max_num_seqs=4, max_num_batched_tokens=64, num_scheduler_steps=3)
     picks, lengths = [0, 9, 3], [8, 5, 7]
