@@ -154,18 +154,6 @@ MGPU_SPLIT_SWEEP = [
     dict(max_concurrent_steps=3, block_n=128, num_splits=8),
     dict(max_concurrent_steps=3, block_m=256, block_n=64, num_splits=4),
 ]
-# Clusters of two programs that take a column block's two row blocks (T 256) together, each
-# weight tile multicast by TMA into both (warp-specialized pipeline only): each weight tile then
-# leaves L2 once instead of twice. `--mgpu-sweep cluster` runs these, each beside its unclustered
-# twin.
-MGPU_CLUSTER_SWEEP = [
-    dict(warp_specialized=True, block_m=128, block_n=128),  # auto's setting for silu_mul
-    dict(warp_specialized=True, block_m=128, block_n=128, cluster_m=2),
-    dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=3, cluster_m=2),
-    dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=6),
-    dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=6, cluster_m=2),
-    dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=8, cluster_m=2),
-]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
@@ -293,8 +281,8 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
     sweeps = {"triton": LAUNCH_SWEEP[:3] if args.quick else LAUNCH_SWEEP,
               "mgpu": MGPU_LAUNCH_SWEEP[:3] if args.quick else MGPU_LAUNCH_SWEEP, "xla": [],
               "auto": []}
-    if args.mgpu_sweep != "default":
-        sweeps["mgpu"] = {"split": MGPU_SPLIT_SWEEP, "cluster": MGPU_CLUSTER_SWEEP}[args.mgpu_sweep]
+    if args.mgpu_sweep == "split":
+        sweeps["mgpu"] = MGPU_SPLIT_SWEEP
     kernels = [k.partition(":") for k in args.launch_kernels]  # "mgpu:4": its first 4 settings
     for launch, (d_in, names, epilogue) in LAUNCHES.items():
         if args.launches and launch not in args.launches:
@@ -467,9 +455,9 @@ def main() -> None:
                    "the first N settings of its sweep")
     p.add_argument("--launches", nargs="+", default=None, choices=list(LAUNCHES),
                    help="the launch variant times only these launches")
-    p.add_argument("--mgpu-sweep", choices=("default", "split", "cluster"), default="default",
-                   help="the Mosaic GPU settings of the launch variant: MGPU_LAUNCH_SWEEP, "
-                   "MGPU_SPLIT_SWEEP or MGPU_CLUSTER_SWEEP")
+    p.add_argument("--mgpu-sweep", choices=("default", "split"), default="default",
+                   help="the Mosaic GPU settings of the launch variant: MGPU_LAUNCH_SWEEP or "
+                   "MGPU_SPLIT_SWEEP")
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")

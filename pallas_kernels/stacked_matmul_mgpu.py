@@ -67,7 +67,7 @@ _MOSAIC_LARGE_T = 129
 _MOSAIC_MIN_TILES = 96
 _MOSAIC_MIN_TILES_SMALL_T = 64
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
-           "swizzle", "warp_specialized", "num_splits", "cluster_m", "interpret")
+           "swizzle", "warp_specialized", "num_splits", "interpret")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -185,15 +185,9 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
 
 def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
                silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
-               k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple,
-               cluster_m: int = 1):
+               k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple):
     """Warp-specialized: a memory warpgroup issues the TMA copies, two compute warpgroups each
-    multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile).
-
-    ``cluster_m`` > 1: the programs run in clusters of that many, which take the row blocks of
-    one column block together; each weight tile is multicast by TMA into every program of the
-    cluster (each issues a share of the copy), so it leaves L2 once for all of them instead of
-    once per row block."""
+    multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile)."""
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
     layer = layer_gmem[0]
     wg_m = block_m // 2
@@ -202,13 +196,12 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
 
     def make_pipeline(body, compute_context):
         spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
-        shared = dict(collective_axes=("cluster",)) if cluster_m > 1 else {}
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[spec((block_m, block_k), lambda k: (0, k), transforms=x_transforms)]
-            + [spec((block_k, block_n), lambda k: (k, 0), transforms=w_transforms, **shared)
+            + [spec((block_k, block_n), lambda k: (k, 0), transforms=w_transforms)
                for _ in range(tile_weights)],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -262,14 +255,12 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
 
         def project_tile(mi, nb, i, sk):
             del sk  # warp-specialized launches are never split
-            if cluster_m > 1:  # mi counts the cluster's row blocks; this program takes one
-                mi = mi * cluster_m + lax.axis_index("cluster")
             if i is None:
                 run(mi, nb, w_refs, o_refs[0])
             else:
                 run(mi, nb, (w_refs[i],), o_refs[i])
 
-        _for_each_tile(m_tiles // cluster_m, col_starts, silu_mul, project_tile, splits)
+        _for_each_tile(m_tiles, col_starts, silu_mul, project_tile, splits)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue",) + _TUNING)
@@ -287,7 +278,6 @@ def stacked_matmul_mgpu(
     swizzle: bool = False,
     warp_specialized: bool = False,
     num_splits: int = 1,
-    cluster_m: int = 1,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch; see ``stacked_matmul_fused``
@@ -298,10 +288,7 @@ def stacked_matmul_mgpu(
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
     and swizzle instead of Mosaic GPU's inferred layout. ``num_splits``: D_in split across that
     many tiles of each output tile (more programs for a launch with few output tiles), each
-    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized).
-    ``cluster_m`` (warp_specialized only): clusters of that many programs share each weight tile
-    by TMA multicast across that many row blocks; the padded T must make a multiple of
-    ``cluster_m`` row blocks."""
+    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized)."""
     check_epilogue(ws, epilogue)
     ws = tuple(ws)
     check_stacks(x, ws, layer)
@@ -330,12 +317,7 @@ def stacked_matmul_mgpu(
                          "or warp_specialized")
     if num_splits < 1 or k_steps % num_splits:
         raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
-    if cluster_m < 1 or (cluster_m > 1 and not warp_specialized):
-        raise ValueError(f"cluster_m={cluster_m} must be 1, or > 1 with warp_specialized")
     padded = _round_up(num_tokens, block_m)
-    if (padded // block_m) % cluster_m:
-        raise ValueError(f"cluster_m={cluster_m} must divide the {padded // block_m} row blocks "
-                         f"of T={num_tokens} at block_m={block_m}")
     x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
     col_blocks = [d // block_n for d in d_outs[:1 if silu_mul else None]]
     m_tiles = padded // block_m
@@ -346,20 +328,17 @@ def stacked_matmul_mgpu(
         k_steps=k_steps // num_splits, steps=min(max_concurrent_steps, k_steps // num_splits),
         splits=num_splits,
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
-        w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle),
-        **(dict(cluster_m=cluster_m) if warp_specialized else {}))
+        w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle))
     out_dtype = jnp.float32 if num_splits > 1 else x.dtype
     out_shapes = [jax.ShapeDtypeStruct((num_splits * padded, d), out_dtype)
                   for d in d_outs[:len(col_blocks)]]
     interpret_params = _interpret_params(interpret)
     programs = 4 if interpret_params else _num_sms() * programs_per_sm
-    clusters = dict(cluster=(cluster_m,), cluster_names=("cluster",)) if cluster_m > 1 else {}
     outs = plgpu.kernel(
         kernel,
         out_type=tuple(out_shapes),
-        grid=(min(num_tiles, programs) // cluster_m,),
+        grid=(min(num_tiles, programs),),
         grid_names=("sm",),
-        **clusters,
         **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -388,11 +367,7 @@ def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: boo
         return dict(block_m=128, block_n=64, max_concurrent_steps=8)
     if silu_mul:
         if d_outs[0] % 128 == 0 and row_tiles * d_outs[0] // 128 >= _MOSAIC_MIN_TILES:
-            settings = dict(warp_specialized=True, block_m=128, block_n=128,
-                            max_concurrent_steps=4)
-            if os.environ.get("JAXPAGED_MOSAIC_CLUSTER", "0") == "1" and row_tiles % 2 == 0:
-                settings["cluster_m"] = 2
-            return settings
+            return dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4)
         return None
     # Wide tiles where they still make enough tiles, then narrow ones with more steps in flight
     # (the most that fit in shared memory; more steps measured faster at every shape), then

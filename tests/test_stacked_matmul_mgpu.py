@@ -54,14 +54,6 @@ def test_silu_mul_matches_reference(warp_specialized):
     check(x, ws, 1, epilogue="silu_mul", block_n=64, warp_specialized=warp_specialized)
 
 
-# Clusters of two programs sharing each weight tile by TMA multicast: two row blocks (one
-# padded), several column blocks of several weights per cluster (4 interpreted programs).
-@pytest.mark.parametrize("epilogue,widths", [("silu_mul", (128, 128)), (None, (128, 64, 64))])
-def test_clusters_multicasting_the_weight_tiles_match_reference(epilogue, widths):
-    x, ws = tokens(11, 200, 192), stacks(12, 192, widths)
-    check(x, ws, 2, epilogue=epilogue, block_n=64, warp_specialized=True, cluster_m=2)
-
-
 def test_split_d_in_over_several_column_blocks_and_weights():
     x, ws = tokens(9, 130, 256), stacks(10, 256, (128, 64))
     check(x, ws, 1, block_n=64, num_splits=4)
@@ -105,8 +97,6 @@ def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
     (dict(block_m=64, warp_specialized=True), "block_m=64"),
     (dict(num_splits=3), "num_splits=3"),
     (dict(num_splits=2, warp_specialized=True, block_m=128), "num_splits > 1"),
-    (dict(cluster_m=2), "cluster_m=2 must be 1, or > 1 with warp_specialized"),
-    (dict(cluster_m=2, warp_specialized=True), "cluster_m=2 must divide the 1 row blocks"),
 ])
 def test_rejects_bad_tuning(kwargs, match):
     x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
@@ -151,13 +141,6 @@ def test_auto_picks_mosaic_where_it_measured_faster(monkeypatch):
     monkeypatch.setenv("JAXPAGED_MOSAIC_SPLIT", "0")
     assert picked("llama-3.2-1b", "o") is None and picked("llama-3.2-1b", "down") is None
     monkeypatch.delenv("JAXPAGED_MOSAIC_SPLIT")
-    # JAXPAGED_MOSAIC_CLUSTER=1: silu_mul's two row blocks in one cluster, at an even count only.
-    assert "cluster_m" not in picked("llama-3.2-1b", "gate_up")
-    monkeypatch.setenv("JAXPAGED_MOSAIC_CLUSTER", "1")
-    assert picked("llama-3.2-1b", "gate_up")["cluster_m"] == 2
-    assert "cluster_m" not in picked("llama-3.2-1b", "gate_up", num_tokens=384)
-    assert "cluster_m" not in picked("llama-3.2-1b", "qkv")
-    monkeypatch.delenv("JAXPAGED_MOSAIC_CLUSTER")
     # At T 64 and 128 (measured on the 8B): q/k/v, o and down, not silu_mul (it tied).
     for num_tokens in (64, 128):
         assert picked("llama-3.1-8b", "gate_up", num_tokens=num_tokens) is None
@@ -183,11 +166,8 @@ def test_auto_is_triton_on_the_cpu_and_mosaic_is_the_interpreter():
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("cluster", ["0", "1"])
-def test_lowers_for_an_h100_at_the_engine_shapes(model, cluster, monkeypatch):
-    """The settings auto picks (with JAXPAGED_MOSAIC_CLUSTER off and on), lowered to Mosaic GPU
-    for CUDA without a GPU."""
-    monkeypatch.setenv("JAXPAGED_MOSAIC_CLUSTER", cluster)
+def test_lowers_for_an_h100_at_the_engine_shapes(model):
+    """The settings auto picks, lowered to Mosaic GPU for CUDA without a GPU."""
     lowered = 0
     for d_in, d_outs, silu_mul in launches(model).values():
         settings = mosaic_settings(256, d_in, d_outs, silu_mul, jnp.bfloat16)
