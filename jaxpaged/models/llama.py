@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -277,16 +276,10 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, rope, kv_cache, layer, md, impl, mesh, stacked=False):
         """`stacked`: the projections' kernels are the whole [L, ...] stacks (StackedLayer)."""
         at = StackedLayer(layer, mesh) if stacked else None
-        barrier = stacked and os.environ.get("JAXPAGED_NORM_BARRIER", "0") == "1"
-
-        def norm(x, layernorm):
-            normed = layernorm(x)
-            return jax.lax.optimization_barrier((x, normed)) if barrier else (x, normed)
-
-        x, normed = norm(x, self.input_layernorm)
-        attn_out, kv_cache = self.self_attn(normed, rope, kv_cache, layer, md, impl, mesh, at)
-        x, normed = norm(x + attn_out, self.post_attention_layernorm)
-        x = x + self.mlp(normed, at)
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, layer, md,
+                                            impl, mesh, at)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x), at)
         return x, kv_cache
 
 
