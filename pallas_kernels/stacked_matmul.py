@@ -195,9 +195,11 @@ def _launch(
     num_warps: int,
     num_stages: int | None,
     interpret: bool | None,
+    sum_partials: bool = True,
 ) -> tuple[jax.Array, ...]:
     """One pallas_call for all of ``ws``: a tuple of [T, D_out_i] in x.dtype, or with
-    ``silu_mul`` a 1-tuple of ``silu(x @ ws[0][layer]) * (x @ ws[1][layer])``."""
+    ``silu_mul`` a 1-tuple of ``silu(x @ ws[0][layer]) * (x @ ws[1][layer])``. A split launch
+    with ``sum_partials=False`` (not silu_mul) returns f32 partial sums [splits, T, D_out_i]."""
     check_stacks(x, ws, layer)
     num_tokens, d_in = x.shape
     num_layers = ws[0].shape[0]
@@ -266,6 +268,8 @@ def _launch(
         x,
         *(w.reshape(num_layers * d_in, w.shape[2]) for w in ws),
     )
+    if split and not sum_partials and not silu_mul:
+        return tuple(o.reshape(num_splits, num_tokens, -1) for o in outs)
     return _add_partials(outs, num_splits, silu_mul, x.dtype) if split else tuple(outs)
 
 
@@ -278,7 +282,8 @@ def _add_partials(partials: tuple[jax.Array, ...], num_splits: int, silu_mul: bo
     return tuple(s.astype(dtype) for s in sums)
 
 
-def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Array | None:
+def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret,
+                   sum_partials: bool = True) -> tuple | jax.Array | None:
     """The launch through stacked_matmul_mgpu when ``kernel`` asks for it (and, for "auto",
     mosaic_settings has settings for it), else None."""
     if kernel not in KERNELS:
@@ -291,10 +296,10 @@ def _mosaic_launch(x, ws, layer, epilogue, kernel, interpret) -> tuple | jax.Arr
         return None
     interpret_mgpu = interpret if kernel == "mosaic" else False
     return stacked_matmul_mgpu(x, tuple(ws), layer, epilogue=epilogue, interpret=interpret_mgpu,
-                               **(settings or {}))
+                               sum_partials=sum_partials, **(settings or {}))
 
 
-@functools.partial(jax.jit, static_argnames=("kernel",) + _TUNING)
+@functools.partial(jax.jit, static_argnames=("kernel", "sum_partials") + _TUNING)
 def stacked_matmul(
     x: jax.Array,  # [T, D_in]
     w: jax.Array,  # [L, D_in, D_out]
@@ -308,7 +313,8 @@ def stacked_matmul(
     num_stages: int | None = None,
     interpret: bool | None = None,
     kernel: str = "triton",
-) -> jax.Array:  # [T, D_out] in x.dtype
+    sum_partials: bool = True,
+) -> jax.Array:  # [T, D_out] in x.dtype; see sum_partials
     """``x @ w[layer]`` with f32 accumulation, reading ``w[layer]`` in place.
 
     ``block_t`` shrinks to T's next power of two (at least 16); ``block_n`` / ``block_k`` shrink
@@ -319,13 +325,16 @@ def stacked_matmul(
     interpreter on a CPU backend only, True always, False never. ``kernel``: "triton" (this
     module's kernel), "mosaic" (``stacked_matmul_mgpu``, with ``mosaic_settings`` where it has
     them, the tuning arguments apart from ``interpret`` ignored), or "auto" (Mosaic GPU where
-    ``mosaic_settings`` has settings for the shapes and the backend is a GPU, else Triton)."""
-    mosaic = _mosaic_launch(x, (w,), layer, None, kernel, interpret)
+    ``mosaic_settings`` has settings for the shapes and the backend is a GPU, else Triton).
+    ``sum_partials=False``: where the launch splits D_in, its f32 partial sums [S, T', D_out]
+    (T' >= T: Mosaic GPU's rows padded to its tile, padding past T) instead of their sum, for
+    ``pallas_kernels.add_rms_norm`` to add; an unsplit launch returns [T, D_out] as usual."""
+    mosaic = _mosaic_launch(x, (w,), layer, None, kernel, interpret, sum_partials)
     if mosaic is not None:
         return mosaic[0]
     (out,) = _launch(x, (w,), layer, False, block_t=block_t, block_n=block_n, block_k=block_k,
                      num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                     interpret=interpret)
+                     interpret=interpret, sum_partials=sum_partials)
     return out
 
 

@@ -67,7 +67,7 @@ _MOSAIC_LARGE_T = 129
 _MOSAIC_MIN_TILES = 96
 _MOSAIC_MIN_TILES_SMALL_T = 64
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
-           "swizzle", "warp_specialized", "num_splits", "interpret")
+           "swizzle", "warp_specialized", "num_splits", "sum_partials", "interpret")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -278,6 +278,7 @@ def stacked_matmul_mgpu(
     swizzle: bool = False,
     warp_specialized: bool = False,
     num_splits: int = 1,
+    sum_partials: bool = True,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...] | jax.Array:
     """``x @ w[layer]`` for every ``w`` in ``ws`` in one launch; see ``stacked_matmul_fused``
@@ -288,7 +289,10 @@ def stacked_matmul_mgpu(
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
     and swizzle instead of Mosaic GPU's inferred layout. ``num_splits``: D_in split across that
     many tiles of each output tile (more programs for a launch with few output tiles), each
-    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized)."""
+    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized);
+    ``sum_partials=False`` returns those partials instead, f32 [num_splits, T', D_out_i] with T'
+    the row count padded to ``block_m`` (rows past T are padding), for a consumer that adds
+    them itself (``pallas_kernels.add_rms_norm``)."""
     check_epilogue(ws, epilogue)
     ws = tuple(ws)
     check_stacks(x, ws, layer)
@@ -345,7 +349,9 @@ def stacked_matmul_mgpu(
         interpret=interpret_params,
         kernel_name="stacked_matmul_mgpu_silu_mul" if silu_mul else "stacked_matmul_mgpu",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
-    if num_splits > 1:  # f32 partial sums [splits * padded, d] -> their sum in x's dtype
+    if num_splits > 1 and not sum_partials:
+        outs = tuple(o.reshape(num_splits, padded, -1) for o in outs)
+    elif num_splits > 1:  # f32 partial sums [splits * padded, d] -> their sum in x's dtype
         outs = tuple(o.reshape(num_splits, padded, -1)[:, :num_tokens].sum(axis=0).astype(x.dtype)
                      for o in outs)
     elif padded != num_tokens:

@@ -365,6 +365,40 @@ def test_model_decode_step_with_env_matches_default(family, monkeypatch):
     np.testing.assert_allclose(np.asarray(cache1.v), np.asarray(cache0.v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("unroll", [False, True])
+def test_fused_add_norm_matches_xla_add_and_norm(family, unroll, monkeypatch):
+    """JAXPAGED_FUSED_ADD_NORM: the stacked decode step with each residual add and the norm
+    after it in one add_rms_norm launch (two a layer, the last one by the final norm's scale)
+    gives the logits and cache of XLA's adds and norms, in a scan and unrolled. An MLP width of
+    512 makes Triton's rule split the down launch's D_in in two (eight k steps): it hands over
+    its f32 partial sums [2, T, D]; the o launch (D_in 64) does not split."""
+    from jaxpaged.models import forward
+
+    cfg, graphdef, params = tiny_model(family, intermediate_size=512)
+    cache, ids, pos, md = decode_step_inputs(cfg)
+    results, jaxprs = {}, {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("JAXPAGED_FUSED_ADD_NORM", setting)
+        step = jax.jit(functools.partial(forward, graphdef, impl="pallas", unroll=unroll,
+                                         stacked_matmul=True))
+        jaxprs[setting] = str(jax.make_jaxpr(step)(params, cache, ids, pos, md))
+        results[setting] = step(params, cache, ids, pos, md)
+    launches = len(re.findall(r"jit\[\s*name=add_rms_norm", jaxprs["1"]))
+    assert launches == 2 * (cfg.num_hidden_layers if unroll else 1)
+    # An add_rms_norm taking (residual [4, 64], the down launch's partials [2, 4, 64], ...).
+    assert re.search(r"lambda ; \w+:f32\[4,64\] \w+:f32\[2,4,64\]", jaxprs["1"])
+    assert "add_rms_norm" not in jaxprs["0"]
+    (cache0, logits0), (cache1, logits1) = results["0"], results["1"]
+    np.testing.assert_allclose(np.asarray(logits1)[:3], np.asarray(logits0)[:3],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache1.k), np.asarray(cache0.k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache1.v), np.asarray(cache0.v), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("JAXPAGED_FUSED_ADD_NORM", "yes")
+    with pytest.raises(ValueError, match="JAXPAGED_FUSED_ADD_NORM"):
+        forward(graphdef, params, cache, ids, pos, md, impl="pallas", stacked_matmul=True)
+
+
 def test_unrolled_stacked_decode_matches_the_scan_with_constant_layer_indices():
     """The GPU's decode default: stacked kernels in an unrolled layer loop. Same logits and
     cache as the rolled scan; each layer's index reaches the kernels as a constant (a scan's

@@ -23,6 +23,14 @@ shard through `shard_map` on the shard's own slice of the stacks, exactly as `sh
 places them: q/k/v and gate/up on their output columns (x whole; silu_mul pairs gate and up column
 by column, so it holds per shard), o and down on their input rows, then a psum over the shards, the
 all-reduce Megatron has there (the plain path lets XLA insert it). The parameter tree is the same.
+
+JAXPAGED_FUSED_ADD_NORM (default on) joins, on that stacked path without a mesh and at a model
+width that is a power of two, each residual add to the norm after it in one launch
+(`pallas_kernels.add_rms_norm`), fed the o and down projections' f32 partial sums where those
+launches split D_in; the layer loop then carries the residual stream and its normalised form,
+and each layer's last junction applies the next layer's input norm (the final norm after the
+last layer).
+
 Dimensions: T tokens, D model, N query heads, K kv heads, H head dim, F MLP, V vocab, L layers.
 """
 
@@ -30,6 +38,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +77,17 @@ def stacked_matmul_kernel() -> str:
     return "auto" if on_for_gpu("JAXPAGED_MOSAIC_MATMUL") else "triton"
 
 
+def fused_add_norm_setting() -> bool:
+    """JAXPAGED_FUSED_ADD_NORM: "1" (default) adds each projection's output to the residual
+    and normalises the sum in one launch on the stacked decode path (see the module docstring);
+    "0" leaves both to XLA, which on an H100 made three launches a layer of them at
+    llama-3.2-1b's batch 256 (benchmarks/NOTES_engine.md, thirteenth session)."""
+    setting = os.environ.get("JAXPAGED_FUSED_ADD_NORM", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"JAXPAGED_FUSED_ADD_NORM={setting!r}; allowed: 0, 1")
+    return setting == "1"
+
+
 def _is_projection_kernel(path: tuple, _value) -> bool:
     return len(path) >= 2 and path[-1] == "kernel" and path[-2] in PROJECTIONS
 
@@ -103,16 +123,20 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jax.lax.optimization_barrier((cos, sin))
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    # Normalise in f32 and cast back before the scale, as Hugging Face does.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Normalise in f32 and cast back before the scale, as Hugging Face does.
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * x32.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 def _linear(d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -142,9 +166,12 @@ def _kernel_spec(name: str, shape: tuple[int, ...], tp: int) -> PartitionSpec:
 
 
 def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLayer,
-                     epilogue: str | None = None) -> tuple[jax.Array, ...]:
+                     epilogue: str | None = None,
+                     sum_partials: bool = True) -> tuple[jax.Array, ...]:
     """x [T, D_in] @ each linear's kernel[at.layer], in one launch: a tuple of [T, D_out_i]
     (biases added after), or with epilogue="silu_mul" (gate, up) the 1-tuple silu(gate) * up.
+    sum_partials=False (one bias-free linear, no mesh): a launch that splits D_in returns its
+    f32 partial sums instead (`pallas_kernels.stacked_matmul`), for add_rms_norm to add.
 
     Under a mesh the launch runs once per shard on the slices `sharding.param_spec` gave the
     stacks (in_specs equal to the weights' shardings, so nothing is resharded). Column-parallel
@@ -154,9 +181,14 @@ def _stacked_matmuls(x: jax.Array, linears: dict[str, nnx.Linear], at: StackedLa
     ws = tuple(linear.kernel[...] for linear in linears.values())
     kernel = stacked_matmul_kernel()
 
+    if not sum_partials and (at.mesh is not None or len(ws) != 1 or epilogue is not None
+                             or any(lin.bias is not None for lin in linears.values())):
+        raise ValueError("sum_partials=False takes one bias-free linear and no mesh")
+
     def launch(x, ws, layer) -> tuple[jax.Array, ...]:
         if epilogue is None and len(ws) == 1:
-            return (pallas_kernels.stacked_matmul(x, ws[0], layer, kernel=kernel),)
+            return (pallas_kernels.stacked_matmul(x, ws[0], layer, kernel=kernel,
+                                                  sum_partials=sum_partials),)
         out = pallas_kernels.stacked_matmul_fused(x, ws, layer, epilogue=epilogue, kernel=kernel)
         return (out,) if epilogue is not None else out
 
@@ -228,8 +260,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
                  kv_cache: KVCache, layer: jax.Array | int, md: AttentionMetadata,
-                 impl: str, mesh: Mesh | None,
-                 at: StackedLayer | None = None) -> tuple[jax.Array, KVCache]:
+                 impl: str, mesh: Mesh | None, at: StackedLayer | None = None,
+                 sum_partials: bool = True) -> tuple[jax.Array, KVCache]:
+        """-> (the o projection's output [T, D], or with sum_partials=False on the stacked path
+        possibly its f32 partial sums [S, T', D], see _stacked_matmuls; the updated cache)."""
         T = x.shape[0]
         if at is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -246,7 +280,8 @@ class Attention(nnx.Module):
         out = out.reshape(T, -1)  # [T, N * H]
         if at is None:
             return self.o_proj(out), kv_cache
-        return _stacked_matmuls(out, {"o_proj": self.o_proj}, at)[0], kv_cache
+        return _stacked_matmuls(out, {"o_proj": self.o_proj}, at,
+                                sum_partials=sum_partials)[0], kv_cache
 
 
 class MLP(nnx.Module):
@@ -256,14 +291,18 @@ class MLP(nnx.Module):
         self.up_proj = _linear(D, F, False, dtype, rngs)
         self.down_proj = _linear(F, D, False, dtype, rngs)
 
-    def __call__(self, x: jax.Array, at: StackedLayer | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, at: StackedLayer | None = None,
+                 sum_partials: bool = True) -> jax.Array:
+        """-> [T, D]; with sum_partials=False on the stacked path possibly the down
+        projection's f32 partial sums [S, T', D] (see _stacked_matmuls)."""
         if at is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
             return self.down_proj(jax.nn.silu(gate) * up)  # [T, D]
         # One launch; gate and up stay in f32 registers until silu(gate) * up.
         (h,) = _stacked_matmuls(x, {"gate_proj": self.gate_proj, "up_proj": self.up_proj}, at,
                                 epilogue="silu_mul")  # [T, F]
-        return _stacked_matmuls(h, {"down_proj": self.down_proj}, at)[0]  # [T, D]
+        return _stacked_matmuls(h, {"down_proj": self.down_proj}, at,
+                                sum_partials=sum_partials)[0]  # [T, D]
 
 
 class DecoderLayer(nnx.Module):
@@ -281,6 +320,19 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x), at)
         return x, kv_cache
+
+    def fused_junctions(self, x, normed, next_scale, rope, kv_cache, layer, md, impl):
+        """The stacked path with JAXPAGED_FUSED_ADD_NORM, no mesh: x the residual stream,
+        `normed` this layer's input norm of it -> (the residual stream after the layer, its
+        norm by `next_scale` (the next layer's input norm, or the final norm), the cache)."""
+        at, eps = StackedLayer(layer, None), self.post_attention_layernorm.eps
+        attn_out, kv_cache = self.self_attn(normed, rope, kv_cache, layer, md, impl, None, at,
+                                            sum_partials=False)
+        x, normed = pallas_kernels.add_rms_norm(
+            x, attn_out, self.post_attention_layernorm.scale[...], eps=eps)
+        x, normed = pallas_kernels.add_rms_norm(
+            x, self.mlp(normed, at, sum_partials=False), next_scale, eps=eps)
+        return x, normed, kv_cache
 
 
 class CausalLM(nnx.Module):
@@ -318,6 +370,8 @@ class CausalLM(nnx.Module):
             stacked_matmul = stacked_matmul_setting()
         stacked = (stacked_matmul and md.decode_only and impl == "pallas"
                    and _stacked_tiles_fit(self.layers, mesh))
+        fused_norms = (stacked and mesh is None and fused_add_norm_setting()
+                       and pallas_kernels.add_rms_norm_supports(self.config.hidden_size))
         if stacked:
             # The projection kernels stay whole, closed over by the body, never sliced.
             layer_def, kernels, layer_state = nnx.split(self.layers, _is_projection_kernel, ...)
@@ -332,6 +386,9 @@ class CausalLM(nnx.Module):
             x, cache = layer_mod(x, rope, cache, layer, md, impl, mesh, stacked)
             return (x, cache), None
 
+        if fused_norms:
+            return self._fused_norms_layers(x, kv_cache, layer_def, kernels, layer_state, rope,
+                                            md, impl, unroll)
         if unroll:
             # A Python loop, not scan(unroll=True): each layer's index is then a constant of
             # the program. Scan's indices are slices of an iota, which XLA does not fold: on an
@@ -344,12 +401,37 @@ class CausalLM(nnx.Module):
         else:
             layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
             (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids))
-        x = self.norm(x[md.logits_indices])  # [R, D]
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(x)
+        return kv_cache, self._logits(self.norm(x[md.logits_indices]))  # [R, D] -> [R, V]
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def _fused_norms_layers(self, x, kv_cache, layer_def, kernels, layer_state, rope, md, impl,
+                            unroll):
+        """The layers with JAXPAGED_FUSED_ADD_NORM (DecoderLayer.fused_junctions): the loop
+        carries the residual stream and its norm for the next layer; layer i's last junction
+        normalises by layer i + 1's input norm scale, the last layer's by the final norm's."""
+        scales = self.layers.input_layernorm.scale[...]  # [L, D]
+        next_scales = jnp.concatenate([scales[1:], self.norm.scale[...][None]])
+        normed = rms_norm(x, scales[0], self.norm.eps)
+
+        def body(carry, xs):
+            x, normed, cache = carry
+            state, layer, next_scale = xs
+            layer_mod = nnx.merge(layer_def, kernels, state)
+            return layer_mod.fused_junctions(x, normed, next_scale, rope, cache, layer, md,
+                                             impl), None
+
+        carry = (x, normed, kv_cache)
+        if unroll:  # as in __call__: constant layer indices
+            for i in range(self.config.num_hidden_layers):
+                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i,
+                                        next_scales[i]))
         else:
-            logits = self.lm_head(x)
-        return kv_cache, logits
+            layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+            carry, _ = jax.lax.scan(body, carry, (layer_state, layer_ids, next_scales))
+        _, normed, kv_cache = carry
+        return kv_cache, self._logits(normed[md.logits_indices])
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
