@@ -30,7 +30,8 @@ DEFAULT_BLOCK_T = 1
 DEFAULT_NUM_WARPS = 4
 
 
-def _kernel(res_ref, y_ref, scale_ref, new_res_ref, normed_ref, *, eps: float, splits: int):
+def _kernel(res_ref, y_ref, scale_ref, index_ref, new_res_ref, normed_ref, *, eps: float,
+            splits: int):
     dtype = res_ref.dtype
     if splits:  # f32 partial sums [S, block_t, D] -> the projection's output in the model dtype
         y = y_ref[0].astype(jnp.float32)
@@ -43,10 +44,12 @@ def _kernel(res_ref, y_ref, scale_ref, new_res_ref, normed_ref, *, eps: float, s
     h32 = h.astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
     normed = (h32 * inv).astype(dtype).astype(jnp.float32)
-    normed_ref[...] = (scale_ref[...].astype(jnp.float32)[None, :] * normed).astype(dtype)
+    scale = scale_ref[pl.ds(index_ref[0], 1), :].astype(jnp.float32)  # [1, D]
+    normed_ref[...] = (scale * normed).astype(dtype)
 
 
 def _check(residual: jax.Array, y: jax.Array, scale: jax.Array) -> None:
+    """scale is [D], or a stack [L, D] (then an index picks the row)."""
     num_tokens, dim = residual.shape
     if y.ndim == 2 and y.shape != residual.shape:
         raise ValueError(f"y [T, D] must have the residual's shape {list(residual.shape)}; got "
@@ -59,8 +62,8 @@ def _check(residual: jax.Array, y: jax.Array, scale: jax.Array) -> None:
                          f"{y.dtype}{list(y.shape)}")
     if y.ndim not in (2, 3):
         raise ValueError(f"y must be [T, D] or f32 partial sums [S, T', D]; got {y.ndim} dims")
-    if scale.shape != (dim,):
-        raise ValueError(f"scale must be [D] = [{dim}]; got {list(scale.shape)}")
+    if scale.shape[-1:] != (dim,) or scale.ndim not in (1, 2):
+        raise ValueError(f"scale must be [D] or [L, D] with D = {dim}; got {list(scale.shape)}")
 
 
 def supports(dim: int) -> bool:
@@ -72,7 +75,8 @@ def supports(dim: int) -> bool:
 def add_rms_norm(
     residual: jax.Array,  # [T, D]
     y: jax.Array,  # [T, D], or f32 partial sums [S, T', D] (T' >= T; rows past T unread)
-    scale: jax.Array,  # [D]
+    scale: jax.Array,  # [D], or a stack [L, D] of which scale_index picks the row
+    scale_index: jax.Array | int = 0,  # i32 scalar, may be traced; only with a stack
     *,
     eps: float,
     block_t: int = DEFAULT_BLOCK_T,
@@ -80,7 +84,10 @@ def add_rms_norm(
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # (residual + y, RMSNorm(residual + y) * scale), [T, D] each
     """The residual stream after adding a projection's output ``y``, and its RMSNorm times
-    ``scale``, both in ``residual``'s dtype; see ``add_rms_norm_reference``."""
+    ``scale`` (or ``scale[scale_index]``), both in ``residual``'s dtype; see
+    ``add_rms_norm_reference``. A stack of scales is read in place at the index, as the
+    stacked projections read their weights: a slice of it taken outside would be copied into
+    a buffer of its own before the launch (on an H100, one extra copy kernel a launch)."""
     _check(residual, y, scale)
     num_tokens, dim = residual.shape
     if not supports(dim):
@@ -92,26 +99,31 @@ def add_rms_norm(
     splits = y.shape[0] if y.ndim == 3 else 0
     rows = pl.BlockSpec((block_t, dim), lambda i: (i, 0))
     y_spec = pl.BlockSpec((splits, block_t, dim), lambda i: (0, i, 0)) if splits else rows
+    scales = scale.reshape(-1, dim)  # [L, D] (L = 1 for one scale)
     out = jax.ShapeDtypeStruct((num_tokens, dim), residual.dtype)
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps, splits=splits),
         grid=(pl.cdiv(num_tokens, block_t),),
-        in_specs=[rows, y_spec, pl.BlockSpec((dim,), lambda i: (0,))],
+        in_specs=[rows, y_spec, pl.BlockSpec(scales.shape, lambda i: (0, 0)),
+                  pl.BlockSpec((1,), lambda i: (0,))],
         out_specs=(rows, rows),
         out_shape=(out, out),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=use_interpret(interpret),
         name="add_rms_norm",
-    )(residual, y, scale)
+    )(residual, y, scales, jnp.reshape(scale_index, (1,)).astype(jnp.int32))
 
 
-def add_rms_norm_reference(residual: jax.Array, y: jax.Array, scale: jax.Array, *,
-                           eps: float, **tuning) -> tuple[jax.Array, jax.Array]:
+def add_rms_norm_reference(residual: jax.Array, y: jax.Array, scale: jax.Array,
+                           scale_index: jax.Array | int = 0, *, eps: float,
+                           **tuning) -> tuple[jax.Array, jax.Array]:
     """Pure jnp: y (or the sum of its f32 partials) rounded to the residual's dtype and added
     to it; that sum normalised in f32 (x * rsqrt(mean(x^2) + eps)), rounded, times ``scale``.
     ``tuning`` takes (and ignores) the kernel's keyword arguments."""
     del tuning
     _check(residual, y, scale)
+    if scale.ndim == 2:
+        scale = scale[scale_index]
     dtype = residual.dtype
     if y.ndim == 3:
         y = y[:, :residual.shape[0]].sum(axis=0)

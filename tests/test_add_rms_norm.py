@@ -32,10 +32,10 @@ def case(seed: int, num_tokens: int, dim: int, dtype, splits: int = 0, extra_row
     return residual, jnp.asarray(rng.standard_normal((num_tokens, dim)), dtype), scale
 
 
-def check(residual, y, scale, **tuning):
+def check(residual, y, scale, scale_index=0, **tuning):
     poison_device_memory()
-    got = add_rms_norm(residual, y, scale, eps=EPS, **tuning)
-    want = add_rms_norm_reference(residual, y, scale, eps=EPS)
+    got = add_rms_norm(residual, y, scale, scale_index, eps=EPS, **tuning)
+    want = add_rms_norm_reference(residual, y, scale, scale_index, eps=EPS)
     for g, w in zip(got, want):
         assert g.shape == w.shape == residual.shape and g.dtype == residual.dtype
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
@@ -50,6 +50,21 @@ def check(residual, y, scale, **tuning):
 @pytest.mark.parametrize("splits,extra_rows", [(0, 0), (1, 0), (2, 0), (2, 56), (4, 3)])
 def test_matches_reference(dtype, splits, extra_rows):
     check(*case(splits + extra_rows, 9, 256, dtype, splits, extra_rows))
+
+
+@pytest.mark.parametrize("index", [0, 4])
+def test_a_stack_of_scales_read_at_an_index(index):
+    """scale [L, D] (L = 5, not a power of two) and an index, constant or traced: the row at
+    the index, as a scale of its own gives."""
+    residual, y, _ = case(5, 6, 128, jnp.bfloat16, 2)
+    scales = jnp.asarray(1 + 0.1 * np.random.default_rng(6).standard_normal((5, 128)),
+                         jnp.bfloat16)
+    check(residual, y, scales, index)
+    traced = jax.jit(functools.partial(add_rms_norm, eps=EPS))(residual, y, scales,
+                                                                jnp.int32(index))
+    one = add_rms_norm(residual, y, scales[index], eps=EPS)
+    for a, b in zip(traced, one):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @pytest.mark.parametrize("block_t,num_warps", [(2, 4), (4, 8), (16, 2)])
@@ -91,6 +106,7 @@ def test_supports_power_of_two_widths_only():
 
 @pytest.mark.parametrize("make,match", [
     (lambda r, y, s: (r, y, s[:-1]), "scale must be"),
+    (lambda r, y, s: (r, y, s[None, None]), "scale must be"),
     (lambda r, y, s: (r, y[:-1], s), "must have the residual's"),
     (lambda r, y, s: (r, jnp.stack([y, y, y]).astype(jnp.float32), s), "power of two"),
     (lambda r, y, s: (r, jnp.stack([y, y]), s), "float32"),
@@ -104,12 +120,14 @@ def test_rejects_bad_inputs(make, match):
 
 
 @pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated")
-def test_lowers_for_an_h100():
-    """The engine's shapes (llama-3.2-1b at T 256, partials of a split o projection),
-    lowered to Triton for an (abstract) H100 without a GPU."""
+@pytest.mark.parametrize("scales", [(2048,), (16, 2048), (17, 2048)])
+def test_lowers_for_an_h100(scales):
+    """The engine's shapes (llama-3.2-1b at T 256, partials of a split o projection; a scale,
+    the 16 layers' post-attention scales, or their input scales and the final norm's), lowered
+    to Triton for an (abstract) H100 without a GPU."""
     args = (jax.ShapeDtypeStruct((256, 2048), jnp.bfloat16),
             jax.ShapeDtypeStruct((2, 256, 2048), jnp.float32),
-            jax.ShapeDtypeStruct((2048,), jnp.bfloat16))
+            jax.ShapeDtypeStruct(scales, jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32))
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
     fn = functools.partial(add_rms_norm, eps=EPS, interpret=False)

@@ -388,6 +388,9 @@ def test_fused_add_norm_matches_xla_add_and_norm(family, unroll, monkeypatch):
     assert launches == 2 * (cfg.num_hidden_layers if unroll else 1)
     # An add_rms_norm taking (residual [4, 64], the down launch's partials [2, 4, 64], ...).
     assert re.search(r"lambda ; \w+:f32\[4,64\] \w+:f32\[2,4,64\]", jaxprs["1"])
+    # The norm scales reach the kernel as the whole [L, D] stacks (read in place at the layer):
+    # a slice taken outside would cost a copy a launch on a GPU.
+    assert re.search(r"lambda ; \w+:f32\[4,64\] \w+:f32\[4,64\] \w+:f32\[3,64\]", jaxprs["1"])
     assert "add_rms_norm" not in jaxprs["0"]
     (cache0, logits0), (cache1, logits1) = results["0"], results["1"]
     np.testing.assert_allclose(np.asarray(logits1)[:3], np.asarray(logits0)[:3],

@@ -321,17 +321,19 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x), at)
         return x, kv_cache
 
-    def fused_junctions(self, x, normed, next_scale, rope, kv_cache, layer, md, impl):
+    def fused_junctions(self, x, normed, post_scales, next_scales, next_index, rope, kv_cache,
+                        layer, md, impl):
         """The stacked path with JAXPAGED_FUSED_ADD_NORM, no mesh: x the residual stream,
         `normed` this layer's input norm of it -> (the residual stream after the layer, its
-        norm by `next_scale` (the next layer's input norm, or the final norm), the cache)."""
+        norm by next_scales[next_index] (the next layer's input norm, or the final norm), the
+        cache). post_scales: every layer's post-attention norm scale [L, D], read at `layer`;
+        the stacks are read in place by the kernel (a slice would be copied first)."""
         at, eps = StackedLayer(layer, None), self.post_attention_layernorm.eps
         attn_out, kv_cache = self.self_attn(normed, rope, kv_cache, layer, md, impl, None, at,
                                             sum_partials=False)
+        x, normed = pallas_kernels.add_rms_norm(x, attn_out, post_scales, layer, eps=eps)
         x, normed = pallas_kernels.add_rms_norm(
-            x, attn_out, self.post_attention_layernorm.scale[...], eps=eps)
-        x, normed = pallas_kernels.add_rms_norm(
-            x, self.mlp(normed, at, sum_partials=False), next_scale, eps=eps)
+            x, self.mlp(normed, at, sum_partials=False), next_scales, next_index, eps=eps)
         return x, normed, kv_cache
 
 
@@ -411,25 +413,31 @@ class CausalLM(nnx.Module):
         """The layers with JAXPAGED_FUSED_ADD_NORM (DecoderLayer.fused_junctions): the loop
         carries the residual stream and its norm for the next layer; layer i's last junction
         normalises by layer i + 1's input norm scale, the last layer's by the final norm's."""
-        scales = self.layers.input_layernorm.scale[...]  # [L, D]
-        next_scales = jnp.concatenate([scales[1:], self.norm.scale[...][None]])
-        normed = rms_norm(x, scales[0], self.norm.eps)
+        num_layers = self.config.num_hidden_layers
+        in_scales = self.layers.input_layernorm.scale[...]  # [L, D]
+        post_scales = self.layers.post_attention_layernorm.scale[...]  # [L, D]
+        final_scale = self.norm.scale[...]  # [D]
+        normed = rms_norm(x, in_scales[0], self.norm.eps)
 
-        def body(carry, xs):
+        def body(carry, xs, next_scales, next_index):
             x, normed, cache = carry
-            state, layer, next_scale = xs
+            state, layer = xs
             layer_mod = nnx.merge(layer_def, kernels, state)
-            return layer_mod.fused_junctions(x, normed, next_scale, rope, cache, layer, md,
-                                             impl), None
+            return layer_mod.fused_junctions(x, normed, post_scales, next_scales, next_index,
+                                             rope, cache, layer, md, impl), None
 
         carry = (x, normed, kv_cache)
-        if unroll:  # as in __call__: constant layer indices
-            for i in range(self.config.num_hidden_layers):
-                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i,
-                                        next_scales[i]))
+        if unroll:  # as in __call__: constant layer indices (the last layer's: the final norm)
+            for i in range(num_layers):
+                last = i == num_layers - 1
+                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i),
+                                final_scale if last else in_scales, 0 if last else i + 1)
         else:
-            layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-            carry, _ = jax.lax.scan(body, carry, (layer_state, layer_ids, next_scales))
+            next_scales = jnp.concatenate([in_scales, final_scale[None]])  # [L + 1, D]
+            layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
+            carry, _ = jax.lax.scan(
+                lambda carry, xs: body(carry, xs, next_scales, xs[1] + 1), carry,
+                (layer_state, layer_ids))
         _, normed, kv_cache = carry
         return kv_cache, self._logits(normed[md.logits_indices])
 
