@@ -285,7 +285,8 @@ def stacked_matmul_mgpu(
     for the outputs (a tuple of [T, D_out_i], or one [T, F] with epilogue="silu_mul").
 
     ``block_m`` (a multiple of 64) shrinks to T rounded up to 64 when T is smaller; ``block_n``
-    and ``block_k`` shrink to the largest power of two dividing every D_out and D_in. ``max_concurrent_steps``: TMA copies in flight a tile.
+    and ``block_k`` shrink to the largest power of two dividing every D_out and D_in.
+    ``max_concurrent_steps``: TMA copies in flight a tile.
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
     and swizzle instead of Mosaic GPU's inferred layout. ``num_splits``: D_in split across that
     many tiles of each output tile (more programs for a launch with few output tiles), each
@@ -328,7 +329,8 @@ def stacked_matmul_mgpu(
     num_tiles = m_tiles * sum(col_blocks) * num_splits
     kernel = functools.partial(
         _kernel_ws if warp_specialized else _kernel, num_weights=len(ws),
-        col_starts=tuple(itertools.accumulate(col_blocks, initial=0)), silu_mul=silu_mul, m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
+        col_starts=tuple(itertools.accumulate(col_blocks, initial=0)), silu_mul=silu_mul,
+        m_tiles=m_tiles, block_m=block_m, block_n=block_n, block_k=block_k,
         k_steps=k_steps // num_splits, steps=min(max_concurrent_steps, k_steps // num_splits),
         splits=num_splits,
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),

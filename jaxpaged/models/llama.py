@@ -417,7 +417,7 @@ class CausalLM(nnx.Module):
         in_scales = self.layers.input_layernorm.scale[...]  # [L, D]
         post_scales = self.layers.post_attention_layernorm.scale[...]  # [L, D]
         final_scale = self.norm.scale[...]  # [D]
-        normed = rms_norm(x, in_scales[0], self.norm.eps)
+        normed = rms_norm(x, in_scales[0], self.config.rms_norm_eps)
 
         def body(carry, xs, next_scales, next_index):
             x, normed, cache = carry
