@@ -8,16 +8,20 @@ from jaxpaged.attention import KVCache
 from jaxpaged.metadata import build_step_inputs
 from jaxpaged.models import forward
 
-_forward = jax.jit(forward, static_argnames=("graphdef", "impl", "unroll"), donate_argnums=(2,))
+_forward = jax.jit(forward, static_argnames=("graphdef", "impl", "unroll", "stacked_matmul"),
+                   donate_argnums=(2,))
 
 
 class PagedRunner:
     """Feeds chunks of one or more sequences through the paged forward with shuffled blocks."""
 
     def __init__(self, loaded, num_seqs: int, max_len: int, block_size: int = 16, seed: int = 0,
-                 impl: str = "reference", unroll: bool = False):
+                 impl: str = "reference", unroll: bool = False,
+                 stacked_matmul: bool | None = None):
+        """stacked_matmul: forward's (None reads JAXPAGED_STACKED_MATMUL when traced)."""
         cfg = loaded.config
         self.loaded, self.block_size, self.impl, self.unroll = loaded, block_size, impl, unroll
+        self.stacked_matmul = stacked_matmul
         self.max_blocks = -(-max_len // block_size)
         num_blocks = num_seqs * self.max_blocks + 1  # block 0 is the null block
         perm = np.random.default_rng(seed).permutation(np.arange(1, num_blocks))
@@ -44,7 +48,7 @@ class PagedRunner:
         md = jax.tree.map(jnp.asarray, md)
         self.cache, logits = _forward(self.loaded.graphdef, self.loaded.params, self.cache,
                                       jnp.asarray(ids), jnp.asarray(pos), md, self.impl,
-                                      unroll=self.unroll)
+                                      unroll=self.unroll, stacked_matmul=self.stacked_matmul)
         logits = np.asarray(logits)
         out, lo = {}, 0
         for s, t in zip(seqs, token_ids):

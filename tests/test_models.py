@@ -126,6 +126,35 @@ def test_unrolled_layer_loop_matches_transformers(tmp_path):
     assert rel_err(np.concatenate(got), hf_logits(hf, ids)) <= 1e-4
 
 
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen3", {"head_dim": 32})])
+def test_stacked_decode_with_fused_add_norm_matches_transformers(family, extra, tmp_path,
+                                                                 monkeypatch):
+    """The GPU's decode path (interpreted): the stacked projections in an unrolled layer loop,
+    the residual adds and norms in add_rms_norm launches (a width of 64, a power of two), the
+    KV write inside the decode kernel; logits against transformers over a prompt and decode
+    steps."""
+    import pallas_kernels
+    from jaxpaged.loader import load_model
+
+    monkeypatch.setenv("JAXPAGED_FUSED_ADD_NORM", "1")
+    monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", "1")
+    traced = []  # add_rms_norm's calls while the steps are traced
+
+    def counted(*args, _kernel=pallas_kernels.add_rms_norm, **kwargs):
+        traced.append(args[1].shape)
+        return _kernel(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_kernels, "add_rms_norm", counted)
+    hf = _tiny_hf_model(family, tmp_path, **extra)
+    ours = load_model(str(tmp_path), dtype="float32")
+    ids = list(np.random.default_rng(5).integers(0, 160, size=26))
+    runner = PagedRunner(ours, num_seqs=1, max_len=64, block_size=16, seed=6, impl="pallas",
+                         unroll=True, stacked_matmul=True)
+    got = [runner.step({0: ids[:20]})[0]] + [runner.step({0: [t]})[0] for t in ids[20:]]
+    assert rel_err(np.concatenate(got), hf_logits(hf, ids)) <= 1e-4
+    assert len(traced) == 2 * ours.config.num_hidden_layers  # the decode step's, traced once
+
+
 def test_unrolling_only_decode_steps(tmp_path, monkeypatch):
     """JAXPAGED_UNROLL_LAYERS=decode: decode-only buckets lower without a layer loop, the
     others keep the scan, and the engine's greedy tokens do not change."""
