@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import pallas_kernels
 from pallas_kernels.paged_decode_attention import apply_rotate_half
 from jaxpaged.metadata import AttentionMetadata
+from jaxpaged.settings import switch
 from jaxpaged.sharding import KV_CACHE_SPEC, TP_AXIS
 
 ATTENTION_IMPLS = ("reference", "pallas")
@@ -54,10 +55,7 @@ def fused_kv_write_setting() -> bool:
     "0" runs the separate KV-write kernel first, as prefill and mixed steps always do. On an
     H100 (benchmarks/NOTES_engine.md, thirteenth session) it made llama-3.2-1b's step 3.49 ms
     against 3.53-3.54 ms, two interleaved rounds."""
-    setting = os.environ.get("JAXPAGED_FUSED_KV_WRITE", "1")
-    if setting not in ("0", "1"):
-        raise ValueError(f"JAXPAGED_FUSED_KV_WRITE={setting!r}; allowed: 0, 1")
-    return setting == "1"
+    return switch("JAXPAGED_FUSED_KV_WRITE", True)
 
 
 def fused_rope_setting() -> bool:

@@ -66,6 +66,14 @@ def _check(residual: jax.Array, y: jax.Array, scale: jax.Array) -> None:
         raise ValueError(f"scale must be [D] or [L, D] with D = {dim}; got {list(scale.shape)}")
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Pure jnp RMSNorm as Hugging Face rounds it: normalised in f32, cast back to x's dtype,
+    then times ``scale`` (the model's norm, and this kernel's reference)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
 def supports(dim: int) -> bool:
     """Whether the kernel takes rows of ``dim`` elements (whole rows in a power-of-two block)."""
     return dim >= 16 and dim & (dim - 1) == 0
@@ -124,10 +132,7 @@ def add_rms_norm_reference(residual: jax.Array, y: jax.Array, scale: jax.Array,
     _check(residual, y, scale)
     if scale.ndim == 2:
         scale = scale[scale_index]
-    dtype = residual.dtype
     if y.ndim == 3:
         y = y[:, :residual.shape[0]].sum(axis=0)
-    h = residual + y.astype(dtype)
-    h32 = h.astype(jnp.float32)
-    normed = (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)).astype(dtype)
-    return h, scale * normed
+    h = residual + y.astype(residual.dtype)
+    return h, rms_norm(h, scale, eps)

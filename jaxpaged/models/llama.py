@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +49,9 @@ import pallas_kernels
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
-from jaxpaged.settings import on_for_gpu
+from jaxpaged.settings import on_for_gpu, switch
 from jaxpaged.sharding import TP_AXIS, param_spec
+from pallas_kernels.add_rms_norm import rms_norm
 from pallas_kernels.stacked_matmul import MIN_BLOCK
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ def fused_add_norm_setting() -> bool:
     and normalises the sum in one launch on the stacked decode path (see the module docstring);
     "0" leaves both to XLA, which on an H100 made three launches a layer of them at
     llama-3.2-1b's batch 256 (benchmarks/NOTES_engine.md, thirteenth session)."""
-    setting = os.environ.get("JAXPAGED_FUSED_ADD_NORM", "1")
-    if setting not in ("0", "1"):
-        raise ValueError(f"JAXPAGED_FUSED_ADD_NORM={setting!r}; allowed: 0, 1")
-    return setting == "1"
+    return switch("JAXPAGED_FUSED_ADD_NORM", True)
 
 
 def _is_projection_kernel(path: tuple, _value) -> bool:
@@ -121,13 +118,6 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
     return jax.lax.optimization_barrier((cos, sin))
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    # Normalise in f32 and cast back before the scale, as Hugging Face does.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale * x32.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -380,6 +370,10 @@ class CausalLM(nnx.Module):
         else:
             layer_def, layer_state = nnx.split(self.layers)
 
+        if fused_norms:
+            return self._fused_norms_layers(x, kv_cache, layer_def, kernels, layer_state, rope,
+                                            md, impl, unroll)
+
         def body(carry, xs):
             x, cache = carry
             state, layer = xs
@@ -388,22 +382,21 @@ class CausalLM(nnx.Module):
             x, cache = layer_mod(x, rope, cache, layer, md, impl, mesh, stacked)
             return (x, cache), None
 
-        if fused_norms:
-            return self._fused_norms_layers(x, kv_cache, layer_def, kernels, layer_state, rope,
-                                            md, impl, unroll)
+        x, kv_cache = self._layer_loop(body, (x, kv_cache), layer_state, unroll)
+        return kv_cache, self._logits(self.norm(x[md.logits_indices]))  # [R, D] -> [R, V]
+
+    def _layer_loop(self, body, carry, layer_state, unroll: bool):
+        """carry after body(carry, (layer i's state, i)) for every layer: a scan, or with
+        `unroll` a Python loop, not scan(unroll=True): each layer's index is then a constant of
+        the program. Scan's indices are slices of an iota, which XLA does not fold: on an H100
+        every layer launched a kernel (or two) just to make its s32[1] index for the stacked
+        kernels. The norm scales' slices are static either way."""
         if unroll:
-            # A Python loop, not scan(unroll=True): each layer's index is then a constant of
-            # the program. Scan's indices are slices of an iota, which XLA does not fold: on an
-            # H100 every layer launched a kernel (or two) just to make its s32[1] index for the
-            # stacked kernels. The norm scales' slices are static either way.
-            carry = (x, kv_cache)
             for i in range(self.config.num_hidden_layers):
                 carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i))
-            x, kv_cache = carry
-        else:
-            layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-            (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layer_state, layer_ids))
-        return kv_cache, self._logits(self.norm(x[md.logits_indices]))  # [R, D] -> [R, V]
+            return carry
+        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        return jax.lax.scan(body, carry, (layer_state, layer_ids))[0]
 
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
@@ -419,26 +412,24 @@ class CausalLM(nnx.Module):
         final_scale = self.norm.scale[...]  # [D]
         normed = rms_norm(x, in_scales[0], self.config.rms_norm_eps)
 
-        def body(carry, xs, next_scales, next_index):
+        # A traced layer index (the scan) reads the next scale from one [L + 1, D] stack; a
+        # constant one (unrolled) picks its stack statically, with no concatenation to launch.
+        stacked_next = None if unroll else jnp.concatenate([in_scales, final_scale[None]])
+
+        def body(carry, xs):
             x, normed, cache = carry
             state, layer = xs
+            if stacked_next is not None:
+                next_scales, next_index = stacked_next, layer + 1
+            elif layer == num_layers - 1:
+                next_scales, next_index = final_scale, 0
+            else:
+                next_scales, next_index = in_scales, layer + 1
             layer_mod = nnx.merge(layer_def, kernels, state)
             return layer_mod.fused_junctions(x, normed, post_scales, next_scales, next_index,
                                              rope, cache, layer, md, impl), None
 
-        carry = (x, normed, kv_cache)
-        if unroll:  # as in __call__: constant layer indices (the last layer's: the final norm)
-            for i in range(num_layers):
-                last = i == num_layers - 1
-                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i),
-                                final_scale if last else in_scales, 0 if last else i + 1)
-        else:
-            next_scales = jnp.concatenate([in_scales, final_scale[None]])  # [L + 1, D]
-            layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
-            carry, _ = jax.lax.scan(
-                lambda carry, xs: body(carry, xs, next_scales, xs[1] + 1), carry,
-                (layer_state, layer_ids))
-        _, normed, kv_cache = carry
+        _, normed, kv_cache = self._layer_loop(body, (x, normed, kv_cache), layer_state, unroll)
         return kv_cache, self._logits(normed[md.logits_indices])
 
 
