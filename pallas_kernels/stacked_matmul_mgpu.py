@@ -340,6 +340,10 @@ def stacked_matmul_mgpu(
                   for d in d_outs[:len(col_blocks)]]
     interpret_params = _interpret_params(interpret)
     programs = 4 if interpret_params else _num_sms() * programs_per_sm
+    # The shape in the name tells a device profile's launches apart (q/k/v, o, down).
+    name = f"stacked_matmul_mgpu{'_silu_mul' if silu_mul else ''}_{d_in}x{sum(d_outs)}"
+    if num_splits > 1:
+        name += f"_split{num_splits}"
     outs = plgpu.kernel(
         kernel,
         out_type=tuple(out_shapes),
@@ -349,7 +353,7 @@ def stacked_matmul_mgpu(
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params,
-        kernel_name="stacked_matmul_mgpu_silu_mul" if silu_mul else "stacked_matmul_mgpu",
+        kernel_name=name,
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
     if num_splits > 1 and not sum_partials:
         outs = tuple(o.reshape(num_splits, padded, -1) for o in outs)
