@@ -154,6 +154,20 @@ MGPU_SPLIT_SWEEP = [
     dict(max_concurrent_steps=3, block_n=128, num_splits=8),
     dict(max_concurrent_steps=3, block_m=256, block_n=64, num_splits=4),
 ]
+# Warp-specialized settings, D_in split or not (fourteenth session): two compute warpgroups
+# share each weight tile, and wider tiles re-read x less often. `--mgpu-sweep ws`.
+MGPU_WS_SWEEP = [
+    dict(max_concurrent_steps=8, block_n=64),  # auto's setting for the 1B's q/k/v
+    dict(max_concurrent_steps=6, block_n=64, num_splits=2),  # auto's for the 1B's o and down
+    dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=8),
+    dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4),
+    dict(warp_specialized=True, block_m=128, block_n=64, max_concurrent_steps=6, num_splits=2),
+    dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4, num_splits=2),
+    dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=4, num_splits=4),
+    dict(warp_specialized=True, block_m=128, block_n=128, max_concurrent_steps=3, num_splits=4),
+    dict(warp_specialized=True, block_m=256, block_n=64, max_concurrent_steps=3, num_splits=2),
+    dict(warp_specialized=True, block_m=256, block_n=64, max_concurrent_steps=3, num_splits=4),
+]
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
@@ -283,6 +297,8 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
               "auto": []}
     if args.mgpu_sweep == "split":
         sweeps["mgpu"] = MGPU_SPLIT_SWEEP
+    elif args.mgpu_sweep == "ws":
+        sweeps["mgpu"] = MGPU_WS_SWEEP
     kernels = [k.partition(":") for k in args.launch_kernels]  # "mgpu:4": its first 4 settings
     for launch, (d_in, names, epilogue) in LAUNCHES.items():
         if args.launches and launch not in args.launches:
@@ -300,7 +316,8 @@ def bench_launches(model: str, shape: dict, num_tokens: int, ws, copy_tbps: floa
                               args)
                 if row.pop("_out", None) is not None:
                     row["rel_err"] = launch_error(h, ws, names, epilogue, kernel, tuning)
-                row.update(model=model, T=num_tokens, launch=launch, kernel=kernel,
+                row.update(model=model, T=num_tokens, launch=launch, kernel=kernel, tuning={
+                           k: v for k, v in tuning.items() if k != "interpret"},
                            weight_GB=weight_bytes / 1e9)
                 print_row(f"{model} T={num_tokens} {launch} {label}", row)
                 rows.append(row)
@@ -352,6 +369,39 @@ def time_calls(fn, x, min_calls: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
+def device_time_calls(fn, x, calls: int, reps: int = 3) -> tuple[float, float]:
+    """(seconds per call of the stacked-matmul kernels alone, of every kernel) of x = fn(x),
+    by the device's kernel time in a JAX profiler trace over `reps` chains of `calls`: without
+    the launch gaps, and without what the benchmark adds around the launches (the row mean that
+    chains the layers, XLA's sum of split partials, which the engine's add_rms_norm reads
+    instead)."""
+    import tempfile
+
+    from device_profile import kernel_times
+
+    jax.block_until_ready(fn(x))
+    t_end = time.perf_counter() + 0.1  # clocks up, as kernels.time_jax
+    while time.perf_counter() < t_end:
+        jax.block_until_ready(fn(x))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            for _ in range(reps):
+                y = x
+                for _ in range(calls):
+                    y = fn(y)
+                jax.block_until_ready(y)
+        finally:
+            jax.profiler.stop_trace()
+        seconds, _, _, _ = kernel_times(trace_dir)
+    kernels = {k: v for k, v in seconds.items() if not k.startswith(("Memcpy", "Memset"))}
+    matmul = sum(v for k, v in kernels.items() if k.startswith("stacked_matmul"))
+    if not matmul:
+        raise RuntimeError("the trace holds no stacked_matmul kernel (the device timer needs a "
+                           "GPU and a Pallas launch)")
+    return matmul / (reps * calls), sum(kernels.values()) / (reps * calls)
+
+
 def copy_bandwidth(num_bytes: int, dtype, min_seconds: float) -> float:
     """Device-to-device copy bandwidth in TB/s, counting read + write (XLA's `a + 1`)."""
     a = jnp.ones((num_bytes // jnp.dtype(dtype).itemsize,), dtype)
@@ -365,7 +415,11 @@ def measure(name: str, fn, h: jax.Array, weight_bytes: int, copy_tbps: float, ar
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(h))
         row["compile_s"] = time.perf_counter() - t0
-        seconds = time_calls(fn, h, args.calls, args.min_seconds)
+        if args.timer == "device":
+            seconds, all_seconds = device_time_calls(fn, h, args.calls)
+            row["ms_all_kernels"] = all_seconds * 1e3
+        else:
+            seconds = time_calls(fn, h, args.calls, args.min_seconds)
     except Exception as e:  # a tile setting the GPU cannot run: record it and go on
         row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         traceback.print_exc(limit=2)
@@ -455,9 +509,9 @@ def main() -> None:
                    "the first N settings of its sweep")
     p.add_argument("--launches", nargs="+", default=None, choices=list(LAUNCHES),
                    help="the launch variant times only these launches")
-    p.add_argument("--mgpu-sweep", choices=("default", "split"), default="default",
-                   help="the Mosaic GPU settings of the launch variant: MGPU_LAUNCH_SWEEP or "
-                   "MGPU_SPLIT_SWEEP")
+    p.add_argument("--mgpu-sweep", choices=("default", "split", "ws"), default="default",
+                   help="the Mosaic GPU settings of the launch variant: MGPU_LAUNCH_SWEEP, "
+                   "MGPU_SPLIT_SWEEP or MGPU_WS_SWEEP")
     p.add_argument("--quick", action="store_true", help=f"sweep {len(QUICK_SWEEP)} + "
                    f"{len(QUICK_FUSED_SWEEP)} settings, not {len(SWEEP)} + {len(FUSED_SWEEP)}")
     p.add_argument("--small", action="store_true", help="tiny shapes (for --interpret on a CPU)")
@@ -465,6 +519,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10, help="scans queued per timed batch")
     p.add_argument("--min-seconds", type=float, default=0.5, help="timing per variant")
     p.add_argument("--json", default=None, help="file, or directory for the default name")
+    p.add_argument("--timer", choices=("wall", "device"), default="wall",
+                   help="wall: host clock over queued scans; device: the stacked-matmul "
+                   "kernels' device time alone (profiler trace; Pallas kernels only)")
     args = p.parse_args()
     for name in args.launch_kernels:
         kernel, _, limit = name.partition(":")

@@ -31,6 +31,7 @@ takes this kernel, and with which settings.
 
 import functools
 import itertools
+import json
 import math
 import os
 
@@ -187,7 +188,9 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
                k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple):
     """Warp-specialized: a memory warpgroup issues the TMA copies, two compute warpgroups each
-    multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile)."""
+    multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile).
+    With D_in split (splits > 1) a tile covers k_steps of its split's D_in and stores its f32
+    partial sum at row block sk * m_tiles + mi, as in _kernel."""
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
     layer = layer_gmem[0]
     wg_m = block_m // 2
@@ -221,7 +224,10 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
     def _scope(allocations, o_smem):
         wg = lax.axis_index("wg")
 
-        def run(mi, nb, ws, o_ref):
+        def run(mi, nb, ws, o_ref, sk):
+            row0 = (sk * m_tiles + mi) * block_m + wg * wg_m  # this warpgroup's output rows
+            k_cols = pl.ds(sk * k_steps * block_k, k_steps * block_k)  # the split's D_in
+
             def compute_context(eval_pipeline):
                 def acc_scope(*accs):
                     eval_pipeline(accs)
@@ -233,8 +239,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
                         o_smem.at[wg],
-                        o_ref.at[pl.ds(mi * block_m + wg * wg_m, wg_m),
-                                 pl.ds(nb * block_n, block_n)])
+                        o_ref.at[pl.ds(row0, wg_m), pl.ds(nb * block_n, block_n)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
                 pl.run_scoped(acc_scope, *(plgpu.ACC((wg_m, block_n))
@@ -249,16 +254,15 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                 return accs
 
             make_pipeline(body, compute_context)(
-                x_gmem.at[pl.ds(mi * block_m, block_m)],
-                *(w.at[layer, :, pl.ds(nb * block_n, block_n)] for w in ws),
+                x_gmem.at[pl.ds(mi * block_m, block_m), k_cols],
+                *(w.at[layer, k_cols, pl.ds(nb * block_n, block_n)] for w in ws),
                 allocations=allocations)
 
         def project_tile(mi, nb, i, sk):
-            del sk  # warp-specialized launches are never split
             if i is None:
-                run(mi, nb, w_refs, o_refs[0])
+                run(mi, nb, w_refs, o_refs[0], sk)
             else:
-                run(mi, nb, (w_refs[i],), o_refs[i])
+                run(mi, nb, (w_refs[i],), o_refs[i], sk)
 
         _for_each_tile(m_tiles, col_starts, silu_mul, project_tile, splits)
 
@@ -290,7 +294,7 @@ def stacked_matmul_mgpu(
     ``programs_per_sm``: persistent programs per SM. ``swizzle``: explicit shared-memory tiling
     and swizzle instead of Mosaic GPU's inferred layout. ``num_splits``: D_in split across that
     many tiles of each output tile (more programs for a launch with few output tiles), each
-    storing an f32 partial sum that XLA adds up (not with silu_mul or warp_specialized);
+    storing an f32 partial sum that XLA adds up (not with silu_mul);
     ``sum_partials=False`` returns those partials instead, f32 [num_splits, T', D_out_i] with T'
     the row count padded to ``block_m`` (rows past T are padding), for a consumer that adds
     them itself (``pallas_kernels.add_rms_norm``)."""
@@ -317,9 +321,8 @@ def stacked_matmul_mgpu(
     block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
     k_steps = d_in // block_k
-    if num_splits > 1 and (silu_mul or warp_specialized):
-        raise ValueError("num_splits > 1 is for plain projections: not with epilogue='silu_mul' "
-                         "or warp_specialized")
+    if num_splits > 1 and silu_mul:
+        raise ValueError("num_splits > 1 is for plain projections: not with epilogue='silu_mul'")
     if num_splits < 1 or k_steps % num_splits:
         raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
     padded = _round_up(num_tokens, block_m)
@@ -365,12 +368,34 @@ def stacked_matmul_mgpu(
     return outs[0] if silu_mul else tuple(outs)
 
 
+@functools.lru_cache(maxsize=4)
+def _measurement_settings(raw: str) -> dict[str, dict]:
+    table = json.loads(raw)
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"JAXPAGED_MOSAIC_SETTINGS must map launch names to settings; got "
+                         f"{raw!r}")
+    for settings in table.values():
+        unknown = set(settings) - set(_TUNING)
+        if unknown:
+            raise ValueError(f"JAXPAGED_MOSAIC_SETTINGS: unknown settings {sorted(unknown)}")
+    return table
+
+
 def mosaic_settings(num_tokens: int, d_in: int, d_outs: list[int], silu_mul: bool,
                     dtype) -> dict | None:
-    """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None."""
+    """stacked_matmul_mgpu's settings for a launch where kernel="auto" picks it, else None.
+
+    For measurements, ``JAXPAGED_MOSAIC_SETTINGS`` (JSON) replaces the rule's settings of
+    launches of T >= 129 by name, the name being the kernel's shape as a device profile shows it
+    (``"2048x3072"``, ``"silu_mul_2048x16384"``: D_in x the sum of D_out), e.g.
+    ``{"8192x2048": {"warp_specialized": true, "block_n": 128, "num_splits": 4}}``."""
     if (num_tokens < _MOSAIC_MIN_TOKENS or d_in % 64
             or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
         return None
+    raw = os.environ.get("JAXPAGED_MOSAIC_SETTINGS")
+    name = f"{'silu_mul_' if silu_mul else ''}{d_in}x{sum(d_outs)}"
+    if raw and num_tokens >= _MOSAIC_LARGE_T and name in _measurement_settings(raw):
+        return dict(_measurement_settings(raw)[name])
     row_tiles = pl.cdiv(num_tokens, 128)
     if num_tokens < _MOSAIC_LARGE_T:  # one row tile (64 rows at T 64)
         if (silu_mul or any(d % 64 for d in d_outs)

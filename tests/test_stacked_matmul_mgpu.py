@@ -3,6 +3,7 @@ interpreter here, as the real kernel on a GPU (JAX_PLATFORMS=cuda); its lowering
 the engine's launch shapes (lowered, not run, from the CPU); and kernel="auto"'s choice."""
 
 import functools
+import json
 
 import hypothesis
 import hypothesis.strategies as st
@@ -54,9 +55,25 @@ def test_silu_mul_matches_reference(warp_specialized):
     check(x, ws, 1, epilogue="silu_mul", block_n=64, warp_specialized=warp_specialized)
 
 
-def test_split_d_in_over_several_column_blocks_and_weights():
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_split_d_in_over_several_column_blocks_and_weights(warp_specialized):
     x, ws = tokens(9, 130, 256), stacks(10, 256, (128, 64))
-    check(x, ws, 1, block_n=64, num_splits=4)
+    check(x, ws, 1, block_n=64, num_splits=4, warp_specialized=warp_specialized)
+
+
+def test_split_partials_warp_specialized():
+    """The f32 partials of a warp-specialized split launch, each split's rows at its own row
+    blocks (two compute warpgroups a tile): their sum is the product."""
+    x, ws = tokens(11, 200, 256), stacks(12, 256, (128,))
+    (parts,) = stacked_matmul_mgpu(x, ws, jnp.int32(2), num_splits=2, warp_specialized=True,
+                                   block_n=64, sum_partials=False)
+    assert parts.shape == (2, 256, 128) and parts.dtype == jnp.float32
+    want = jnp.dot(x.astype(jnp.float32), ws[0][2].astype(jnp.float32))
+    halves = [jnp.dot(x[:, k:k + 128].astype(jnp.float32), ws[0][2, k:k + 128].astype(
+        jnp.float32)) for k in (0, 128)]
+    for s in range(2):
+        assert_close(parts[s, :200], halves[s], jnp.float32)
+    assert_close(parts[:, :200].sum(axis=0), want, jnp.float32)
 
 
 def test_every_layer_under_one_compile():
@@ -96,12 +113,17 @@ def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
     (dict(block_m=96), "block_m=96"),
     (dict(block_m=64, warp_specialized=True), "block_m=64"),
     (dict(num_splits=3), "num_splits=3"),
-    (dict(num_splits=2, warp_specialized=True, block_m=128), "num_splits > 1"),
 ])
 def test_rejects_bad_tuning(kwargs, match):
     x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
     with pytest.raises(ValueError, match=match):
         stacked_matmul_mgpu(x, ws, jnp.int32(0), **kwargs)
+
+
+def test_rejects_a_split_silu_mul():
+    x, ws = tokens(0, 8, 128), stacks(0, 128, (64, 64))
+    with pytest.raises(ValueError, match="num_splits > 1"):
+        stacked_matmul_mgpu(x, ws, jnp.int32(0), epilogue="silu_mul", num_splits=2)
 
 
 def test_rejects_bad_shapes_and_dtypes():
@@ -151,6 +173,21 @@ def test_auto_picks_mosaic_where_it_measured_faster(monkeypatch):
     # Not measured below T 64, and wgmma here takes 16-bit inputs only.
     assert picked("llama-3.1-8b", "qkv", num_tokens=32) is None
     assert picked("llama-3.1-8b", "qkv", dtype=jnp.float32) is None
+
+
+def test_measurement_settings_replace_the_rule_by_launch_name(monkeypatch):
+    rule = mosaic_settings(256, 8192, [2048], False, jnp.bfloat16)
+    wanted = dict(warp_specialized=True, block_n=128, num_splits=4)
+    monkeypatch.setenv("JAXPAGED_MOSAIC_SETTINGS", json.dumps({"8192x2048": wanted}))
+    assert mosaic_settings(256, 8192, [2048], False, jnp.bfloat16) == wanted
+    assert mosaic_settings(64, 8192, [2048], False, jnp.bfloat16) != wanted  # T < 129: the rule
+    assert mosaic_settings(256, 2048, [2048], False, jnp.bfloat16) == mosaic_settings(
+        256, 2048, [2048], False, jnp.bfloat16)  # another launch: the rule
+    monkeypatch.delenv("JAXPAGED_MOSAIC_SETTINGS")
+    assert mosaic_settings(256, 8192, [2048], False, jnp.bfloat16) == rule
+    monkeypatch.setenv("JAXPAGED_MOSAIC_SETTINGS", json.dumps({"8192x2048": {"bogus": 1}}))
+    with pytest.raises(ValueError, match="bogus"):
+        mosaic_settings(256, 8192, [2048], False, jnp.bfloat16)
 
 
 def test_auto_is_triton_on_the_cpu_and_mosaic_is_the_interpreter():
