@@ -62,6 +62,9 @@ VARIANTS = {
     # (the engine's pages drift over its pool as its FIFO free queue hands out blocks). One
     # pool holds both copies of the pages.
     "pool_big": dict(pool_gib="big"),
+    # The engine's call at head dim 64 (fourteenth session): its 32-key tile, RoPE tables, the
+    # pages at the front of a --big-pool-gib pool (the engine's is ~20 GiB for K and V each).
+    "engine_bn32": dict(pool_gib="big", block_n=32, rope=True),
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
 INPUT_OPTIONS = ("rope", "pool_gib", "spread")
