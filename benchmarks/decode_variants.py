@@ -65,9 +65,13 @@ VARIANTS = {
     # The engine's call at head dim 64 (fourteenth session): its 32-key tile, RoPE tables, the
     # pages at the front of a --big-pool-gib pool (the engine's is ~20 GiB for K and V each).
     "engine_bn32": dict(pool_gib="big", block_n=32, rope=True),
+    # Each sequence's pages in one ascending run, sequences side by side, as the engine's FIFO
+    # free queue hands them out in a fresh engine (the benchmark's tables are shuffled).
+    "contiguous_bn32": dict(block_n=32, contiguous=True),
+    "engine_contiguous": dict(pool_gib=5, block_n=32, rope=True, contiguous=True),
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib", "spread")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous")
 
 
 def variant_fn(params: dict):
@@ -141,6 +145,10 @@ def main() -> None:
                 put = jax.jit(lambda c, src: c.at[ids].set(src), donate_argnums=0)
                 pools[gib] = (put(pools[gib][0], k_cache), put(pools[gib][1], v_cache))
                 variant_sets[n] = tuple((front + t * stride,) for t in tables)
+        for n in names:  # the same pages, each set's ids sorted: every row one ascending run
+            if VARIANTS[n].get("contiguous"):
+                variant_sets[n] = tuple((jnp.sort(t.reshape(-1)).reshape(t.shape),)
+                                        for (t,) in variant_sets[n])
         caches = {n: pools[pool_of(n)] for n in names}
         if args.profile_only:
             for n, fn in fns.items():
