@@ -28,7 +28,7 @@ from kernels import (ENGINE_DECODE_SHAPES, L2_BYTES, card_name, make_decode_inpu
 
 from jaxpaged.bench_common import git_revision  # noqa: E402
 from pallas_kernels.paged_decode_attention import (  # noqa: E402
-    paged_decode_attention_reference, paged_decode_attention_tuned)
+    default_block_n, paged_decode_attention_reference, paged_decode_attention_tuned)
 
 VARIANTS = {
     "base": dict(),  # the default: Triton, kv heads fastest
@@ -69,14 +69,27 @@ VARIANTS = {
     # free queue hands them out in a fresh engine (the benchmark's tables are shuffled).
     "contiguous_bn32": dict(block_n=32, contiguous=True),
     "engine_contiguous": dict(pool_gib=5, block_n=32, rope=True, contiguous=True),
+    # The engine's tile for the model's head dim ("engine": default_block_n), over pages laid
+    # out as an allocator could hand them out: shuffled in a compact pool (the benchmark's),
+    # one ascending run a sequence, runs shuffled within windows of W pages, or scattered at
+    # random over a --big-pool-gib pool (a free list shuffled once over the engine's pool).
+    "tile": dict(block_n="engine"),
+    "tile_contiguous": dict(block_n="engine", contiguous=True),
+    "tile_window64": dict(block_n="engine", contiguous=True, window=64),
+    "tile_window512": dict(block_n="engine", contiguous=True, window=512),
+    "tile_window4096": dict(block_n="engine", contiguous=True, window=4096),
+    "tile_scatter": dict(block_n="engine", pool_gib="big", scatter=True),
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter")
 
 
-def variant_fn(params: dict):
-    """The decode kernel a variant names, with its tuning (``kernel="mgpu"``: the Mosaic GPU one)."""
+def variant_fn(params: dict, head_dim: int):
+    """The decode kernel a variant names, with its tuning (``kernel="mgpu"``: the Mosaic GPU one;
+    ``block_n="engine"``: the engine's tile for the head dim)."""
     params = {k: v for k, v in params.items() if k not in INPUT_OPTIONS}
+    if params.get("block_n") == "engine":
+        params["block_n"] = default_block_n(head_dim)
     if params.pop("kernel", "triton") == "mgpu":
         from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu
 
@@ -119,7 +132,7 @@ def main() -> None:
             args.batch, pages_ctx, nq, nkv, num_sets, head_dim=head_dim)
         lens = jnp.full_like(lens, args.context + args.extra_tokens)
         sets = tuple((t,) for t in tables)
-        fns = {n: variant_fn(VARIANTS[n]) for n in names}
+        fns = {n: variant_fn(VARIANTS[n], head_dim) for n in names}
         def pool_of(n):
             gib = VARIANTS[n].get("pool_gib", 0)
             return args.big_pool_gib if gib == "big" else gib
@@ -147,8 +160,23 @@ def main() -> None:
                 variant_sets[n] = tuple((front + t * stride,) for t in tables)
         for n in names:  # the same pages, each set's ids sorted: every row one ascending run
             if VARIANTS[n].get("contiguous"):
-                variant_sets[n] = tuple((jnp.sort(t.reshape(-1)).reshape(t.shape),)
-                                        for (t,) in variant_sets[n])
+                window = VARIANTS[n].get("window")
+                rng = np.random.default_rng(5)
+                def arrange(t, window=window, rng=rng):
+                    ids = np.sort(np.asarray(t).reshape(-1))
+                    if window:  # runs shuffled within windows of `window` pages
+                        for start in range(0, ids.size, window):
+                            ids[start:start + window] = rng.permutation(ids[start:start + window])
+                    return jnp.asarray(ids.reshape(t.shape))
+                variant_sets[n] = tuple((arrange(t),) for (t,) in variant_sets[n])
+        for n in names:  # every page copied to a random place behind the front copy
+            if VARIANTS[n].get("scatter"):
+                gib, front = pool_of(n), k_cache.shape[0]
+                ids = front + jnp.asarray(np.random.default_rng(6).choice(
+                    pools[gib][0].shape[0] - front, front, replace=False).astype(np.int32))
+                put = jax.jit(lambda c, src: c.at[ids].set(src), donate_argnums=0)
+                pools[gib] = (put(pools[gib][0], k_cache), put(pools[gib][1], v_cache))
+                variant_sets[n] = tuple((ids[t],) for t in tables)
         caches = {n: pools[pool_of(n)] for n in names}
         if args.profile_only:
             for n, fn in fns.items():
@@ -164,7 +192,7 @@ def main() -> None:
         # copy, the contiguous ones read other pages of the same pool.)
         refs = {}
         def reference(n):
-            key = (bool(VARIANTS[n].get("rope")), bool(VARIANTS[n].get("contiguous")))
+            key = (bool(VARIANTS[n].get("rope")), n if VARIANTS[n].get("contiguous") else "")
             if key not in refs:
                 table = variant_sets[n][0][0] if key[1] else tables[0]
                 refs[key] = np.asarray(paged_decode_attention_reference(
