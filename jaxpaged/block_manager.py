@@ -70,32 +70,10 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
-# A fresh cache hands out its blocks shuffled within consecutive windows of this many ids. In
-# ascending order each prompt's pages formed one run and neighbouring sequences sat at a fixed
-# stride: on an H100 the decode kernel read the KV of llama-3.2-1b's shape (batch 256, head dim
-# 64) 7.5 % slower laid out so (128.8 us against 118.2 with runs shuffled within 64 pages;
-# benchmarks/decode_variants.py, NOTES_kernels fourteenth section); llama-3.1-8b's shape read
-# the same either way, and so did pages scattered over a 1.25 GiB pool. Windows keep a
-# request's pages near each other, so a cache far larger than its live pages is not spread.
-SHUFFLE_WINDOW = 64
-
-
-def initial_free_order(num_blocks: int, window: int) -> list[int]:
-    """Block ids 1 .. num_blocks - 1, each consecutive ``window`` of them in a fixed random
-    order (``window`` <= 1: ascending)."""
-    ids = np.arange(1, num_blocks)
-    if window > 1:
-        rng = np.random.default_rng(0)
-        for start in range(0, ids.size, window):
-            rng.shuffle(ids[start:start + window])
-    return ids.tolist()
-
-
 class BlockManager:
     """Allocates blocks to requests and shares computed full blocks between them."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 shuffle_window: int = SHUFFLE_WINDOW):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
         if block_size < 1:
@@ -105,8 +83,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # Insertion order is LRU order: the first key is evicted first.
-        self.free_block_queue: OrderedDict[int, None] = OrderedDict.fromkeys(
-            initial_free_order(num_blocks, shuffle_window))
+        self.free_block_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self.cached_block_hash_to_block: dict[BlockHash, int] = {}
         # request_id -> how many leading blocks of its table are already cached (or were hits).
         self.num_cached_blocks: dict[str, int] = {}

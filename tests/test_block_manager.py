@@ -205,25 +205,3 @@ def test_allocate_slots_validation():
     bm = BlockManager(num_blocks=8, block_size=BS)
     with pytest.raises(ValueError, match="num_new_tokens"):
         bm.allocate_slots(make_request("a", [1]), -1)
-
-
-def test_a_fresh_cache_hands_out_blocks_shuffled_within_windows():
-    """Every usable block once, each window of SHUFFLE_WINDOW ids among themselves but not in
-    ascending order (a prompt's pages are not one run); window 1 keeps the ascending order."""
-    from jaxpaged.block_manager import SHUFFLE_WINDOW, initial_free_order
-
-    num_blocks = 3 * SHUFFLE_WINDOW + 10  # a partial last window
-    order = initial_free_order(num_blocks, SHUFFLE_WINDOW)
-    assert sorted(order) == list(range(1, num_blocks))
-    for start in range(0, len(order), SHUFFLE_WINDOW):
-        window = order[start:start + SHUFFLE_WINDOW]
-        assert sorted(window) == list(range(start + 1, start + 1 + len(window)))
-    assert order[:SHUFFLE_WINDOW] != sorted(order[:SHUFFLE_WINDOW])
-    assert order == initial_free_order(num_blocks, SHUFFLE_WINDOW)  # the same every time
-    assert initial_free_order(num_blocks, 1) == list(range(1, num_blocks))
-
-    bm = BlockManager(num_blocks=num_blocks, block_size=BS)
-    req = make_request("a", list(range(8 * BS)))
-    assert bm.allocate_slots(req, req.num_tokens, [])
-    assert req.block_ids == order[:8]
-    assert BlockManager(num_blocks=num_blocks, block_size=BS, shuffle_window=1)._pop_free_block() == 1
