@@ -79,9 +79,14 @@ VARIANTS = {
     "tile_window512": dict(block_n="engine", contiguous=True, window=512),
     "tile_window4096": dict(block_n="engine", contiguous=True, window=4096),
     "tile_scatter": dict(block_n="engine", pool_gib="big", scatter=True),
+    # Each call after a GEMM the size of llama-3.2-1b's gate/up launch (256 x 2048 x 16384,
+    # bf16), whose result its query depends on, as the engine's attention follows projections;
+    # with --attention-only the attention kernel alone is timed (does the tensor cores' work
+    # just before slow it, e.g. through the clocks?).
+    "tile_after_gemm": dict(block_n="engine", after_gemm=True),
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm")
 
 
 def variant_fn(params: dict, head_dim: int):
@@ -112,11 +117,15 @@ def main() -> None:
                         help="call each variant a few times, untimed (run under ncu)")
     parser.add_argument("--timer", choices=("wall", "device"), default="wall",
                         help="kernels.py's TIMER: host wall clock over the chain, or device time")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="with --timer device: time the paged_decode_attention kernel alone")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     names = args.variants.split(",")
     kernels.TIMER = args.timer
+    if args.attention_only:
+        kernels.DEVICE_KERNEL_PREFIX = "paged_decode_attention"
     rev = git_revision()
     result = {"card": card_name(), "jax": jax.__version__, "git_revision": rev,
               "timer": args.timer, "batch": args.batch, "context": args.context,
@@ -207,13 +216,24 @@ def main() -> None:
                 errs[n] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             except Exception as e:
                 result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]
+        gemm_operands = ()
+        if any(VARIANTS[n].get("after_gemm") for n in names):
+            gemm_operands = (jnp.ones((args.batch, 2048), jnp.bfloat16),
+                             jnp.ones((2048, 16384), jnp.bfloat16) * 1e-3)
         times: dict[str, list[float]] = {n: [] for n in names if n in errs}
         for _ in range(args.rounds):
             for n in times:
                 fn = fns[n]
                 try:
-                    times[n].append(time_jax(lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln),
-                                             qs[0], (*caches[n], lens), variant_sets[n]))
+                    if VARIANTS[n].get("after_gemm"):
+                        def step(q, kc, vc, ln, gx, gw, t, fn=fn):
+                            g = jnp.dot(gx, gw, preferred_element_type=jnp.float32)
+                            return fn(q + (jnp.max(g) * 0).astype(q.dtype), kc, vc, t, ln)
+                        shared = (*caches[n], lens, *gemm_operands)
+                    else:
+                        step = (lambda q, kc, vc, ln, t, fn=fn: fn(q, kc, vc, t, ln))
+                        shared = (*caches[n], lens)
+                    times[n].append(time_jax(step, qs[0], shared, variant_sets[n]))
                 except Exception as e:  # one failing variant must not lose the others
                     times[n] = []
                     result.setdefault("errors", {})[f"{model}/{n}"] = repr(e)[:300]

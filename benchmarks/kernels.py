@@ -53,6 +53,9 @@ def log(msg: str) -> None:
 # device's kernel time over the same chain, from a JAX profiler trace (gaps excluded, like the
 # CUDA events that time the torch peers). Set by --timer.
 TIMER = "wall"
+# With TIMER "device": only kernels whose name starts with this count (None: every kernel), for
+# chains whose steps add other work around the kernel under test.
+DEVICE_KERNEL_PREFIX: str | None = None
 TIMER_DESCRIPTIONS = {
     "wall": "host wall clock over a chain of calls in one jit (launch gaps included)",
     "device": "the device's kernel time over a chain of calls in one jit, from a JAX profiler trace",
@@ -74,7 +77,8 @@ def device_seconds(fn, args, reps: int) -> float:
         finally:
             jax.profiler.stop_trace()
         seconds, _, _, _ = kernel_times(trace_dir)
-    return sum(t for name, t in seconds.items() if not name.startswith(("Memcpy", "Memset")))
+    return sum(t for name, t in seconds.items() if not name.startswith(("Memcpy", "Memset"))
+               and (DEVICE_KERNEL_PREFIX is None or name.startswith(DEVICE_KERNEL_PREFIX)))
 
 
 def time_jax(step, x0, shared=(), sets=((),), reps: int = 10, min_calls: int = 8) -> float:
