@@ -84,9 +84,12 @@ VARIANTS = {
     # with --attention-only the attention kernel alone is timed (does the tensor cores' work
     # just before slow it, e.g. through the clocks?).
     "tile_after_gemm": dict(block_n="engine", after_gemm=True),
+    # Block tables as wide as the engine's (max_model_len / block size = 512 columns; the pages
+    # past a sequence's context point at page 0).
+    "tile_wide_table": dict(block_n="engine", table_width=512),
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm", "table_width")
 
 
 def variant_fn(params: dict, head_dim: int):
@@ -186,6 +189,11 @@ def main() -> None:
                 put = jax.jit(lambda c, src: c.at[ids].set(src), donate_argnums=0)
                 pools[gib] = (put(pools[gib][0], k_cache), put(pools[gib][1], v_cache))
                 variant_sets[n] = tuple((ids[t],) for t in tables)
+        for n in names:  # the same tables padded to the engine's width with the null page
+            width = VARIANTS[n].get("table_width")
+            if width:
+                variant_sets[n] = tuple((jnp.pad(t, ((0, 0), (0, width - t.shape[1]))),)
+                                        for (t,) in variant_sets[n])
         caches = {n: pools[pool_of(n)] for n in names}
         if args.profile_only:
             for n, fn in fns.items():
