@@ -13,7 +13,6 @@ bytes it must move over that time.
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels  # noqa: E402
-from kernels import card_name, time_jax  # noqa: E402
+from kernels import card_name, time_jax, write_variants_result  # noqa: E402
 
 from jaxpaged.bench_common import format_table, git_revision  # noqa: E402
 from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
@@ -98,12 +97,7 @@ def main() -> None:
             rows.append([model, name, f"{row['us']:.2f}", f"{row['GBps']:.0f}",
                          f"{row['vs_xla']:.2f}", f"{row['max_abs_err']:.3g}"])
             print(f"{model} {name}: {row['us']:.2f} us", flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"add_rms_norm_variants_{result['git_revision']}.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print("wrote", path)
+    write_variants_result(result, args.out, "add_rms_norm_variants")
     print(f"{result['card']}, timer {args.timer}, git {result['git_revision']}")
     print(format_table(["model", "variant", "us", "GB/s", "vs xla", "max abs err"], rows))
 

@@ -445,6 +445,18 @@ def card_name() -> str:
     return jax.devices()[0].device_kind
 
 
+def write_variants_result(result: dict, out: str | None, stem: str) -> None:
+    """A variants benchmark's ``result`` as ``<out>/<stem>_<git revision>.json`` (``out``
+    None: not written)."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{stem}_{result['git_revision']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
 def write_reports(results: dict, out_dirs: list[str]) -> None:
     slug = card_name().replace(" ", "_").replace("/", "_")
     md = to_markdown(results)
