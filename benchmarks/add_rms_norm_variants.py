@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels  # noqa: E402
-from kernels import card_name, time_jax, write_variants_result  # noqa: E402
+from kernels import (add_variants_arguments, new_variants_result, time_jax,  # noqa: E402
+                     write_variants_result)
 
-from jaxpaged.bench_common import format_table, git_revision  # noqa: E402
+from jaxpaged.bench_common import format_table  # noqa: E402
 from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 
 EPS = 1e-5
@@ -58,16 +58,11 @@ def junction(fn, index: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(SHAPES))
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--timer", choices=("wall", "device"), default="wall")
-    p.add_argument("--interpret", action="store_true", help="Pallas interpreter, tiny shapes")
-    p.add_argument("--out", default=None, help="directory for the JSON")
+    add_variants_arguments(p)
     args = p.parse_args()
-    kernels.TIMER = args.timer
     shapes = SMALL_SHAPES if args.interpret else {m: SHAPES[m] for m in args.models}
     tunings = TUNINGS[:2] if args.interpret else TUNINGS
-    rows, result = [], {"card": card_name(), "git_revision": git_revision(), "timer": args.timer,
-                        "jax": jax.__version__, "rows": []}
+    rows, result = [], new_variants_result(args.timer)
     for model, (num_tokens, dim, splits, layers) in shapes.items():
         residual, y, scales = inputs(num_tokens, dim, splits, layers)
         moved = residual.nbytes * 3 + y.nbytes  # residual in, residual and norm out, y in

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels  # noqa: E402
-from kernels import card_name, time_jax, write_variants_result  # noqa: E402
+from kernels import (add_variants_arguments, new_variants_result, time_jax,  # noqa: E402
+                     write_variants_result)
 
-from jaxpaged.bench_common import format_table, git_revision  # noqa: E402
+from jaxpaged.bench_common import format_table  # noqa: E402
 from pallas_kernels.argmax import argmax_rows  # noqa: E402
 
 SHAPES = {"llama-3.2-1b": (256, 128256), "qwen3-0.6b": (256, 151936),
@@ -54,16 +54,11 @@ def two_stage(logits: jax.Array, chunks: int) -> jax.Array:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--timer", choices=("wall", "device"), default="wall")
-    p.add_argument("--interpret", action="store_true", help="Pallas interpreter, tiny shapes")
-    p.add_argument("--out", default=None, help="directory for the JSON")
+    add_variants_arguments(p)
     args = p.parse_args()
-    kernels.TIMER = args.timer
     shapes = SMALL_SHAPES if args.interpret else {s: SHAPES[s] for s in args.shapes}
     interpret = args.interpret or None
-    rows, result = [], {"card": card_name(), "git_revision": git_revision(), "timer": args.timer,
-                        "jax": jax.__version__, "rows": []}
+    rows, result = [], new_variants_result(args.timer)
     for shape_name, (num_rows, vocab) in shapes.items():
         rng = np.random.default_rng(0)
         sets = [(jnp.asarray(rng.standard_normal((num_rows, vocab)) * 4, jnp.bfloat16),)

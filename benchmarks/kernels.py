@@ -445,6 +445,26 @@ def card_name() -> str:
     return jax.devices()[0].device_kind
 
 
+def add_variants_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every interleaved-rounds variants benchmark takes (argmax_variants.py,
+    add_rms_norm_variants.py)."""
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timer", choices=("wall", "device"), default="wall")
+    p.add_argument("--interpret", action="store_true", help="Pallas interpreter, tiny shapes")
+    p.add_argument("--out", default=None, help="directory for the JSON")
+
+
+def new_variants_result(timer: str) -> dict:
+    """A variants benchmark's JSON before its rows: card, revision, timer, jax version. Sets
+    the timer (TIMER) for time_jax too."""
+    global TIMER
+    TIMER = timer
+    from jaxpaged.bench_common import git_revision
+
+    return {"card": card_name(), "git_revision": git_revision(), "timer": timer,
+            "jax": jax.__version__, "rows": []}
+
+
 def write_variants_result(result: dict, out: str | None, stem: str) -> None:
     """A variants benchmark's ``result`` as ``<out>/<stem>_<git revision>.json`` (``out``
     None: not written)."""
