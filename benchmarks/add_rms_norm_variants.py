@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import (add_variants_arguments, new_variants_result, time_jax,  # noqa: E402
-                     write_variants_result)
+from kernels import (add_variants_arguments, finish_variants, new_variants_result,  # noqa: E402
+                     time_jax)
 
-from jaxpaged.bench_common import format_table  # noqa: E402
 from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
 
 EPS = 1e-5
@@ -92,9 +91,7 @@ def main() -> None:
             rows.append([model, name, f"{row['us']:.2f}", f"{row['GBps']:.0f}",
                          f"{row['vs_xla']:.2f}", f"{row['max_abs_err']:.3g}"])
             print(f"{model} {name}: {row['us']:.2f} us", flush=True)
-    write_variants_result(result, args.out, "add_rms_norm_variants")
-    print(f"{result['card']}, timer {args.timer}, git {result['git_revision']}")
-    print(format_table(["model", "variant", "us", "GB/s", "vs xla", "max abs err"], rows))
+    finish_variants(result, args.out, "add_rms_norm_variants", ["model", "variant", "us", "GB/s", "vs xla", "max abs err"], rows)
 
 
 if __name__ == "__main__":

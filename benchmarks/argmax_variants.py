@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import (add_variants_arguments, new_variants_result, time_jax,  # noqa: E402
-                     write_variants_result)
+from kernels import (add_variants_arguments, finish_variants, new_variants_result,  # noqa: E402
+                     time_jax)
 
-from jaxpaged.bench_common import format_table  # noqa: E402
 from pallas_kernels.argmax import argmax_rows  # noqa: E402
 
 SHAPES = {"llama-3.2-1b": (256, 128256), "qwen3-0.6b": (256, 151936),
@@ -94,9 +93,7 @@ def main() -> None:
             rows.append([shape_name, name, f"{row['us']:.2f}", f"{row['GBps']:.0f}",
                          f"{row['vs_xla']:.2f}", row["mismatches"]])
             print(f"{shape_name} {name}: {row['us']:.2f} us", flush=True)
-    write_variants_result(result, args.out, "argmax_variants")
-    print(f"{result['card']}, timer {args.timer}, git {result['git_revision']}")
-    print(format_table(["shape", "variant", "us", "GB/s", "vs xla", "mismatches"], rows))
+    finish_variants(result, args.out, "argmax_variants", ["shape", "variant", "us", "GB/s", "vs xla", "mismatches"], rows)
 
 
 if __name__ == "__main__":

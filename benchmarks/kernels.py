@@ -465,16 +465,20 @@ def new_variants_result(timer: str) -> dict:
             "jax": jax.__version__, "rows": []}
 
 
-def write_variants_result(result: dict, out: str | None, stem: str) -> None:
-    """A variants benchmark's ``result`` as ``<out>/<stem>_<git revision>.json`` (``out``
-    None: not written)."""
-    if not out:
-        return
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"{stem}_{result['git_revision']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+def finish_variants(result: dict, out: str | None, stem: str, headers: list[str],
+                    table: list[list]) -> None:
+    """A variants benchmark's end: ``result`` as ``<out>/<stem>_<git revision>.json`` (``out``
+    None: not written), then the card and the table on the console."""
+    from jaxpaged.bench_common import format_table
+
+    if out:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"{stem}_{result['git_revision']}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print("wrote", path)
+    print(f"{result['card']}, timer {result['timer']}, git {result['git_revision']}")
+    print(format_table(headers, table))
 
 
 def write_reports(results: dict, out_dirs: list[str]) -> None:
