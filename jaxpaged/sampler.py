@@ -18,6 +18,7 @@ Padded rows are greedy no-ops: temperature 0, no penalties, nothing suppressed.
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.sampling_params import _SAMPLING_EPS, MAX_LOGPROBS, SamplingParams
-from jaxpaged.settings import on_for_gpu
+from jaxpaged.settings import switch
 from pallas_kernels import argmax_rows
 
 # Width of `suppressed_token_ids`: EOS plus stop_token_ids of a request still under min_tokens.
@@ -190,12 +191,21 @@ def sample(logits: jax.Array, md: SamplingMetadata, return_logits: bool = False,
     return (out, suppressed_logits) if return_logits else out
 
 
+def use_argmax_kernel() -> bool:
+    """JAXPAGED_ARGMAX_KERNEL: "1"/"0" force it; unset, on for a process with one GPU. With
+    several devices (tensor parallelism) XLA's argmax stays: the kernel has no partitioning
+    rule and was not measured there."""
+    if os.environ.get("JAXPAGED_ARGMAX_KERNEL") is None:
+        return jax.default_backend() == "gpu" and jax.device_count() == 1
+    return switch("JAXPAGED_ARGMAX_KERNEL", False, " (unset: on for one GPU)")
+
+
 def greedy_tokens(logits: jax.Array) -> jax.Array:
-    """The first index of each row's maximum, as ``jnp.argmax``. On a GPU (or with
-    JAXPAGED_ARGMAX_KERNEL=1) through ``pallas_kernels.argmax_rows``, which splits each row
-    over many programs: XLA's argmax of a batch-256 step's [256, 128256] logits ran at 2.05
-    TB/s on an H100, the kernel at ~2.4 (benchmarks/argmax_variants.py)."""
-    if on_for_gpu("JAXPAGED_ARGMAX_KERNEL"):
+    """The first index of each row's maximum, as ``jnp.argmax``; through
+    ``pallas_kernels.argmax_rows``, which splits each row over many programs, where
+    ``use_argmax_kernel``: on an H100, XLA's argmax of a batch-256 step's [256, 128256] logits
+    took 34 us and the kernel 28 (benchmarks/argmax_variants.py)."""
+    if use_argmax_kernel():
         return argmax_rows(logits)
     return jnp.argmax(logits, axis=-1)
 

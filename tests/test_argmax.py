@@ -128,3 +128,19 @@ def test_sampler_greedy_tokens_through_the_kernel(monkeypatch, penalties):
         assert ("argmax_rows" in str(jax.make_jaxpr(fresh)(logits, md))) == (setting == "1")
         tokens[setting] = np.asarray(jax.jit(fresh)(logits, md).sampled_token_ids)
     np.testing.assert_array_equal(tokens["1"], tokens["0"])
+
+
+def test_the_switch(monkeypatch):
+    """Unset: on only for a process with one GPU (here, a CPU: off); 1 / 0 force it; anything
+    else is an error naming the variable."""
+    from jaxpaged.sampler import use_argmax_kernel
+
+    monkeypatch.delenv("JAXPAGED_ARGMAX_KERNEL", raising=False)
+    assert use_argmax_kernel() is (jax.default_backend() == "gpu" and jax.device_count() == 1)
+    monkeypatch.setenv("JAXPAGED_ARGMAX_KERNEL", "1")
+    assert use_argmax_kernel()
+    monkeypatch.setenv("JAXPAGED_ARGMAX_KERNEL", "0")
+    assert not use_argmax_kernel()
+    monkeypatch.setenv("JAXPAGED_ARGMAX_KERNEL", "yes")
+    with pytest.raises(ValueError, match="JAXPAGED_ARGMAX_KERNEL"):
+        use_argmax_kernel()
