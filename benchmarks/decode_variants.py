@@ -87,6 +87,7 @@ VARIANTS = {
     # Block tables as wide as the engine's (max_model_len / block size = 512 columns; the pages
     # past a sequence's context point at page 0).
     "tile_wide_table": dict(block_n="engine", table_width=512),
+    "tile_wider_table": dict(block_n="engine", table_width=8192),  # max_model_len 131072
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
 INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm", "table_width")

@@ -19,8 +19,10 @@ Design (after vLLM's unified attention and FlashDecoding):
   one register too many for 8 programs an SM.
 - Pages are followed at token granularity: each of the ``block_n`` keys of a tile looks up its
   page in the block table, so any block size works and a tile may span several pages.
-- When S * K programs cannot fill the GPU, the KV length is split across ``splits`` programs;
-  each writes its normalised partial output and base-2 log-sum-exp, merged afterwards.
+- When S * K programs cannot fill the GPU, the KV length is split across ``splits`` programs,
+  each taking an equal share of the step's longest row (not of the block table's width, which
+  follows max_model_len); each writes its normalised partial output and base-2 log-sum-exp,
+  merged afterwards.
 - All loads and stores use integer-array indexers so that masked accesses behave the same in
   the interpreter and on the GPU: masked keys read as 0 and never touch unused cache slots,
   which may hold anything (NaN in the tests).
@@ -133,7 +135,8 @@ def _decode_kernel(
     v_ref,  # [P*B*K, H]
     bt_ref,  # i32[S*max_blocks]
     lens_ref,  # i32[S]
-    *refs,  # [cos, sin f32[S, H] with rope], [new k, new v [S*K, H], slots i32[S] with write],
+    *refs,  # [i32[1] tokens a split when split], [cos, sin f32[S, H] with rope],
+    #         [new k, new v [S*K, H], slots i32[S] with write],
     #         o [S*N, H] or f32[splits*S*N, H], [lse when split], [k, v caches out with write]
     rope: bool,
     write: bool,
@@ -146,7 +149,7 @@ def _decode_kernel(
     block_size: int,
     max_blocks: int,
     block_n: int,
-    split_tokens: int,
+    split_tokens: int | None,
     heads_fastest: bool,
 ):
     if heads_fastest:
@@ -158,6 +161,8 @@ def _decode_kernel(
     cols = jnp.arange(head_dim)[None, :]
 
     refs = list(refs)
+    if split_tokens is None:  # split: the tokens a split covers, from this step's longest row
+        split_tokens = refs.pop(0)[0]
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
     kn_ref, vn_ref, slot_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if write else (None,) * 3
     ko_ref, vo_ref = (refs.pop(-2), refs.pop(-1)) if write else (None, None)
@@ -309,7 +314,14 @@ def paged_decode_attention_tuned(
     max_tokens = max_blocks * block_size
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, block_n)
-    split_tokens = pl.cdiv(pl.cdiv(max_tokens, num_splits), block_n) * block_n
+    # Split, each split covers a share of this step's longest row, not of the table's width: a
+    # table sized for a long max_model_len would otherwise leave most splits empty and the
+    # rows' tokens in a few programs.
+    split_len = ()
+    if num_splits > 1:
+        longest = jnp.max(kv_lens.astype(jnp.int32))
+        per_split = (longest + num_splits - 1) // num_splits
+        split_len = (jnp.reshape((per_split + block_n - 1) // block_n * block_n, (1,)),)
 
     kernel = functools.partial(
         _decode_kernel,
@@ -324,7 +336,7 @@ def paged_decode_attention_tuned(
         block_size=block_size,
         max_blocks=max_blocks,
         block_n=block_n,
-        split_tokens=split_tokens,
+        split_tokens=None if num_splits > 1 else max_tokens,
         heads_fastest=heads_fastest,
     )
     rows = num_seqs * num_heads
@@ -358,6 +370,7 @@ def paged_decode_attention_tuned(
         flat_v,
         block_tables.astype(jnp.int32).reshape(-1),
         kv_lens.astype(jnp.int32),
+        *split_len,
         *tables,
         *new_kv,
     )

@@ -60,6 +60,25 @@ def test_kv_splits_merge(num_splits):
     run_case(7, [1, 33, 150, 0], 4, 2, 64, 16, jnp.float32, num_splits=num_splits, block_n=16)
 
 
+@pytest.mark.parametrize("num_splits", [3, 8])
+def test_splits_share_the_longest_row_not_the_table(num_splits):
+    """A table far wider than the rows (as a long max_model_len makes it): the splits divide the
+    step's longest row between them (150 tokens: 8 splits of 32), not the table's 3,360 slots,
+    and the merge is exact."""
+    rng = np.random.default_rng(11)
+    kv_lens = [150, 7, 0, 64]
+    k_cache, v_cache, tables = make_paged_cache(rng, kv_lens, 16, 2, 64, jnp.float32,
+                                                extra_cols=200)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), 8, 64)), jnp.float32)
+    lens = jnp.asarray(kv_lens, jnp.int32)
+    poison_device_memory()
+    out = paged_decode_attention_tuned(q, k_cache, v_cache, tables, lens, num_splits=num_splits,
+                                       block_n=16)
+    assert_close(out, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens),
+                 jnp.float32)
+    assert (np.asarray(out)[2] == 0).all(), "padded rows must be exactly 0"
+
+
 def test_default_tile_by_head_dim_and_its_override(monkeypatch):
     monkeypatch.delenv("JAXPAGED_DECODE_BLOCK_N", raising=False)
     assert (default_block_n(64), default_block_n(128)) == (32, 64)
@@ -154,14 +173,15 @@ def test_property_random_shapes(kv_lens, group, num_kv_heads, block_size, dtype,
     run_case(seed, kv_lens, group, num_kv_heads, 64, block_size, dtype)
 
 
-def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, group=4, block_size=16):
+def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, group=4, block_size=16,
+                      extra_cols=1):
     """Caches, tables, q, lengths, rope tables and this step's (k, v, slots): the slot of each
     sequence's last position, -1 for padded rows and for the rows in ``frozen`` (which read their
     last position from the cache). The slots to be written hold NaN, so a kernel that read
     them instead of its registers would show it."""
     rng = np.random.default_rng(seed)
     k_cache, v_cache, block_tables = make_paged_cache(rng, kv_lens, block_size, num_kv_heads,
-                                                      head_dim, dtype)
+                                                      head_dim, dtype, extra_cols)
     lens = np.asarray(kv_lens)
     last = np.maximum(lens - 1, 0)
     slots = np.asarray(block_tables)[np.arange(len(lens)), last // block_size] * block_size + last % block_size
@@ -177,14 +197,17 @@ def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, gr
             (k_new, v_new, jnp.asarray(slots)))
 
 
-@pytest.mark.parametrize("head_dim,dtype,with_rope,num_splits", [
-    (64, jnp.bfloat16, True, 1), (128, jnp.float32, False, 1), (64, jnp.float32, True, 3),
-    (128, jnp.bfloat16, True, 5)])
-def test_write_inside_the_kernel_matches_write_then_attend(head_dim, dtype, with_rope, num_splits):
+@pytest.mark.parametrize("head_dim,dtype,with_rope,num_splits,extra_cols", [
+    (64, jnp.bfloat16, True, 1, 1), (128, jnp.float32, False, 1, 1), (64, jnp.float32, True, 3, 1),
+    (128, jnp.bfloat16, True, 5, 1), (64, jnp.float32, True, 4, 60)])
+def test_write_inside_the_kernel_matches_write_then_attend(head_dim, dtype, with_rope, num_splits,
+                                                           extra_cols):
     # Last positions: first of a page, last of a page, mid-page, deep in a long sequence (and in
-    # different splits); a frozen row (no slot, reads its cache); a padded row.
+    # different splits); a frozen row (no slot, reads its cache); a padded row. extra_cols: a
+    # table far wider than the rows, whose splits share the longest row.
     q, k_cache, v_cache, tables, lens, rope, write = _fused_write_case(
-        21, [1, 16, 17, 83, 40, 0], frozen=[4], head_dim=head_dim, dtype=dtype)
+        21, [1, 16, 17, 83, 40, 0], frozen=[4], head_dim=head_dim, dtype=dtype,
+        extra_cols=extra_cols)
     rope = rope if with_rope else None
     poison_device_memory()
     out, k_out, v_out = paged_decode_attention_tuned(q, k_cache, v_cache, tables, lens, rope, write,
