@@ -91,7 +91,8 @@ def main() -> None:
             rows.append([model, name, f"{row['us']:.2f}", f"{row['GBps']:.0f}",
                          f"{row['vs_xla']:.2f}", f"{row['max_abs_err']:.3g}"])
             print(f"{model} {name}: {row['us']:.2f} us", flush=True)
-    finish_variants(result, args.out, "add_rms_norm_variants", ["model", "variant", "us", "GB/s", "vs xla", "max abs err"], rows)
+    finish_variants(result, args.out, "add_rms_norm_variants",
+                    ["model", "variant", "us", "GB/s", "vs xla", "max abs err"], rows)
 
 
 if __name__ == "__main__":

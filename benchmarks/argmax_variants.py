@@ -93,7 +93,8 @@ def main() -> None:
             rows.append([shape_name, name, f"{row['us']:.2f}", f"{row['GBps']:.0f}",
                          f"{row['vs_xla']:.2f}", row["mismatches"]])
             print(f"{shape_name} {name}: {row['us']:.2f} us", flush=True)
-    finish_variants(result, args.out, "argmax_variants", ["shape", "variant", "us", "GB/s", "vs xla", "mismatches"], rows)
+    finish_variants(result, args.out, "argmax_variants",
+                    ["shape", "variant", "us", "GB/s", "vs xla", "mismatches"], rows)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ VARIANTS = {
     "tile_wider_table": dict(block_n="engine", table_width=8192),  # max_model_len 131072
     "pool_big_spread": dict(pool_gib="big", spread=True),
 }
-INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm", "table_width")
+INPUT_OPTIONS = ("rope", "pool_gib", "spread", "contiguous", "window", "scatter", "after_gemm",
+                 "table_width")
 
 
 def variant_fn(params: dict, head_dim: int):

@@ -34,7 +34,7 @@ from pallas_kernels.paged_decode_attention import (  # noqa: E402
     paged_decode_attention_tuned,
 )
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_tuned  # noqa: E402
-from jaxpaged.bench_common import git_revision  # noqa: E402
+from jaxpaged.bench_common import format_table, git_revision  # noqa: E402
 
 BLOCK = 16
 HEAD_DIM = 128
@@ -62,9 +62,9 @@ TIMER_DESCRIPTIONS = {
 }
 
 
-def device_seconds(fn, args, reps: int) -> float:
-    """Device kernel time (seconds, summed over every kernel; memcpy and memset excluded) of
-    ``reps`` runs of ``fn(*args)``, from a JAX profiler trace."""
+def traced_kernel_seconds(run) -> dict[str, float]:
+    """The device's kernel time (seconds) by kernel name while ``run()`` runs under a JAX
+    profiler trace; memcpy and memset excluded."""
     import tempfile
 
     from device_profile import kernel_times
@@ -72,13 +72,21 @@ def device_seconds(fn, args, reps: int) -> float:
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         try:
-            for _ in range(reps):
-                jax.block_until_ready(fn(*args))
+            run()
         finally:
             jax.profiler.stop_trace()
         seconds, _, _, _ = kernel_times(trace_dir)
-    return sum(t for name, t in seconds.items() if not name.startswith(("Memcpy", "Memset"))
-               and (DEVICE_KERNEL_PREFIX is None or name.startswith(DEVICE_KERNEL_PREFIX)))
+    return {name: t for name, t in seconds.items() if not name.startswith(("Memcpy", "Memset"))}
+
+
+def device_seconds(fn, args, reps: int) -> float:
+    """Device kernel time (seconds, summed over every kernel, or those DEVICE_KERNEL_PREFIX
+    names) of ``reps`` runs of ``fn(*args)``."""
+    def run():
+        for _ in range(reps):
+            jax.block_until_ready(fn(*args))
+    return sum(t for name, t in traced_kernel_seconds(run).items()
+               if DEVICE_KERNEL_PREFIX is None or name.startswith(DEVICE_KERNEL_PREFIX))
 
 
 def time_jax(step, x0, shared=(), sets=((),), reps: int = 10, min_calls: int = 8) -> float:
@@ -459,8 +467,6 @@ def new_variants_result(timer: str) -> dict:
     the timer (TIMER) for time_jax too."""
     global TIMER
     TIMER = timer
-    from jaxpaged.bench_common import git_revision
-
     return {"card": card_name(), "git_revision": git_revision(), "timer": timer,
             "jax": jax.__version__, "rows": []}
 
@@ -469,8 +475,6 @@ def finish_variants(result: dict, out: str | None, stem: str, headers: list[str]
                     table: list[list]) -> None:
     """A variants benchmark's end: ``result`` as ``<out>/<stem>_<git revision>.json`` (``out``
     None: not written), then the card and the table on the console."""
-    from jaxpaged.bench_common import format_table
-
     if out:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, f"{stem}_{result['git_revision']}.json")

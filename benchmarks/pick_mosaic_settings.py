@@ -18,7 +18,7 @@ import sys
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stacked_matmul import LAUNCHES, MODELS, SMALL_MODELS  # noqa: E402
+from stacked_matmul import LAUNCHES, MODELS, SMALL_MODELS, weight_dims  # noqa: E402
 
 from pallas_kernels.stacked_matmul_mgpu import mosaic_settings  # noqa: E402
 
@@ -27,10 +27,9 @@ SHAPES = {**MODELS, **SMALL_MODELS}
 
 
 def launch_shape(model: str, launch: str) -> tuple[int, list[int], bool]:
-    shape = SHAPES[model]
-    d_in, names, epilogue = LAUNCHES[launch]
-    widths = {"q": "Q", "k": "KV", "v": "KV", "o": "D", "gate": "F", "up": "F", "down": "D"}
-    return shape[d_in], [shape[widths[n]] for n in names], epilogue == "silu_mul"
+    dims = weight_dims(SHAPES[model])
+    _, names, epilogue = LAUNCHES[launch]
+    return dims[names[0]][0], [dims[n][1] for n in names], epilogue == "silu_mul"
 
 
 def charged_ms(row: dict) -> float:

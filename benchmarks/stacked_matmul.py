@@ -171,10 +171,15 @@ MGPU_WS_SWEEP = [
 VARIANTS = ("xla-scan", "xla-unroll", "stacked", "fused", "launch")
 
 
+def weight_dims(shape: dict) -> dict[str, tuple[int, int]]:
+    """Each projection's (D_in, D_out) for a MODELS entry."""
+    D, F, Q, KV = (shape[k] for k in ("D", "F", "Q", "KV"))
+    return dict(q=(D, Q), k=(D, KV), v=(D, KV), o=(Q, D), gate=(D, F), up=(D, F), down=(F, D))
+
+
 def make_weights(shape: dict, dtype, seed: int = 0) -> dict[str, jax.Array]:
     """The stacks [L, D_in, D_out], drawn on the device (14 GB for llama-3.1-8b)."""
-    L, D, F, Q, KV = (shape[k] for k in ("L", "D", "F", "Q", "KV"))
-    dims = dict(q=(D, Q), k=(D, KV), v=(D, KV), o=(Q, D), gate=(D, F), up=(D, F), down=(F, D))
+    L, dims = shape["L"], weight_dims(shape)
     keys = jax.random.split(jax.random.key(seed), len(NAMES))
     return {n: jax.jit(lambda key, s=dims[n]: (jax.random.normal(key, (L, *s), jnp.float32)
                                                * s[0] ** -0.5).astype(dtype))(k)
@@ -375,26 +380,21 @@ def device_time_calls(fn, x, calls: int, reps: int = 3) -> tuple[float, float]:
     the launch gaps, and without what the benchmark adds around the launches (the row mean that
     chains the layers, XLA's sum of split partials, which the engine's add_rms_norm reads
     instead)."""
-    import tempfile
-
-    from device_profile import kernel_times
+    from kernels import traced_kernel_seconds
 
     jax.block_until_ready(fn(x))
     t_end = time.perf_counter() + 0.1  # clocks up, as kernels.time_jax
     while time.perf_counter() < t_end:
         jax.block_until_ready(fn(x))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        try:
-            for _ in range(reps):
-                y = x
-                for _ in range(calls):
-                    y = fn(y)
-                jax.block_until_ready(y)
-        finally:
-            jax.profiler.stop_trace()
-        seconds, _, _, _ = kernel_times(trace_dir)
-    kernels = {k: v for k, v in seconds.items() if not k.startswith(("Memcpy", "Memset"))}
+
+    def run():
+        for _ in range(reps):
+            y = x
+            for _ in range(calls):
+                y = fn(y)
+            jax.block_until_ready(y)
+
+    kernels = traced_kernel_seconds(run)
     matmul = sum(v for k, v in kernels.items() if k.startswith("stacked_matmul"))
     if not matmul:
         raise RuntimeError("the trace holds no stacked_matmul kernel (the device timer needs a "

@@ -18,7 +18,6 @@ Padded rows are greedy no-ops: temperature 0, no penalties, nothing suppressed.
 
 import dataclasses
 import itertools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -195,9 +194,9 @@ def use_argmax_kernel() -> bool:
     """JAXPAGED_ARGMAX_KERNEL: "1"/"0" force it; unset, on for a process with one GPU. With
     several devices (tensor parallelism) XLA's argmax stays: the kernel has no partitioning
     rule and was not measured there."""
-    if os.environ.get("JAXPAGED_ARGMAX_KERNEL") is None:
-        return jax.default_backend() == "gpu" and jax.device_count() == 1
-    return switch("JAXPAGED_ARGMAX_KERNEL", False, " (unset: on for one GPU)")
+    return switch("JAXPAGED_ARGMAX_KERNEL",
+                  lambda: jax.default_backend() == "gpu" and jax.device_count() == 1,
+                  " (unset: on for one GPU)")
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:

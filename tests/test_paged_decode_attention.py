@@ -173,8 +173,8 @@ def test_property_random_shapes(kv_lens, group, num_kv_heads, block_size, dtype,
     run_case(seed, kv_lens, group, num_kv_heads, 64, block_size, dtype)
 
 
-def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, group=4, block_size=16,
-                      extra_cols=1):
+def _fused_write_case(seed, kv_lens, frozen, head_dim, dtype, num_kv_heads=2, group=4,
+                      block_size=16, extra_cols=1):
     """Caches, tables, q, lengths, rope tables and this step's (k, v, slots): the slot of each
     sequence's last position, -1 for padded rows and for the rows in ``frozen`` (which read their
     last position from the cache). The slots to be written hold NaN, so a kernel that read
