@@ -19,6 +19,11 @@ difference, and the host's time to dispatch a forward stayed ~1.25 ms with them
 XLA reads XLA_FLAGS once, when JAX first creates a backend: importing jaxpaged before any JAX
 computation runs applies them. Flags already in XLA_FLAGS are left as they are;
 JAXPAGED_XLA_FLAGS=0 adds none. They affect the whole process (every jitted function).
+
+JAXPAGED_COMMAND_BUFFERS picks XLA's command buffers (CUDA graphs) for measurements: `xla`
+(default) leaves XLA's own choice, `none` turns them off, `all` records every kind of thunk XLA
+can (loops and conditionals too) with no minimum graph size. Like the defaults, it adds its
+flags only where XLA_FLAGS does not set them.
 """
 
 import os
@@ -26,6 +31,14 @@ import os
 DEFAULT_XLA_FLAGS = {
     "xla_gpu_enable_dynamic_slice_fusion": "true",
     "xla_gpu_enable_triton_gemm": "false",
+}
+
+COMMAND_BUFFER_FLAGS = {
+    "xla": {},
+    "none": {"xla_gpu_enable_command_buffer": ""},
+    "all": {"xla_gpu_enable_command_buffer":
+            "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+            "xla_gpu_graph_min_graph_size": "1"},
 }
 
 
@@ -37,8 +50,13 @@ def apply_default_xla_flags(environ=os.environ) -> list[str]:
         raise ValueError(f"JAXPAGED_XLA_FLAGS={setting!r}; allowed: 0, 1")
     if setting == "0":
         return []
+    buffers = environ.get("JAXPAGED_COMMAND_BUFFERS", "xla")
+    if buffers not in COMMAND_BUFFER_FLAGS:
+        raise ValueError(f"JAXPAGED_COMMAND_BUFFERS={buffers!r}; allowed: "
+                         + ", ".join(COMMAND_BUFFER_FLAGS))
     current = environ.get("XLA_FLAGS", "")
-    added = [f"--{name}={value}" for name, value in DEFAULT_XLA_FLAGS.items()
+    wanted = {**DEFAULT_XLA_FLAGS, **COMMAND_BUFFER_FLAGS[buffers]}
+    added = [f"--{name}={value}" for name, value in wanted.items()
              if f"--{name}=" not in current and f"--{name} " not in f"{current} "]
     if added:
         environ["XLA_FLAGS"] = " ".join([current, *added]).strip()

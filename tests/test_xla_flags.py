@@ -34,3 +34,16 @@ def test_importing_jaxpaged_sets_them_before_jax_starts():
         env=env, capture_output=True, text=True, check=True).stdout
     for name, value in DEFAULT_XLA_FLAGS.items():
         assert f"--{name}={value}" in out
+
+
+def test_command_buffer_presets():
+    env = {"JAXPAGED_COMMAND_BUFFERS": "all"}
+    added = apply_default_xla_flags(env)
+    assert "--xla_gpu_graph_min_graph_size=1" in added
+    assert any(f.startswith("--xla_gpu_enable_command_buffer=") and "WHILE" in f for f in added)
+    env = {"JAXPAGED_COMMAND_BUFFERS": "none", "XLA_FLAGS": "--xla_gpu_graph_min_graph_size=3"}
+    assert "--xla_gpu_enable_command_buffer=" in apply_default_xla_flags(env)
+    assert "--xla_gpu_graph_min_graph_size=3" in env["XLA_FLAGS"]
+    assert apply_default_xla_flags({}) == [f"--{k}={v}" for k, v in DEFAULT_XLA_FLAGS.items()]
+    with pytest.raises(ValueError, match="JAXPAGED_COMMAND_BUFFERS"):
+        apply_default_xla_flags({"JAXPAGED_COMMAND_BUFFERS": "some"})
