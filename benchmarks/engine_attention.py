@@ -16,7 +16,9 @@ page pools, against variants that each change one thing:
 - ``shuffled``: the same pages, dealt at random over the rows' positions;
 - ``compact`` / ``compact_shuffled``: the pages copied into a fresh pool just large enough, in
   the engine's order / shuffled (the kernel benchmark's setting);
-- ``uniform``: every row at the mean length (as the benchmark's batch).
+- ``uniform``: every row at the mean length (as the benchmark's batch);
+- ``nostore``: the engine's call with the KV write's two stores dropped at trace time (wrong
+  caches; tells the stores' cost from the rest of the write's).
 
     python benchmarks/engine_attention.py --out $OUT      # on a GPU; --layer picks the call
 
@@ -24,7 +26,8 @@ The first table row is the engine's in-situ time for the same launches (from the
 """
 
 import argparse
-import functools
+import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -42,9 +45,11 @@ import pallas_kernels  # noqa: E402
 from jaxpaged import LLM, SamplingParams  # noqa: E402
 from jaxpaged.bench_common import git_revision  # noqa: E402
 
+# The kernel's module (the package's attribute of that name is the function).
+pda = importlib.import_module("pallas_kernels.paged_decode_attention")
 KERNEL = "paged_decode_attention"
 VARIANTS = ("engine", "nowrite", "layer0", "narrow", "shuffled", "compact", "compact_shuffled",
-            "uniform")
+            "uniform", "nostore")
 _CAPTURED: list[dict] = []
 _CAPTURING = [False]
 
@@ -114,7 +119,7 @@ def make_variant(name: str, call: dict, k_pool, v_pool, num_blocks: int, block_s
     kw = dict(q=jnp.asarray(call["q"]), rope=tuple(map(jnp.asarray, call["rope"])))
     write = tuple(map(jnp.asarray, call["write"])) if call["write"] is not None else None
     rng = np.random.default_rng(3)
-    if name == "engine":
+    if name in ("engine", "nostore"):
         kw["write"] = write
     if name == "layer0":
         tables = tables - (tables[mask].min() // num_blocks) * num_blocks
@@ -137,17 +142,47 @@ def make_variant(name: str, call: dict, k_pool, v_pool, num_blocks: int, block_s
     return k_pool, v_pool, kw
 
 
-def timed_chain(calls: int):
+@contextlib.contextmanager
+def cache_stores_dropped(pool_rows: int):
+    """While tracing: the decode kernel's stores into a ref of ``pool_rows`` rows (the caches,
+    i.e. the KV write's) are dropped."""
+    original = pda.plt.store
+
+    def store(ref, *args, **kwargs):
+        base = getattr(ref, "ref", ref)
+        if getattr(base, "shape", (None,))[0] == pool_rows:
+            return None
+        return original(ref, *args, **kwargs)
+
+    pda.plt.store = store
+    try:
+        yield
+    finally:
+        pda.plt.store = original
+
+
+def timed_chain(calls: int, drop_stores: bool = False):
     """A jitted chain of ``calls`` kernel calls, each q the last output (a barrier between);
     the caches [L, P, B, K, H] are donated and returned (the KV write updates them in place),
-    seen by the kernel as one pool [L * P, B, K, H] as in the engine."""
+    seen by the kernel as one pool [L * P, B, K, H] as in the engine. ``drop_stores``: the
+    kernel traced with ``cache_stores_dropped``."""
+    def attend(q, k_pool, v_pool, block_tables, kv_lens, rope, write):
+        if not drop_stores:
+            return pallas_kernels.paged_decode_attention(
+                q, k_pool, v_pool, block_tables, kv_lens, rope, write)
+        pool_rows = k_pool.shape[0] * k_pool.shape[1] * k_pool.shape[2]
+        with cache_stores_dropped(pool_rows):  # traced afresh (not the jitted entry's cache)
+            return pda.paged_decode_attention_tuned.__wrapped__(
+                q, k_pool, v_pool, block_tables, kv_lens, rope, write, sm_scale=None,
+                interpret=False, block_n=pda.default_block_n(q.shape[-1]), num_splits=None,
+                num_warps=4, num_stages=2, heads_fastest=True)
+
     def chain(k_cache, v_cache, q, block_tables, kv_lens, rope, write):
         shape = k_cache.shape
         k_pool = k_cache.reshape(-1, *shape[2:])
         v_pool = v_cache.reshape(-1, *shape[2:])
         for _ in range(calls):
-            out = pallas_kernels.paged_decode_attention(
-                q, k_pool, v_pool, block_tables, kv_lens, rope, write)
+            out = attend(q, k_pool, v_pool, block_tables, kv_lens, rope, write)
             if write is not None:
                 out, k_pool, v_pool = out
             q = jax.lax.optimization_barrier(out.astype(q.dtype))
@@ -194,7 +229,7 @@ def main() -> None:
           f"{min(first_step):.1f}-{max(first_step):.1f} us (median "
           f"{statistics.median(first_step):.1f})")
     names = args.variants.split(",")
-    chain = timed_chain(args.calls)
+    chains = {False: timed_chain(args.calls), True: timed_chain(args.calls, drop_stores=True)}
     pools = (k_pool, v_pool)  # donated through each chain: always the latest arrays
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
@@ -204,9 +239,9 @@ def main() -> None:
 
             def run(kw=kw, state=state):
                 for _ in range(args.reps):
-                    state[0], state[1], _ = chain(state[0], state[1], kw["q"],
-                                                  kw["block_tables"], kw["kv_lens"],
-                                                  kw["rope"], kw.get("write"))
+                    state[0], state[1], _ = chains[n == "nostore"](
+                        state[0], state[1], kw["q"], kw["block_tables"], kw["kv_lens"],
+                        kw["rope"], kw.get("write"))
                 jax.block_until_ready(state)
 
             run()  # compile and warm
