@@ -18,7 +18,10 @@ page pools, against variants that each change one thing:
   the engine's order / shuffled (the kernel benchmark's setting);
 - ``uniform``: every row at the mean length (as the benchmark's batch);
 - ``nostore``: the engine's call with the KV write's two stores dropped at trace time (wrong
-  caches; tells the stores' cost from the rest of the write's).
+  caches; tells the stores' cost from the rest of the write's);
+- ``baseline``: the engine's call through another version of the kernel's module, loaded from
+  ``--baseline-module`` (e.g. the file at an older revision): an A/B of a kernel edit on the
+  engine's inputs in one process.
 
     python benchmarks/engine_attention.py --out $OUT      # on a GPU; --layer picks the call
 
@@ -28,6 +31,8 @@ The first table row is the engine's in-situ time for the same launches (from the
 import argparse
 import contextlib
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import statistics
@@ -119,7 +124,7 @@ def make_variant(name: str, call: dict, k_pool, v_pool, num_blocks: int, block_s
     kw = dict(q=jnp.asarray(call["q"]), rope=tuple(map(jnp.asarray, call["rope"])))
     write = tuple(map(jnp.asarray, call["write"])) if call["write"] is not None else None
     rng = np.random.default_rng(3)
-    if name in ("engine", "nostore"):
+    if name in ("engine", "nostore", "baseline"):
         kw["write"] = write
     if name == "layer0":
         tables = tables - (tables[mask].min() // num_blocks) * num_blocks
@@ -161,15 +166,23 @@ def cache_stores_dropped(pool_rows: int):
         pda.plt.store = original
 
 
-def timed_chain(calls: int, drop_stores: bool = False):
+def load_module(path: str, name: str):
+    """The Python module in the file at ``path`` (any suffix), imported as ``name``."""
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def timed_chain(calls: int, drop_stores: bool = False, module=None):
     """A jitted chain of ``calls`` kernel calls, each q the last output (a barrier between);
     the caches [L, P, B, K, H] are donated and returned (the KV write updates them in place),
     seen by the kernel as one pool [L * P, B, K, H] as in the engine. ``drop_stores``: the
-    kernel traced with ``cache_stores_dropped``."""
+    kernel traced with ``cache_stores_dropped``; ``module``: the kernel from that module."""
     def attend(q, k_pool, v_pool, block_tables, kv_lens, rope, write):
         if not drop_stores:
-            return pallas_kernels.paged_decode_attention(
-                q, k_pool, v_pool, block_tables, kv_lens, rope, write)
+            fn = (module or pda).paged_decode_attention
+            return fn(q, k_pool, v_pool, block_tables, kv_lens, rope, write)
         pool_rows = k_pool.shape[0] * k_pool.shape[1] * k_pool.shape[2]
         with cache_stores_dropped(pool_rows):  # traced afresh (not the jitted entry's cache)
             return pda.paged_decode_attention_tuned.__wrapped__(
@@ -206,6 +219,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--baseline-module", default=None,
+                   help="a version of pallas_kernels/paged_decode_attention.py (any file name) "
+                   "for the baseline variant")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     install_capture()
@@ -229,7 +245,11 @@ def main() -> None:
           f"{min(first_step):.1f}-{max(first_step):.1f} us (median "
           f"{statistics.median(first_step):.1f})")
     names = args.variants.split(",")
-    chains = {False: timed_chain(args.calls), True: timed_chain(args.calls, drop_stores=True)}
+    chains = {n: timed_chain(args.calls) for n in names}
+    chains["nostore"] = timed_chain(args.calls, drop_stores=True)
+    if args.baseline_module:
+        chains["baseline"] = timed_chain(
+            args.calls, module=load_module(args.baseline_module, "paged_decode_attention_baseline"))
     pools = (k_pool, v_pool)  # donated through each chain: always the latest arrays
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
@@ -239,7 +259,7 @@ def main() -> None:
 
             def run(kw=kw, state=state):
                 for _ in range(args.reps):
-                    state[0], state[1], _ = chains[n == "nostore"](
+                    state[0], state[1], _ = chains[n](
                         state[0], state[1], kw["q"], kw["block_tables"], kw["kv_lens"],
                         kw["rope"], kw.get("write"))
                 jax.block_until_ready(state)
