@@ -174,11 +174,22 @@ def _decode_kernel(
     def load_q(c):
         return plt.load(q_ref.at[q_rows[:, None], c], mask=row_ok[:, None], other=0.0)
 
+    # Every load of the prologue is issued before any arithmetic waits on one, so their
+    # latencies overlap instead of adding up before the loop's first loads.
+    swapped = jax.lax.rem(cols + head_dim // 2, head_dim)  # rotate-half's other half
     q = load_q(cols)
     if rope:  # at this sequence's position
+        q_swap = load_q(swapped)
         at_s = (jnp.zeros_like(cols) + s, cols)
         cos, sin = plt.load(cos_ref.at[at_s]), plt.load(sin_ref.at[at_s])
-        q = rotate_half_in_kernel(load_q, cols, cos, sin, q_ref.dtype, x=q)
+    if write:
+        new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
+        k_new = plt.load(kn_ref.at[new_at])  # [1, H]
+        k_swap = plt.load(kn_ref.at[new_at[0], swapped]) if rope else None
+        v_new = plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
+        slot = slot_ref[s]
+    if rope:
+        q = rotate_half_in_kernel(lambda _: q_swap, cols, cos, sin, q_ref.dtype, x=q)
 
     start = sp * split_tokens
     end = jnp.minimum(kv_len, start + split_tokens)
@@ -196,14 +207,9 @@ def _decode_kernel(
         # stop before that position, so no program reads a row while it is written. A row
         # without a slot (padding, or a row frozen in a multi-step window) reads its last
         # position from the cache as before.
-        new_at = (jnp.zeros_like(cols) + (s * num_kv_heads + kh), cols)
-        k_new = plt.load(kn_ref.at[new_at])  # [1, H]
         if rope:
-            k_new = rotate_half_in_kernel(lambda c: plt.load(kn_ref.at[new_at[0], c]), cols, cos,
-                                          sin, ko_ref.dtype, x=k_new)
+            k_new = rotate_half_in_kernel(lambda _: k_swap, cols, cos, sin, ko_ref.dtype, x=k_new)
         k_new = k_new.astype(ko_ref.dtype)
-        v_new = plt.load(vn_ref.at[new_at]).astype(vo_ref.dtype)
-        slot = slot_ref[s]
         last = kv_len - 1
         fresh = slot >= 0
         mine = fresh & (start <= last) & (last < start + split_tokens)
