@@ -19,6 +19,10 @@ page pools, against variants that each change one thing:
 - ``uniform``: every row at the mean length (as the benchmark's batch);
 - ``nostore``: the engine's call with the KV write's two stores dropped at trace time (wrong
   caches; tells the stores' cost from the rest of the write's);
+- ``after_qkv``: the engine's call, each after a q/k/v projection of the last call's output
+  (``stacked_matmul_fused`` as the model launches it, random [L, D, D_out] stacks read at
+  --layer) that gives it its q and the step's key and value: the launch in the order the
+  step's program runs it, still timed alone;
 - ``baseline``: the engine's call through another version of the kernel's module, loaded from
   ``--baseline-module`` (e.g. the file at an older revision): an A/B of a kernel edit on the
   engine's inputs in one process.
@@ -54,7 +58,7 @@ from jaxpaged.bench_common import git_revision  # noqa: E402
 pda = importlib.import_module("pallas_kernels.paged_decode_attention")
 KERNEL = "paged_decode_attention"
 VARIANTS = ("engine", "nowrite", "layer0", "narrow", "shuffled", "compact", "compact_shuffled",
-            "uniform", "nostore")
+            "uniform", "nostore", "after_qkv")
 _CAPTURED: list[dict] = []
 _CAPTURING = [False]
 
@@ -124,7 +128,7 @@ def make_variant(name: str, call: dict, k_pool, v_pool, num_blocks: int, block_s
     kw = dict(q=jnp.asarray(call["q"]), rope=tuple(map(jnp.asarray, call["rope"])))
     write = tuple(map(jnp.asarray, call["write"])) if call["write"] is not None else None
     rng = np.random.default_rng(3)
-    if name in ("engine", "nostore", "baseline"):
+    if name in ("engine", "nostore", "baseline", "after_qkv"):
         kw["write"] = write
     if name == "layer0":
         tables = tables - (tables[mask].min() // num_blocks) * num_blocks
@@ -174,11 +178,29 @@ def load_module(path: str, name: str):
     return module
 
 
-def timed_chain(calls: int, drop_stores: bool = False, module=None):
+def qkv_projection(num_layers: int, d_model: int, num_kv_heads: int, head_dim: int,
+                   layer: int):  # d_model: the attention output's width, N * H
+    """out [S, N, H] -> (q, k, v) through the model's q/k/v launch (random bf16 stacks)."""
+    keys = jax.random.split(jax.random.key(11), 3)
+    widths = (d_model, num_kv_heads * head_dim, num_kv_heads * head_dim)
+    ws = tuple(0.02 * jax.random.normal(k, (num_layers, d_model, w), jnp.bfloat16)
+               for k, w in zip(keys, widths))
+
+    def project(out):
+        x = out.reshape(out.shape[0], -1).astype(jnp.bfloat16)
+        q, k, v = pallas_kernels.stacked_matmul_fused(x, ws, jnp.int32(layer), kernel="auto")
+        return (q.reshape(out.shape), k.reshape(out.shape[0], num_kv_heads, head_dim),
+                v.reshape(out.shape[0], num_kv_heads, head_dim))
+
+    return project
+
+
+def timed_chain(calls: int, drop_stores: bool = False, module=None, before=None):
     """A jitted chain of ``calls`` kernel calls, each q the last output (a barrier between);
     the caches [L, P, B, K, H] are donated and returned (the KV write updates them in place),
     seen by the kernel as one pool [L * P, B, K, H] as in the engine. ``drop_stores``: the
-    kernel traced with ``cache_stores_dropped``; ``module``: the kernel from that module."""
+    kernel traced with ``cache_stores_dropped``; ``module``: the kernel from that module;
+    ``before``: out -> (q, k, v) between calls (the write's key and value from it too)."""
     def attend(q, k_pool, v_pool, block_tables, kv_lens, rope, write):
         if not drop_stores:
             fn = (module or pda).paged_decode_attention
@@ -198,6 +220,10 @@ def timed_chain(calls: int, drop_stores: bool = False, module=None):
             out = attend(q, k_pool, v_pool, block_tables, kv_lens, rope, write)
             if write is not None:
                 out, k_pool, v_pool = out
+            if before is not None:
+                q, k_new, v_new = before(out)
+                write = None if write is None else (k_new, v_new, write[2])
+                continue
             q = jax.lax.optimization_barrier(out.astype(q.dtype))
         return k_pool.reshape(shape), v_pool.reshape(shape), q
 
@@ -247,6 +273,10 @@ def main() -> None:
     names = args.variants.split(",")
     chains = {n: timed_chain(args.calls) for n in names}
     chains["nostore"] = timed_chain(args.calls, drop_stores=True)
+    if "after_qkv" in names:
+        _, num_heads, head_dim = call["q"].shape
+        chains["after_qkv"] = timed_chain(args.calls, before=qkv_projection(
+            layers, num_heads * head_dim, k_pool.shape[-2], head_dim, args.layer))
     if args.baseline_module:
         chains["baseline"] = timed_chain(
             args.calls, module=load_module(args.baseline_module, "paged_decode_attention_baseline"))
