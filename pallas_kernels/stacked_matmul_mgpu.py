@@ -186,8 +186,7 @@ def _kernel(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, 
 
 def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[int, ...],
                silu_mul: bool, m_tiles: int, block_m: int, block_n: int, block_k: int,
-               k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple,
-               paired: bool = False):
+               k_steps: int, steps: int, splits: int, x_transforms: tuple, w_transforms: tuple):
     """Warp-specialized: a memory warpgroup issues the TMA copies, two compute warpgroups each
     multiply half of the tile's ``block_m`` rows by the same weight tile (read once a tile).
     With D_in split (splits > 1) a tile covers k_steps of its split's D_in and stores its f32
@@ -195,10 +194,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
     w_refs, o_refs = refs[:num_weights], refs[num_weights:]
     layer = layer_gmem[0]
     wg_m = block_m // 2
-    # paired: one stack whose column blocks hold gate's block_n / 2 columns, then up's (see
-    # pair_gate_up), multiplied by one wgmma of block_n columns a step.
-    tile_weights = 2 if silu_mul and not paired else 1
-    out_n = block_n // 2 if paired else block_n
+    tile_weights = 2 if silu_mul else 1
     delay = 1 if steps > 1 else 0
 
     def make_pipeline(body, compute_context):
@@ -224,7 +220,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
     o_dtype = o_refs[0].dtype
 
     @functools.partial(pl.run_scoped, allocations=allocations,
-                       o_smem=plgpu.SMEM((2, wg_m, out_n), o_dtype), collective_axes="wg")
+                       o_smem=plgpu.SMEM((2, wg_m, block_n), o_dtype), collective_axes="wg")
     def _scope(allocations, o_smem):
         wg = lax.axis_index("wg")
 
@@ -235,10 +231,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
             def compute_context(eval_pipeline):
                 def acc_scope(*accs):
                     eval_pipeline(accs)
-                    if paired:
-                        both = accs[0][...]
-                        value = silu_mul_epilogue(both[:, :out_n], both[:, out_n:], o_dtype)
-                    elif silu_mul:
+                    if silu_mul:
                         value = silu_mul_epilogue(accs[0][...], accs[1][...], o_dtype)
                     else:
                         value = accs[0][...]
@@ -246,7 +239,7 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
                         o_smem.at[wg],
-                        o_ref.at[pl.ds(row0, wg_m), pl.ds(nb * out_n, out_n)])
+                        o_ref.at[pl.ds(row0, wg_m), pl.ds(nb * block_n, block_n)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
                 pl.run_scoped(acc_scope, *(plgpu.ACC((wg_m, block_n))
@@ -305,16 +298,10 @@ def stacked_matmul_mgpu(
     ``sum_partials=False`` returns those partials instead, f32 [num_splits, T', D_out_i] with T'
     the row count padded to ``block_m`` (rows past T are padding), for a consumer that adds
     them itself (``pallas_kernels.add_rms_norm``)."""
-    paired = epilogue == "silu_mul_paired"
-    if paired:
-        if len(ws) != 1 or not warp_specialized or num_splits != 1:
-            raise ValueError("epilogue='silu_mul_paired' takes one stack (pair_gate_up's) and "
-                             "warp_specialized=True, unsplit")
-    else:
-        check_epilogue(ws, epilogue)
+    check_epilogue(ws, epilogue)
     ws = tuple(ws)
     check_stacks(x, ws, layer)
-    silu_mul = epilogue in ("silu_mul", "silu_mul_paired")
+    silu_mul = epilogue == "silu_mul"
     dtypes = {jnp.dtype(a.dtype) for a in (x, *ws)}
     if dtypes - {jnp.dtype(jnp.bfloat16)} and dtypes - {jnp.dtype(jnp.float16)}:
         raise ValueError(f"x and the stacks must all be bfloat16 or all float16 (wgmma); got "
@@ -331,7 +318,7 @@ def stacked_matmul_mgpu(
                          f"(wgmma rows; warp_specialized={warp_specialized})")
     block_m = min(block_m, _round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
-    block_n = fit_block(block_n, math.gcd(*d_outs), 16 if paired else 8, "D_out", "wgmma's N")
+    block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
     k_steps = d_in // block_k
     if num_splits > 1 and silu_mul:
@@ -350,16 +337,14 @@ def stacked_matmul_mgpu(
         k_steps=k_steps // num_splits, steps=min(max_concurrent_steps, k_steps // num_splits),
         splits=num_splits,
         x_transforms=_smem_transforms(block_k, x.dtype.itemsize, swizzle),
-        w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle),
-        **(dict(paired=True) if paired else {}))
+        w_transforms=_smem_transforms(block_n, ws[0].dtype.itemsize, swizzle))
     out_dtype = jnp.float32 if num_splits > 1 else x.dtype
-    out_shapes = [jax.ShapeDtypeStruct((num_splits * padded, d // 2 if paired else d), out_dtype)
+    out_shapes = [jax.ShapeDtypeStruct((num_splits * padded, d), out_dtype)
                   for d in d_outs[:len(col_blocks)]]
     interpret_params = _interpret_params(interpret)
     programs = 4 if interpret_params else _num_sms() * programs_per_sm
     # The shape in the name tells a device profile's launches apart (q/k/v, o, down).
-    name = (f"stacked_matmul_mgpu{'_silu_mul' if silu_mul else ''}{'_paired' if paired else ''}"
-            f"_{d_in}x{sum(d_outs)}")
+    name = f"stacked_matmul_mgpu{'_silu_mul' if silu_mul else ''}_{d_in}x{sum(d_outs)}"
     if num_splits > 1:
         name += f"_split{num_splits}"
     outs = plgpu.kernel(
@@ -381,19 +366,6 @@ def stacked_matmul_mgpu(
     elif padded != num_tokens:
         outs = tuple(o[:num_tokens] for o in outs)
     return outs[0] if silu_mul else tuple(outs)
-
-
-def pair_gate_up(gate: jax.Array, up: jax.Array, block_n: int) -> jax.Array:
-    """gate, up [L, D_in, F] -> one [L, D_in, 2F] stack for ``epilogue="silu_mul_paired"`` with
-    that ``block_n``: each block of block_n columns holds block_n / 2 of gate's, then up's."""
-    half = block_n // 2
-    L, d_in, f = gate.shape
-    if up.shape != gate.shape or block_n % 2 or f % half:
-        raise ValueError(f"gate and up must be one shape with F a multiple of block_n / 2; got "
-                         f"{gate.shape}, {up.shape}, block_n={block_n}")
-    pairs = jnp.stack([gate.reshape(L, d_in, f // half, half),
-                       up.reshape(L, d_in, f // half, half)], axis=3)
-    return pairs.reshape(L, d_in, 2 * f)
 
 
 @functools.lru_cache(maxsize=4)
