@@ -2,6 +2,7 @@
 scheduling regime (batched, one at a time, preemption, chunked prefill, prefix-cache hits),
 and sampling, logprobs, stops and bad requests behave as in vLLM."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,11 +19,37 @@ EXPECTED = [r["output_token_ids"] for r in ROWS]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GOLDEN["meta"]["max_new_tokens"])
 
 
-def make_llm(**kwargs) -> LLM:
-    kwargs.setdefault("warmup", False)
-    kwargs.setdefault("max_model_len", 256)
-    kwargs.setdefault("dtype", "float32")
-    return LLM(**kwargs)
+# A KV cache of 47 usable blocks: the 17 prompts at full length need 71, so under the
+# engine's batch limits (those of the `llm` fixture) some requests are preempted and resumed.
+PREEMPTING = dict(num_kv_blocks=48, max_num_seqs=16, max_num_batched_tokens=256,
+                  enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def make_llm():
+    """`LLM(**kwargs)` with this module's defaults. Engines of the default model in f32 share
+    one load of its weights (each on its own copy of the `LoadedModel` record, so a test that
+    edits its model's config edits only its own); any other model or dtype loads as usual."""
+    import jaxpaged.engine
+
+    load_model = jaxpaged.engine.load_model
+    weights = load_model(None, dtype="float32")
+
+    def shared_or_load(model=None, **kwargs):
+        if model is None and kwargs.get("load_format", "auto") == "auto" and \
+                kwargs.get("dtype") == "float32" and kwargs.get("mesh") is None:
+            return dataclasses.replace(weights)
+        return load_model(model, **kwargs)
+
+    def make(**kwargs) -> LLM:
+        kwargs.setdefault("warmup", False)
+        kwargs.setdefault("max_model_len", 256)
+        kwargs.setdefault("dtype", "float32")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(jaxpaged.engine, "load_model", shared_or_load)
+            return LLM(**kwargs)
+
+    return make
 
 
 def token_ids(outputs) -> list[list[int]]:
@@ -36,8 +63,15 @@ def kv_blocks_in_use(llm: LLM) -> int:
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(make_llm):
     return make_llm(max_num_seqs=16, max_num_batched_tokens=256, warmup=True)
+
+
+@pytest.fixture(scope="module")
+def preempting(make_llm):
+    """An engine whose small KV cache preempts requests (`PREEMPTING`); shapes as `llm`'s
+    except the cache's."""
+    return make_llm(**PREEMPTING)
 
 
 def test_at_least_16_mixed_prompts(llm):
@@ -53,33 +87,35 @@ def test_all_at_once_matches_transformers_without_compiling(llm):
 
 
 def test_one_at_a_time_matches_transformers(llm):
-    got = [token_ids(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in PROMPTS[:6]]
-    assert got == EXPECTED[:6]
+    # Short and long raw prompts (104 tokens: a prefill over several blocks) and chats that
+    # end at EOS; each request alone in the engine, one step per token.
+    picks = [0, 8, 9, 13, 16]
+    got = [token_ids(llm.generate([PROMPTS[i]], GREEDY, use_tqdm=False))[0] for i in picks]
+    assert got == [EXPECTED[i] for i in picks]
 
 
-def test_preemption_under_a_tiny_cache_matches_transformers():
-    llm = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
-                   enable_prefix_caching=False)
-    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+def test_preemption_under_a_tiny_cache_matches_transformers(preempting):
+    preemptions = preempting.llm_engine.scheduler.num_preemptions
+    outputs = preempting.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert preempting.llm_engine.scheduler.num_preemptions > preemptions
     assert token_ids(outputs) == EXPECTED
-    assert kv_blocks_in_use(llm) == 0
+    assert kv_blocks_in_use(preempting) == 0
 
 
-def test_seeded_sampling_is_the_same_with_preemption(llm):
+def test_seeded_sampling_is_the_same_with_preemption(llm, preempting):
     """A preempted request resumes with its own seed and output position: the engine keeps
     each completion's sampler inputs across steps, and they must stay right across a resume."""
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, min_tokens=4, max_tokens=24)
     want = token_ids(llm.generate(PROMPTS, params, use_tqdm=False))
-    tiny = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
-                    enable_prefix_caching=False)
-    got = token_ids(tiny.generate(PROMPTS, params, use_tqdm=False))
-    assert tiny.llm_engine.scheduler.num_preemptions > 0
+    preemptions = preempting.llm_engine.scheduler.num_preemptions
+    got = token_ids(preempting.generate(PROMPTS, params, use_tqdm=False))
+    assert preempting.llm_engine.scheduler.num_preemptions > preemptions
     assert got == want
 
 
-def test_chunked_prefill_matches_transformers():
-    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16)
+def test_chunked_prefill_matches_transformers(make_llm):
+    # max_num_seqs as `llm`'s, so the steps' shapes are ones its warm-up compiled.
+    llm = make_llm(max_num_seqs=16, max_num_batched_tokens=16)
     longest = max(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
     picks = [longest, 0, 8, 9]
     outputs = llm.generate([PROMPTS[i] for i in picks], GREEDY, use_tqdm=False)
@@ -191,7 +227,7 @@ def test_streaming_engine_abort_frees_blocks(llm):
     engine.scheduler.block_manager.check_invariants([])
 
 
-def test_pallas_kernels_in_the_engine_match_transformers():
+def test_pallas_kernels_in_the_engine_match_transformers(make_llm):
     """The GPU attention path (interpreted on the CPU) inside the engine: decode-only steps use
     the decode kernel, mixed steps the ragged kernel, writes go through the KV-write kernel."""
     llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
@@ -202,13 +238,14 @@ def test_pallas_kernels_in_the_engine_match_transformers():
     assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
 
 
-def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
+def test_stacked_matmul_in_the_engine_matches_transformers(make_llm, monkeypatch):
     """JAXPAGED_STACKED_MATMUL=1: decode steps read each layer's projections in place from the
     stacked weights (pallas_kernels.stacked_matmul, interpreted here), same greedy tokens, and
-    warm-up still compiles every program the steps use."""
+    warm-up still compiles every program the steps use (one token bucket: the prompts go in
+    chunks of 16, and warm-up compiles two prefill programs, not six)."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
     llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
-                   max_num_seqs=4, max_num_batched_tokens=64, warmup=True)
+                   max_num_seqs=4, max_num_batched_tokens=16, warmup=True)
     assert llm.llm_engine.runner.stacked_matmul
     picks = [0, 9]
     params = SamplingParams(temperature=0.0, max_tokens=6)
@@ -217,7 +254,7 @@ def test_stacked_matmul_in_the_engine_matches_transformers(monkeypatch):
     assert llm.llm_engine.runner.num_compiles_since_warmup == 0
 
 
-def test_multi_step_with_the_gpu_kernels_matches_transformers(monkeypatch):
+def test_multi_step_with_the_gpu_kernels_matches_transformers(make_llm, monkeypatch):
     """A multi-step program on the GPU path (interpreted): the decode kernel, the KV-write
     kernel and the stacked projections, in an unrolled decode step, inside the window's loop."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
@@ -233,7 +270,8 @@ def test_multi_step_with_the_gpu_kernels_matches_transformers(monkeypatch):
 
 
 @pytest.mark.parametrize("fused_write", ["1", "0"])
-def test_kv_write_inside_the_decode_kernel_matches_transformers(monkeypatch, fused_write):
+def test_kv_write_inside_the_decode_kernel_matches_transformers(make_llm, monkeypatch,
+                                                                fused_write):
     """JAXPAGED_FUSED_KV_WRITE in multi-step windows on the GPU path (interpreted): requests of
     different lengths, so rows freeze inside a window (no slot: they read their last position
     from the cache) while the others write and attend their new token in the kernel ("1", the
@@ -250,11 +288,12 @@ def test_kv_write_inside_the_decode_kernel_matches_transformers(monkeypatch, fus
     assert kv_blocks_in_use(llm) == 0
 
 
-def test_bfloat16_logits_reach_the_sampler_as_compiled():
+def test_bfloat16_logits_reach_the_sampler_as_compiled(make_llm):
     """A bf16 model's forward leaves its logits in bf16 (the sampler widens them): warm-up
-    compiles the samplers for that dtype, so serving (logprobs included) compiles nothing new."""
+    compiles the samplers for that dtype, so serving (logprobs included) compiles nothing new.
+    (One token bucket, enough for the two prompts: warm-up compiles three forwards.)"""
     llm = make_llm(dtype="bfloat16", num_kv_blocks=24, max_model_len=128, max_num_seqs=4,
-                   max_num_batched_tokens=64, warmup=True)
+                   max_num_batched_tokens=16, warmup=True)
     runner = llm.llm_engine.runner
     shape = runner.bucket_shapes()[0]
     out_logits = runner.lower_forward(shape).out_info[1]
@@ -298,7 +337,7 @@ def test_activation_reserve_counts_a_shards_columns():
     assert full - reserve("llama-3.1-8b", 3) == 2 * T * (6144 - 6912 // 3) * 2
 
 
-def test_models_with_several_eos_ids_stop_on_each():
+def test_models_with_several_eos_ids_stop_on_each(make_llm):
     llm = make_llm(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     engine = llm.llm_engine
     engine.model.config = __import__("dataclasses").replace(engine.model.config,
@@ -325,7 +364,7 @@ def _watch_run_ahead(engine) -> list[bool]:
     return ran_ahead
 
 
-def test_async_scheduling_runs_ahead_and_matches_one_step_at_a_time(llm):
+def test_async_scheduling_runs_ahead_and_matches_one_step_at_a_time(llm, make_llm):
     """With async scheduling (the default) step N + 1 is dispatched before step N is waited
     for; seeded sampling (output positions, min_tokens), logprobs, stops and greedy decoding
     give what an engine running one step at a time gives. A request with penalties needs
@@ -371,7 +410,7 @@ def test_the_garbage_collector_runs_less_often_once_an_engine_exists(llm):
     assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
 
 
-def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
+def test_a_dispatch_thread_gives_the_same_outputs(llm, make_llm, monkeypatch):
     """JAXPAGED_DISPATCH_THREAD=1: each step's jitted calls run on one worker thread, in
     order, while the calling thread plans and applies steps; greedy tokens under preemption,
     seeded samples, logprobs and prompt logprobs equal the engine's without it."""
@@ -381,8 +420,7 @@ def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
     monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "1")
     interval = sys.getswitchinterval()
     try:
-        threaded = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
-                            enable_prefix_caching=False)
+        threaded = make_llm(**PREEMPTING)
         assert sys.getswitchinterval() == pytest.approx(200e-6, abs=2e-6)
         runner = threaded.llm_engine.runner
         launching_threads, launch = set(), runner._launch
@@ -413,7 +451,7 @@ def test_a_dispatch_thread_gives_the_same_outputs(llm, monkeypatch):
     assert kv_blocks_in_use(threaded) == 0
 
 
-def test_a_failing_launch_on_the_dispatch_thread_raises_from_generate(monkeypatch):
+def test_a_failing_launch_on_the_dispatch_thread_raises_from_generate(make_llm, monkeypatch):
     """An error in a step's jitted calls on the dispatch thread reaches the caller when the
     step is fetched, as it reached it from dispatch without the thread."""
     import sys
@@ -421,7 +459,8 @@ def test_a_failing_launch_on_the_dispatch_thread_raises_from_generate(monkeypatc
     monkeypatch.setenv("JAXPAGED_DISPATCH_THREAD", "1")
     interval = sys.getswitchinterval()
     try:
-        llm = make_llm(num_kv_blocks=24, max_num_seqs=4, max_num_batched_tokens=64)
+        # `llm`'s limits: the steps' programs are compiled already.
+        llm = make_llm(max_num_seqs=16, max_num_batched_tokens=256)
         runner, calls = llm.llm_engine.runner, []
         run_forward = runner._run_forward
 
@@ -462,7 +501,7 @@ def test_the_dispatch_thread_setting(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def multi_step():
+def multi_step(make_llm):
     return make_llm(max_num_seqs=16, max_num_batched_tokens=256, warmup=True,
                     num_scheduler_steps=4)
 
@@ -512,9 +551,10 @@ def test_multi_step_gives_what_single_steps_give(llm, multi_step):
     try:
         got = multi_step.generate(prompts, params, use_tqdm=False)
         first_run = len(windows)
-        # The request with logprobs outlives the others: no window at all.
+        # The request with logprobs outlives the others (they end within 22 tokens): no
+        # window at all.
         mixed = (prompts[:3] + [PROMPTS[7]],
-                 params[:3] + [SamplingParams(temperature=0.0, max_tokens=40, logprobs=2,
+                 params[:3] + [SamplingParams(temperature=0.0, max_tokens=24, logprobs=2,
                                               ignore_eos=True)])
         with_logprobs = multi_step.generate(*mixed, use_tqdm=False)
     finally:
@@ -529,13 +569,12 @@ def test_multi_step_gives_what_single_steps_give(llm, multi_step):
     assert got[2].outputs[0].stop_reason == text[14:20]
     assert got[3].outputs[0].stop_reason == EXPECTED[1][9]
     assert token_ids(with_logprobs) == token_ids(llm.generate(*mixed, use_tqdm=False))
-    assert len(with_logprobs[3].outputs[0].logprobs) == 40
+    assert len(with_logprobs[3].outputs[0].logprobs) == 24
     assert kv_blocks_in_use(multi_step) == 0
 
 
-def test_multi_step_under_preemption_matches_transformers():
-    llm = make_llm(num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
-                   enable_prefix_caching=False, num_scheduler_steps=3)
+def test_multi_step_under_preemption_matches_transformers(make_llm):
+    llm = make_llm(**PREEMPTING, num_scheduler_steps=3)
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert token_ids(outputs) == EXPECTED

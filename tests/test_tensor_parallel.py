@@ -36,9 +36,13 @@ TINY_PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 160, size=
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
 
 
+# One token bucket: an engine compiles one prefill forward and one decode forward (the
+# prompts go in chunks of 16 tokens), for each shard count.
+LIMITS = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128)
+
+
 def run(model, tp: int, **kwargs) -> tuple[LLM, list]:
-    kwargs = dict(dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-                       max_model_len=128, warmup=False), **kwargs)
+    kwargs = dict(dict(dtype="float32", warmup=False, **LIMITS), **kwargs)
     llm = LLM(model, tensor_parallel_size=tp, **kwargs)
     return llm, llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False)
 
@@ -314,12 +318,11 @@ def test_multi_step_windows_on_2_shards_match_single_steps_unsharded(monkeypatch
     loop around the per-shard kernels): the unsharded single-step engine's greedy tokens."""
     _tiny_hf_model("qwen2", tmp_path)
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    want = LLM(str(tmp_path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-               max_model_len=128, warmup=False).generate(TINY_PROMPTS, greedy, use_tqdm=False)
+    want = LLM(str(tmp_path), dtype="float32", warmup=False, **LIMITS).generate(
+        TINY_PROMPTS, greedy, use_tqdm=False)
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
     llm = LLM(str(tmp_path), tensor_parallel_size=2, attention_impl="pallas", dtype="float32",
-              max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, warmup=False,
-              num_scheduler_steps=3)
+              warmup=False, num_scheduler_steps=3, **LIMITS)
     windows, schedule = [], llm.llm_engine.scheduler.schedule
     llm.llm_engine.scheduler.schedule = lambda: windows.append(schedule()) or windows[-1]
     got = llm.generate(TINY_PROMPTS, greedy, use_tqdm=False)
@@ -346,7 +349,7 @@ import json, sys
 from jaxpaged import LLM, SamplingParams
 prompts, tp = json.loads(sys.argv[2]), int(sys.argv[3])
 llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=tp, max_num_seqs=4,
-          max_num_batched_tokens=32, max_model_len=128, warmup=False)
+          max_num_batched_tokens=16, max_model_len=128, warmup=False)
 out = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
                    use_tqdm=False)
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in out]))
