@@ -108,9 +108,10 @@ class ModelDef:
 
 
 def _forward(model_def, params, kv_cache, input_ids, positions, md, impl, mesh, unroll,
-             stacked):
+             stacked, greedy: bool = False):
+    """-> (kv cache, logits), or with `greedy` (no mesh) (kv cache, greedy tokens)."""
     kv_cache, logits = forward(model_def.graphdef, params, kv_cache, input_ids, positions, md,
-                               impl, mesh, unroll, stacked)
+                               impl, mesh, unroll, stacked, greedy)
     if mesh is not None:
         # The cache leaves as it came (split on KV heads, so donation reuses its buffers); the
         # logits leave replicated, so the sampler and the host see plain arrays.
@@ -152,6 +153,10 @@ def _multi_step(model_def, params_leaves, kv_cache, packed, prev_sampled, packed
     block_size = kv_cache.block_size
     rows = jnp.arange(input_ids.shape[0])
     last_step = jnp.maximum(step_counts - 1, 0)
+    # An all-greedy window (no penalties, logprobs or suppression in any window) samples the
+    # greedy argmax: the model's greedy head gives it, in one launch with the LM head where
+    # sampler.use_lm_head_argmax. Under a mesh the logits are gathered first, as before.
+    greedy = smd.all_greedy and mesh is None
 
     def one_step(k, carry):
         kv_cache, ids, last_ids, tokens = carry
@@ -161,11 +166,13 @@ def _multi_step(model_def, params_leaves, kv_cache, packed, prev_sampled, packed
         slots = md.block_tables[rows, pos // block_size] * block_size + pos % block_size
         step_md = dataclasses.replace(md, slot_mapping=jnp.where(live, slots, PAD_SLOT_ID),
                                       kv_lens=jnp.where(step_counts > 0, md.kv_lens + offset, 0))
-        kv_cache, logits = _forward(model_def, params, kv_cache, ids, pos, step_md, impl, mesh,
-                                    unroll, stacked)
-        # Nothing is suppressed in a window: no copy of the logits for it.
-        new = sample(logits, dataclasses.replace(smd, output_positions=smd.output_positions + k),
-                     suppress=False).sampled_token_ids
+        kv_cache, out = _forward(model_def, params, kv_cache, ids, pos, step_md, impl, mesh,
+                                 unroll, stacked, greedy)
+        if greedy:
+            new = out
+        else:  # nothing is suppressed in a window: no copy of the logits for it
+            new = sample(out, dataclasses.replace(smd, output_positions=smd.output_positions + k),
+                         suppress=False).sampled_token_ids
         return (kv_cache, jnp.where(live, new, ids), jnp.where(live, new, last_ids),
                 tokens.at[k].set(new))
 

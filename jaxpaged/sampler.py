@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxpaged.sampling_params import _SAMPLING_EPS, MAX_LOGPROBS, SamplingParams
 from jaxpaged.settings import switch
-from pallas_kernels import argmax_rows
+from pallas_kernels import argmax_rows, lm_head_argmax, lm_head_argmax_supports
 
 # Width of `suppressed_token_ids`: EOS plus stop_token_ids of a request still under min_tokens.
 # Fixed so one compile serves every batch; a request with more stop ids is rejected.
@@ -207,6 +207,34 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     if use_argmax_kernel():
         return argmax_rows(logits)
     return jnp.argmax(logits, axis=-1)
+
+
+# A greedy head's fused launch pays off from this many rows (llama-3.2-1b, llama-3.1-8b and
+# qwen3-0.6b heads on an H100, benchmarks/lm_head_variants.py; NOTES_kernels, sixteenth session).
+LM_HEAD_ARGMAX_MIN_TOKENS = 128
+
+
+def use_lm_head_argmax(num_tokens: int, hidden_size: int, vocab_size: int, dtype) -> bool:
+    """JAXPAGED_LM_HEAD_ARGMAX: "1"/"0" force ``pallas_kernels.lm_head_argmax`` for an all-greedy
+    step's head (where its shape allows); unset, on for a process with one GPU from
+    LM_HEAD_ARGMAX_MIN_TOKENS rows."""
+    if not lm_head_argmax_supports(hidden_size, vocab_size, dtype):
+        return False
+    return switch("JAXPAGED_LM_HEAD_ARGMAX",
+                  lambda: (jax.default_backend() == "gpu" and jax.device_count() == 1
+                           and num_tokens >= LM_HEAD_ARGMAX_MIN_TOKENS),
+                  " (unset: on for one GPU)")
+
+
+def greedy_head(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
+    """i32[R]: the greedy tokens of hidden states ``x`` [R, D] under an LM head ``weight`` ([V, D]
+    with ``transposed``, a tied embedding table; else [D, V]): ``greedy_tokens`` of the logits
+    the model's head makes, or, where ``use_lm_head_argmax``, the same tokens from one launch
+    that never writes the logits."""
+    vocab_size = weight.shape[0] if transposed else weight.shape[1]
+    if use_lm_head_argmax(x.shape[0], x.shape[1], vocab_size, x.dtype):
+        return lm_head_argmax(x, weight, transposed=transposed)
+    return greedy_tokens(jnp.dot(x, weight.T if transposed else weight)).astype(jnp.int32)
 
 
 def _sample(logits: jax.Array, raw_logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:

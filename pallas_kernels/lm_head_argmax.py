@@ -116,8 +116,7 @@ def _kernel(x_gmem, w_gmem, max_gmem, idx_gmem, *, transposed: bool, m_tiles: in
             def body(_, x_smem, w_smem, accs):
                 (acc,) = accs
                 rows = x_smem.at[pl.ds(wg * wg_m, wg_m)]
-                plgpu.wgmma(acc, rows, plgpu.transpose_ref(w_smem, (1, 0)) if transposed
-                            else w_smem)
+                plgpu.wgmma(acc, rows, w_smem.transpose((1, 0)) if transposed else w_smem)
                 plgpu.wgmma_wait(delay)
                 return accs
 

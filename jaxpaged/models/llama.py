@@ -49,6 +49,7 @@ import pallas_kernels
 from jaxpaged.attention import KVCache, paged_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.metadata import AttentionMetadata
+from jaxpaged.sampler import greedy_head
 from jaxpaged.settings import on_for_gpu, switch
 from jaxpaged.sharding import TP_AXIS, param_spec
 from pallas_kernels.add_rms_norm import rms_norm
@@ -349,12 +350,15 @@ class CausalLM(nnx.Module):
     def __call__(self, kv_cache: KVCache, input_ids: jax.Array, positions: jax.Array,
                  md: AttentionMetadata, impl: str = "reference",
                  mesh: Mesh | None = None, unroll: bool = False,
-                 stacked_matmul: bool | None = None) -> tuple[KVCache, jax.Array]:
+                 stacked_matmul: bool | None = None,
+                 greedy: bool = False) -> tuple[KVCache, jax.Array]:
         """input_ids, positions i32[T] -> (updated cache, [R, V] logits at md.logits_indices,
         in the model's dtype: the LM head's GEMM rounds to it, so widening to f32 here would
         only write (and the sampler read) twice the bytes; the sampler widens them).
         `mesh`: tensor parallelism; the parameters and cache arrive sharded on it.
-        `stacked_matmul`: None follows JAXPAGED_STACKED_MATMUL (see the module docstring)."""
+        `stacked_matmul`: None follows JAXPAGED_STACKED_MATMUL (see the module docstring).
+        `greedy`: i32[R] greedy tokens instead of the logits (`sampler.greedy_head`: the
+        sampler's greedy argmax of these logits, where it can in one launch with the head)."""
         x = self.embed_tokens(input_ids)  # [T, D]
         # inv_freq is a compile-time constant; the tables are computed once, outside the scan.
         rope = rope_tables(positions, jnp.asarray(rope_inv_freq(self.config)))
@@ -371,8 +375,9 @@ class CausalLM(nnx.Module):
             layer_def, layer_state = nnx.split(self.layers)
 
         if fused_norms:
-            return self._fused_norms_layers(x, kv_cache, layer_def, kernels, layer_state, rope,
-                                            md, impl, unroll)
+            kv_cache, normed = self._fused_norms_layers(x, kv_cache, layer_def, kernels,
+                                                        layer_state, rope, md, impl, unroll)
+            return kv_cache, self._head(normed[md.logits_indices], greedy)
 
         def body(carry, xs):
             x, cache = carry
@@ -383,7 +388,7 @@ class CausalLM(nnx.Module):
             return (x, cache), None
 
         x, kv_cache = self._layer_loop(body, (x, kv_cache), layer_state, unroll)
-        return kv_cache, self._logits(self.norm(x[md.logits_indices]))  # [R, D] -> [R, V]
+        return kv_cache, self._head(self.norm(x[md.logits_indices]), greedy)  # [R, D] -> [R, V]
 
     def _layer_loop(self, body, carry, layer_state, unroll: bool):
         """carry after body(carry, (layer i's state, i)) for every layer: a scan, or with
@@ -398,8 +403,13 @@ class CausalLM(nnx.Module):
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
         return jax.lax.scan(body, carry, (layer_state, layer_ids))[0]
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    def _head(self, x: jax.Array, greedy: bool) -> jax.Array:
+        """[R, D] final hidden states -> [R, V] logits, or with `greedy` i32[R] tokens."""
+        if not greedy:
+            return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        tied = self.lm_head is None
+        weight = self.embed_tokens.embedding[...] if tied else self.lm_head.kernel[...]
+        return greedy_head(x, weight.astype(x.dtype), transposed=tied)
 
     def _fused_norms_layers(self, x, kv_cache, layer_def, kernels, layer_state, rope, md, impl,
                             unroll):
@@ -430,15 +440,17 @@ class CausalLM(nnx.Module):
                                              rope, cache, layer, md, impl), None
 
         _, normed, kv_cache = self._layer_loop(body, (x, normed, kv_cache), layer_state, unroll)
-        return kv_cache, self._logits(normed[md.logits_indices])
+        return kv_cache, normed
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, kv_cache: KVCache,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata,
             impl: str = "reference", mesh: Mesh | None = None, unroll: bool = False,
-            stacked_matmul: bool | None = None) -> tuple[KVCache, jax.Array]:
-    """The pure forward (STYLE rule 6): jit it with graphdef, impl, mesh, unroll and
-    stacked_matmul static, the cache donated. stacked_matmul=None reads
-    JAXPAGED_STACKED_MATMUL when traced."""
+            stacked_matmul: bool | None = None,
+            greedy: bool = False) -> tuple[KVCache, jax.Array]:
+    """The pure forward (STYLE rule 6): jit it with graphdef, impl, mesh, unroll,
+    stacked_matmul and greedy static, the cache donated. stacked_matmul=None reads
+    JAXPAGED_STACKED_MATMUL when traced. greedy: greedy tokens instead of logits
+    (CausalLM.__call__)."""
     return nnx.merge(graphdef, params)(kv_cache, input_ids, positions, md, impl, mesh, unroll,
-                                       stacked_matmul)
+                                       stacked_matmul, greedy)
