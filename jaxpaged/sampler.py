@@ -209,9 +209,11 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1)
 
 
-# A greedy head's fused launch pays off from this many rows (llama-3.2-1b, llama-3.1-8b and
-# qwen3-0.6b heads on an H100, benchmarks/lm_head_variants.py; NOTES_kernels, sixteenth session).
-LM_HEAD_ARGMAX_MIN_TOKENS = 128
+# A greedy head's fused launch pays off from this many rows: on an H100 it beat XLA's GEMM +
+# argmax_rows at T 64 and 256 on the llama-3.2-1b and qwen3-0.6b heads (5-16 %), tied at T 64
+# on llama-3.1-8b's and lost 1-4 % at T 8 (benchmarks/lm_head_variants.py; NOTES_kernels,
+# sixteenth section).
+LM_HEAD_ARGMAX_MIN_TOKENS = 64
 
 
 def use_lm_head_argmax(num_tokens: int, hidden_size: int, vocab_size: int, dtype) -> bool:

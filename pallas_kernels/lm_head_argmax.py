@@ -31,11 +31,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.stacked_common import fit_block, use_interpret
 
 WGMMA_ROWS = 64
-# Measured on an H100 at llama-3.2-1b's head (benchmarks/lm_head_variants.py, NOTES_kernels
-# sixteenth section): 128 x 256 tiles with 4 copies in flight beat 256 x 128 (4) and
-# 128 x 128 (6) at T 64, 128 and 256.
-DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 256
+# Tiles (default_tiles), measured on an H100 (benchmarks/lm_head_variants.py, NOTES_kernels
+# sixteenth section), 4 copies in flight: 128 x 256 where 256 divides the vocabulary (the
+# llama heads: fastest at T 64-256 against 256 x 128 and 128 x 128 with 6 in flight), else
+# 256 x 128 (qwen3-0.6b's 151,936: 146 against 158 us for 128 x 128 at T 256).
 DEFAULT_BLOCK_K = 64
 DEFAULT_STEPS = 4
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -49,6 +48,11 @@ def supports(hidden_size: int, vocab_size: int, dtype) -> bool:
     """Whether ``lm_head_argmax`` takes a head of this shape and dtype."""
     return (jnp.dtype(dtype) in _DTYPES and hidden_size % 16 == 0 and vocab_size % 8 == 0
             and vocab_size < 2 ** 24)
+
+
+def default_tiles(vocab_size: int) -> tuple[int, int]:
+    """(block_m, block_n) where the caller gives none."""
+    return (128, 256) if vocab_size % 256 == 0 else (256, 128)
 
 
 def _interpret_params(interpret: bool | None):
@@ -139,8 +143,8 @@ def lm_head_argmax(
     w: jax.Array,  # [V, D] with transposed (a tied embedding table), else [D, V]
     *,
     transposed: bool,
-    block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
     block_k: int = DEFAULT_BLOCK_K,
     max_concurrent_steps: int = DEFAULT_STEPS,
     interpret: bool | None = None,
@@ -150,6 +154,7 @@ def lm_head_argmax(
 
     ``block_m`` (a multiple of 128: two warpgroups of 64-row wgmmas) shrinks to T rounded up to
     128; ``block_n`` and ``block_k`` shrink to the largest power of two dividing V and D.
+    ``block_m`` / ``block_n`` None: ``default_tiles``.
     ``max_concurrent_steps``: TMA copies in flight."""
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"x must be [T, D] and w [V, D] or [D, V]; got {x.shape}, {w.shape}")
@@ -166,6 +171,9 @@ def lm_head_argmax(
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return jnp.zeros((0,), jnp.int32)
+    default_m, default_n = default_tiles(vocab)
+    block_m = default_m if block_m is None else block_m
+    block_n = default_n if block_n is None else block_n
     row_unit = 2 * WGMMA_ROWS
     if block_m <= 0 or block_m % row_unit:
         raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit}")

@@ -46,6 +46,17 @@ def test_matches_reference(num_tokens, transposed):
     check(x, w, transposed, block_m=128, block_n=64, block_k=32)
 
 
+@pytest.mark.parametrize("vocab", [512, 384])
+def test_default_tiles(vocab):
+    """128 x 256 tiles where 256 divides the vocabulary, else 256 x 128 (llama's 128,256 and
+    qwen3's 151,936); T 140 spans two of the narrower row blocks."""
+    from pallas_kernels.lm_head_argmax import default_tiles
+
+    assert default_tiles(128256) == (128, 256) and default_tiles(151936) == (256, 128)
+    x, w = integer_inputs(vocab, 140, 64, vocab, True)
+    check(x, w, True)
+
+
 def test_ties_across_column_blocks_keep_the_first():
     """Every row's maximum is in several column blocks (and twice in one): the first wins."""
     x, w = integer_inputs(1, 6, 32, 256, True)
