@@ -415,7 +415,8 @@ class CausalLM(nnx.Module):
                             unroll):
         """The layers with JAXPAGED_FUSED_ADD_NORM (DecoderLayer.fused_junctions): the loop
         carries the residual stream and its norm for the next layer; layer i's last junction
-        normalises by layer i + 1's input norm scale, the last layer's by the final norm's."""
+        normalises by layer i + 1's input norm scale, the last layer's by the final norm's.
+        -> (kv cache, the final norm of every token [T, D])."""
         num_layers = self.config.num_hidden_layers
         in_scales = self.layers.input_layernorm.scale[...]  # [L, D]
         post_scales = self.layers.post_attention_layernorm.scale[...]  # [L, D]
