@@ -33,4 +33,4 @@ run: $(VENV)/.run-deps
 	$(VENV)/bin/python examples/generate.py
 
 test: $(VENV)/.test-deps
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15

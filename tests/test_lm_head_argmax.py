@@ -102,9 +102,9 @@ def test_rejects_bad_inputs():
     assert not lm_head_argmax_supports(32, 64, jnp.float32)
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
 @hypothesis.given(num_tokens=st.integers(1, 140), d=st.sampled_from([16, 48, 64]),
-                  vocab=st.sampled_from([8, 40, 136, 256]), transposed=st.booleans(),
+                  vocab=st.sampled_from([8, 40, 136]), transposed=st.booleans(),
                   levels=st.integers(1, 4))
 def test_property_shapes(num_tokens, d, vocab, transposed, levels):
     x, w = integer_inputs(num_tokens * vocab, num_tokens, d, vocab, transposed, levels=levels)
@@ -177,12 +177,12 @@ def test_greedy_forward_gives_the_argmax_of_its_logits(monkeypatch, tied):
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=16, tie_word_embeddings=tied)
     graphdef, params = nnx.split(CausalLM(cfg, jnp.bfloat16, nnx.Rngs(0)))
-    ids, pos, md = build_step_inputs([list(range(3, 40)), list(range(50, 61))], [0, 0],
-                                     [[0, 1, 2], [3]], 16, num_tokens=48, num_seqs=2,
-                                     max_blocks_per_seq=3, logits_indices=[36, 47],
+    ids, pos, md = build_step_inputs([list(range(3, 21)), list(range(50, 55))], [0, 0],
+                                     [[0, 1], [2]], 16, num_tokens=24, num_seqs=2,
+                                     max_blocks_per_seq=2, logits_indices=[17, 22],
                                      num_logits=2)
     args = (jnp.asarray(ids), jnp.asarray(pos), jax.tree.map(jnp.asarray, md))
-    cache = KVCache.zeros(2, 5, 16, 2, 16, jnp.bfloat16)
+    cache = KVCache.zeros(2, 3, 16, 2, 16, jnp.bfloat16)
     _, logits = forward(graphdef, params, cache, *args)
     _, tokens = jax.jit(functools.partial(forward, greedy=True), static_argnums=0)(
         graphdef, params, cache, *args)
