@@ -28,9 +28,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.stacked_common import fit_block, use_interpret
+from pallas_kernels.mgpu_common import (WGMMA_ROWS, interpret_params, num_sms, round_up,
+                                        warp_specialized_pipeline)
+from pallas_kernels.stacked_common import fit_block
 
-WGMMA_ROWS = 64
 # Tiles (default_tiles), measured on an H100 (benchmarks/lm_head_variants.py, NOTES_kernels
 # sixteenth section), 4 copies in flight: 128 x 256 where 256 divides the vocabulary (the
 # llama heads: fastest at T 64-256 against 256 x 128 and 128 x 128 with 6 in flight), else
@@ -38,10 +39,6 @@ WGMMA_ROWS = 64
 DEFAULT_BLOCK_K = 64
 DEFAULT_STEPS = 4
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def supports(hidden_size: int, vocab_size: int, dtype) -> bool:
@@ -55,13 +52,6 @@ def default_tiles(vocab_size: int) -> tuple[int, int]:
     return (128, 256) if vocab_size % 256 == 0 else (256, 128)
 
 
-def _interpret_params(interpret: bool | None):
-    if not use_interpret(interpret):
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private, jax 0.11
-    return InterpretGPUParams()
-
-
 def _kernel(x_gmem, w_gmem, max_gmem, idx_gmem, *, transposed: bool, m_tiles: int,
             n_tiles: int, block_m: int, block_n: int, block_k: int, k_steps: int, steps: int,
             logits_dtype):
@@ -71,17 +61,11 @@ def _kernel(x_gmem, w_gmem, max_gmem, idx_gmem, *, transposed: bool, m_tiles: in
 
     def make_pipeline(body, compute_context):
         spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_steps,),
-            memory_registers=40,
-            in_specs=[spec((block_m, block_k), lambda k: (0, k)),
-                      spec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)))],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=steps,
-            compute_context=compute_context,
-        )
+        return warp_specialized_pipeline(
+            body, compute_context,
+            [spec((block_m, block_k), lambda k: (0, k)),
+             spec(w_block, (lambda k: (0, k)) if transposed else (lambda k: (k, 0)))],
+            k_steps, steps)
 
     def ignore(*_, **__):
         return None
@@ -177,19 +161,19 @@ def lm_head_argmax(
     row_unit = 2 * WGMMA_ROWS
     if block_m <= 0 or block_m % row_unit:
         raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit}")
-    block_m = min(block_m, _round_up(num_tokens, row_unit))
+    block_m = min(block_m, round_up(num_tokens, row_unit))
     block_n = fit_block(block_n, vocab, 8, "V", "wgmma's N")
     block_k = fit_block(block_k, d, 16, "D", "wgmma's K")
     k_steps = d // block_k
-    padded = _round_up(num_tokens, block_m)
+    padded = round_up(num_tokens, block_m)
     x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
     m_tiles, n_tiles = padded // block_m, vocab // block_n
     kernel = functools.partial(
         _kernel, transposed=transposed, m_tiles=m_tiles, n_tiles=n_tiles, block_m=block_m,
         block_n=block_n, block_k=block_k, k_steps=k_steps,
         steps=min(max_concurrent_steps, k_steps), logits_dtype=x.dtype)
-    interpret_params = _interpret_params(interpret)
-    programs = 4 if interpret_params else (getattr(jax.devices()[0], "core_count", None) or 132)
+    interp = interpret_params(interpret)
+    programs = 4 if interp else num_sms()
     maxima, firsts = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((n_tiles, padded), jnp.float32),
@@ -200,7 +184,7 @@ def lm_head_argmax(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params,
+        interpret=interp,
         kernel_name=f"lm_head_argmax_{d}x{vocab}",
     )(x_padded, w)
     # The first column block holding each row's maximum (jnp.argmax: first of equals), then

@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.stacked_common import use_interpret
+from pallas_kernels.mgpu_common import interpret_params
 
 LOG2E = math.log2(math.e)
 WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows: the G query rows, padded
@@ -115,14 +115,6 @@ def supported(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables
     if smem > _SMEM_BYTES:
         raise ValueError(f"block_n={block_n}, stages={stages} at H={head_dim} need {smem} bytes "
                          f"of shared memory; at most {_SMEM_BYTES}")
-
-
-def _interpret_params(interpret: bool | None, detect_races: bool):
-    if not use_interpret(interpret):
-        return None
-    # Private in jax 0.11.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams(detect_races=detect_races)
 
 
 def _online_softmax(scores, acc, m, l):
@@ -284,7 +276,7 @@ def paged_decode_attention_mgpu(
         ),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret, detect_races),
+        interpret=interpret_params(interpret, detect_races),
         kernel_name="paged_decode_attention_mgpu",
     )(
         q.reshape(num_seqs * num_heads, head_dim),

@@ -41,10 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import (WGMMA_ROWS, interpret_params, num_sms, round_up,
+                                        warp_specialized_pipeline)
 from pallas_kernels.stacked_common import (check_epilogue, check_stacks, fit_block,
-                                           silu_mul_epilogue, use_interpret)
+                                           silu_mul_epilogue)
 
-WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows of x at a time
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64
@@ -69,22 +70,6 @@ _MOSAIC_MIN_TILES = 96
 _MOSAIC_MIN_TILES_SMALL_T = 64
 _TUNING = ("block_m", "block_n", "block_k", "max_concurrent_steps", "programs_per_sm",
            "swizzle", "warp_specialized", "num_splits", "sum_partials", "interpret")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _num_sms() -> int:
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or 132
-
-
-def _interpret_params(interpret: bool | None):
-    if not use_interpret(interpret):
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private, jax 0.11
-    return InterpretGPUParams()
 
 
 def _smem_transforms(row_elems: int, itemsize: int, swizzle: bool) -> tuple:
@@ -199,18 +184,12 @@ def _kernel_ws(layer_gmem, x_gmem, *refs, num_weights: int, col_starts: tuple[in
 
     def make_pipeline(body, compute_context):
         spec = functools.partial(plgpu.BlockSpec, delay_release=delay)
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_steps,),
-            memory_registers=40,
-            in_specs=[spec((block_m, block_k), lambda k: (0, k), transforms=x_transforms)]
+        return warp_specialized_pipeline(
+            body, compute_context,
+            [spec((block_m, block_k), lambda k: (0, k), transforms=x_transforms)]
             + [spec((block_k, block_n), lambda k: (k, 0), transforms=w_transforms)
                for _ in range(tile_weights)],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=steps,
-            compute_context=compute_context,
-        )
+            k_steps, steps)
 
     def ignore(*_, **__):
         return None
@@ -316,7 +295,7 @@ def stacked_matmul_mgpu(
     if block_m <= 0 or block_m % row_unit:
         raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit} "
                          f"(wgmma rows; warp_specialized={warp_specialized})")
-    block_m = min(block_m, _round_up(num_tokens, row_unit))
+    block_m = min(block_m, round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
     block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
@@ -325,7 +304,7 @@ def stacked_matmul_mgpu(
         raise ValueError("num_splits > 1 is for plain projections: not with epilogue='silu_mul'")
     if num_splits < 1 or k_steps % num_splits:
         raise ValueError(f"num_splits={num_splits} must divide D_in / block_k = {k_steps}")
-    padded = _round_up(num_tokens, block_m)
+    padded = round_up(num_tokens, block_m)
     x_padded = jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
     col_blocks = [d // block_n for d in d_outs[:1 if silu_mul else None]]
     m_tiles = padded // block_m
@@ -341,8 +320,8 @@ def stacked_matmul_mgpu(
     out_dtype = jnp.float32 if num_splits > 1 else x.dtype
     out_shapes = [jax.ShapeDtypeStruct((num_splits * padded, d), out_dtype)
                   for d in d_outs[:len(col_blocks)]]
-    interpret_params = _interpret_params(interpret)
-    programs = 4 if interpret_params else _num_sms() * programs_per_sm
+    interp = interpret_params(interpret)
+    programs = 4 if interp else num_sms() * programs_per_sm
     # The shape in the name tells a device profile's launches apart (q/k/v, o, down).
     name = f"stacked_matmul_mgpu{'_silu_mul' if silu_mul else ''}_{d_in}x{sum(d_outs)}"
     if num_splits > 1:
@@ -355,7 +334,7 @@ def stacked_matmul_mgpu(
         **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params,
+        interpret=interp,
         kernel_name=name,
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *ws)
     if num_splits > 1 and not sum_partials:
