@@ -90,8 +90,14 @@ def argmax_rows(
         interpret=use_interpret(interpret),
         name="argmax_rows",
     )(logits)
-    best, best_at = best.reshape(num_rows, chunks), best_at.reshape(num_rows, chunks)
-    first = jnp.argmax(best, axis=1)  # the first chunk holding the row maximum
+    return merge_chunks(best.reshape(num_rows, chunks), best_at.reshape(num_rows, chunks))
+
+
+def merge_chunks(best: jax.Array, best_at: jax.Array) -> jax.Array:
+    """Each row's argmax from its column chunks' maxima f32[R, C] and their first indices
+    i32[R, C]: the index held by the first chunk holding the row maximum (jnp.argmax takes the
+    first of equal maxima, so ties keep the smallest index)."""
+    first = jnp.argmax(best, axis=1)
     return jnp.take_along_axis(best_at, first[:, None], axis=1)[:, 0]
 
 

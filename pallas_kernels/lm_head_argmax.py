@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.argmax import merge_chunks
 from pallas_kernels.mgpu_common import (WGMMA_ROWS, interpret_params, num_sms, round_up,
                                         warp_specialized_pipeline)
 from pallas_kernels.stacked_common import fit_block
@@ -187,10 +188,7 @@ def lm_head_argmax(
         interpret=interp,
         kernel_name=f"lm_head_argmax_{d}x{vocab}",
     )(x_padded, w)
-    # The first column block holding each row's maximum (jnp.argmax: first of equals), then
-    # that block's first index of it.
-    best = jnp.argmax(maxima[:, :num_tokens], axis=0)
-    return jnp.take_along_axis(firsts[:, :num_tokens], best[None], axis=0)[0]
+    return merge_chunks(maxima[:, :num_tokens].T, firsts[:, :num_tokens].T)
 
 
 def lm_head_argmax_reference(x: jax.Array, w: jax.Array, *, transposed: bool,
