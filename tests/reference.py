@@ -60,3 +60,49 @@ class PagedRunner:
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def first_layers(loaded, num_layers: int):
+    """The model `loaded` cut to its first `num_layers` decoder layers (embedding, final norm
+    and head kept): a real model's weights at a fraction of the depth, for tests of how the
+    engine wires its kernels, which a few layers show as well as all of them."""
+    import dataclasses
+
+    from jaxpaged.weights import flatten_state, to_state
+
+    config = dataclasses.replace(loaded.config, num_hidden_layers=num_layers)
+    flat = {path: (leaf[:num_layers] if path[0] == "layers" else leaf)
+            for path, leaf in flatten_state(loaded.params).items()}
+    graphdef, params = to_state(config, flat, loaded.dtype)
+    return dataclasses.replace(loaded, config=config, graphdef=graphdef, params=params)
+
+
+def hf_first_layers(model, num_layers: int):
+    """transformers' `model` cut the same way as `first_layers` (a new model: `model` is kept)."""
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    cut = type(model)(config).to(model.dtype).eval()
+    missing, _ = cut.load_state_dict(model.state_dict(), strict=False)  # drops layers >= n
+    if missing:
+        raise ValueError(f"the cut model lacks {missing}")
+    with torch.no_grad():  # a tied head: the copied embedding is the head's weight too
+        cut.tie_weights()
+    return cut
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: int) -> list[list[int]]:
+    """transformers' greedy `generate` for each prompt (token ids), as the golden file's script
+    runs it."""
+    import torch
+
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        outs.append(out[0, len(ids):].tolist())
+    return outs

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jaxpaged import LLM, SamplingParams
+from reference import first_layers, hf_first_layers, hf_greedy
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
 ROWS = GOLDEN["rows"]
@@ -34,17 +35,25 @@ def make_llm():
 
     load_model = jaxpaged.engine.load_model
     weights = load_model(None, dtype="float32")
+    cuts = {}
 
-    def shared_or_load(model=None, **kwargs):
-        if model is None and kwargs.get("load_format", "auto") == "auto" and \
-                kwargs.get("dtype") == "float32" and kwargs.get("mesh") is None:
-            return dataclasses.replace(weights)
-        return load_model(model, **kwargs)
-
-    def make(**kwargs) -> LLM:
+    def make(layers: int | None = None, **kwargs) -> LLM:
+        """`layers`: the default model cut to its first `layers` layers (`first_layers`)."""
         kwargs.setdefault("warmup", False)
         kwargs.setdefault("max_model_len", 256)
         kwargs.setdefault("dtype", "float32")
+        if layers is not None and layers not in cuts:
+            cuts[layers] = first_layers(weights, layers)
+        shared = weights if layers is None else cuts[layers]
+
+        def shared_or_load(model=None, **kwargs):
+            if model is None and kwargs.get("load_format", "auto") == "auto" and \
+                    kwargs.get("dtype") == "float32" and kwargs.get("mesh") is None:
+                return dataclasses.replace(shared)
+            if layers is not None:
+                raise ValueError("layers= cuts the default model in float32 only")
+            return load_model(model, **kwargs)
+
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(jaxpaged.engine, "load_model", shared_or_load)
             return LLM(**kwargs)
@@ -227,64 +236,84 @@ def test_streaming_engine_abort_frees_blocks(llm):
     engine.scheduler.block_manager.check_invariants([])
 
 
-def test_pallas_kernels_in_the_engine_match_transformers(make_llm):
+# The GPU-path tests below run the Pallas kernels in the interpreter on SmolLM2 cut to its first
+# CUT_LAYERS layers: they check how the engine wires its kernels (layer indices, slots, positions,
+# windows, frozen rows), which two layers show as well as thirty, in a fraction of the time. Their
+# reference is transformers' greedy tokens for the same cut model, computed here.
+CUT_LAYERS = 2
+CUT_PICKS = (0, 9, 3)
+
+
+@pytest.fixture(scope="module")
+def cut_expected(hf_smollm2) -> dict[int, list[int]]:
+    """Prompt index -> transformers' 8 greedy tokens for it on the cut model."""
+    cut = hf_first_layers(hf_smollm2, CUT_LAYERS)
+    tokens = hf_greedy(cut, [PROMPTS[i] for i in CUT_PICKS], 8, GOLDEN["meta"]["eos_token_id"])
+    return dict(zip(CUT_PICKS, tokens))
+
+
+def test_pallas_kernels_in_the_engine_match_transformers(make_llm, cut_expected):
     """The GPU attention path (interpreted on the CPU) inside the engine: decode-only steps use
     the decode kernel, mixed steps the ragged kernel, writes go through the KV-write kernel."""
-    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
-                   max_num_seqs=4, max_num_batched_tokens=64)
+    llm = make_llm(layers=CUT_LAYERS, attention_impl="pallas", num_kv_blocks=24,
+                   max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64)
     picks = [0, 9, 3]
     params = SamplingParams(temperature=0.0, max_tokens=8)
     outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
-    assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
+    assert token_ids(outputs) == [cut_expected[i] for i in picks]
 
 
-def test_stacked_matmul_in_the_engine_matches_transformers(make_llm, monkeypatch):
+def test_stacked_matmul_in_the_engine_matches_transformers(make_llm, monkeypatch,
+                                                           cut_expected):
     """JAXPAGED_STACKED_MATMUL=1: decode steps read each layer's projections in place from the
     stacked weights (pallas_kernels.stacked_matmul, interpreted here), same greedy tokens, and
     warm-up still compiles every program the steps use (one token bucket: the prompts go in
     chunks of 16, and warm-up compiles two prefill programs, not six)."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
-    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
-                   max_num_seqs=4, max_num_batched_tokens=16, warmup=True)
+    llm = make_llm(layers=CUT_LAYERS, attention_impl="pallas", num_kv_blocks=24,
+                   max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16, warmup=True)
     assert llm.llm_engine.runner.stacked_matmul
     picks = [0, 9]
     params = SamplingParams(temperature=0.0, max_tokens=6)
     outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
-    assert token_ids(outputs) == [EXPECTED[i][:6] for i in picks]
+    assert token_ids(outputs) == [cut_expected[i][:6] for i in picks]
     assert llm.llm_engine.runner.num_compiles_since_warmup == 0
 
 
-def test_multi_step_with_the_gpu_kernels_matches_transformers(make_llm, monkeypatch):
+def test_multi_step_with_the_gpu_kernels_matches_transformers(make_llm, monkeypatch,
+                                                              cut_expected):
     """A multi-step program on the GPU path (interpreted): the decode kernel, the KV-write
     kernel and the stacked projections, in an unrolled decode step, inside the window's loop."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
-    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
-                   max_num_seqs=4, max_num_batched_tokens=64, num_scheduler_steps=3)
+    llm = make_llm(layers=CUT_LAYERS, attention_impl="pallas", num_kv_blocks=24,
+                   max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
+                   num_scheduler_steps=3)
     assert llm.llm_engine.runner.unrolls(True)
     windows = _watch_windows(llm.llm_engine)
     picks = [0, 9]
     params = SamplingParams(temperature=0.0, max_tokens=8)
     outputs = llm.generate([PROMPTS[i] for i in picks], params, use_tqdm=False)
-    assert token_ids(outputs) == [EXPECTED[i][:8] for i in picks]
+    assert token_ids(outputs) == [cut_expected[i] for i in picks]
     assert windows.count(3) == 2
 
 
 @pytest.mark.parametrize("fused_write", ["1", "0"])
 def test_kv_write_inside_the_decode_kernel_matches_transformers(make_llm, monkeypatch,
-                                                                fused_write):
+                                                                cut_expected, fused_write):
     """JAXPAGED_FUSED_KV_WRITE in multi-step windows on the GPU path (interpreted): requests of
     different lengths, so rows freeze inside a window (no slot: they read their last position
     from the cache) while the others write and attend their new token in the kernel ("1", the
     default) or in the separate KV-write kernel first ("0")."""
     monkeypatch.setenv("JAXPAGED_STACKED_MATMUL", "1")
     monkeypatch.setenv("JAXPAGED_FUSED_KV_WRITE", fused_write)
-    llm = make_llm(attention_impl="pallas", num_kv_blocks=24, max_model_len=128,
-                   max_num_seqs=4, max_num_batched_tokens=64, num_scheduler_steps=3)
+    llm = make_llm(layers=CUT_LAYERS, attention_impl="pallas", num_kv_blocks=24,
+                   max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
+                   num_scheduler_steps=3)
     picks, lengths = [0, 9, 3], [8, 5, 7]
     outputs = llm.generate([PROMPTS[i] for i in picks],
                            [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths],
                            use_tqdm=False)
-    assert token_ids(outputs) == [EXPECTED[i][:n] for i, n in zip(picks, lengths)]
+    assert token_ids(outputs) == [cut_expected[i][:n] for i, n in zip(picks, lengths)]
     assert kv_blocks_in_use(llm) == 0
 
 
