@@ -42,10 +42,15 @@ DEFAULT_STEPS = 4
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+# wgmma's smallest B tile is 16 columns wide: an [D, V] head's 8-column tile does not lower for
+# the GPU ("no valid tiling", though Mosaic GPU's interpreter runs it), so V is a multiple of 16.
+MIN_BLOCK_N = 16
+
+
 def supports(hidden_size: int, vocab_size: int, dtype) -> bool:
     """Whether ``lm_head_argmax`` takes a head of this shape and dtype."""
-    return (jnp.dtype(dtype) in _DTYPES and hidden_size % 16 == 0 and vocab_size % 8 == 0
-            and vocab_size < 2 ** 24)
+    return (jnp.dtype(dtype) in _DTYPES and hidden_size % 16 == 0
+            and vocab_size % MIN_BLOCK_N == 0 and vocab_size < 2 ** 24)
 
 
 def default_tiles(vocab_size: int) -> tuple[int, int]:
@@ -151,7 +156,7 @@ def lm_head_argmax(
         raise ValueError(f"x and w must both be bfloat16 or both float16 (wgmma); got "
                          f"{x.dtype}, {w.dtype}")
     if not supports(d, vocab, x.dtype):
-        raise ValueError(f"lm_head_argmax needs D % 16 == 0 and V % 8 == 0 (V < 2**24); got "
+        raise ValueError(f"lm_head_argmax needs D % 16 == 0 and V % 16 == 0 (V < 2**24); got "
                          f"D={d}, V={vocab}")
     num_tokens = x.shape[0]
     if num_tokens == 0:
@@ -163,7 +168,7 @@ def lm_head_argmax(
     if block_m <= 0 or block_m % row_unit:
         raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit}")
     block_m = min(block_m, round_up(num_tokens, row_unit))
-    block_n = fit_block(block_n, vocab, 8, "V", "wgmma's N")
+    block_n = fit_block(block_n, vocab, MIN_BLOCK_N, "V", "wgmma's N")
     block_k = fit_block(block_k, d, 16, "D", "wgmma's K")
     k_steps = d // block_k
     padded = round_up(num_tokens, block_m)

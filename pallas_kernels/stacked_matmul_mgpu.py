@@ -297,7 +297,8 @@ def stacked_matmul_mgpu(
                          f"(wgmma rows; warp_specialized={warp_specialized})")
     block_m = min(block_m, round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
-    block_n = fit_block(block_n, math.gcd(*d_outs), 8, "D_out", "wgmma's N")
+    # 16: wgmma's smallest B tile that lowers for the GPU (an 8-column one finds no tiling).
+    block_n = fit_block(block_n, math.gcd(*d_outs), 16, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
     k_steps = d_in // block_k
     if num_splits > 1 and silu_mul:

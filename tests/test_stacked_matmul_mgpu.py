@@ -130,6 +130,8 @@ def test_rejects_bad_shapes_and_dtypes():
     x, ws = tokens(0, 8, 64), stacks(0, 64, (64,))
     with pytest.raises(ValueError, match="D_out=60"):
         stacked_matmul_mgpu(x, (ws[0][:, :, :60],), jnp.int32(0))
+    with pytest.raises(ValueError, match="D_out=24 must be a multiple of 16"):
+        stacked_matmul_mgpu(x, (ws[0][:, :, :24],), jnp.int32(0))  # 8 columns: no GPU tiling
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
         stacked_matmul_mgpu(x.astype(jnp.float32), (ws[0].astype(jnp.float32),), jnp.int32(0))
     with pytest.raises(ValueError, match="silu_mul"):
@@ -219,3 +221,17 @@ def test_lowers_for_an_h100_at_the_engine_shapes(model):
         assert "mosaic_gpu" in text
         lowered += 1
     assert lowered >= 2
+
+
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_the_narrowest_column_tile_lowers_for_an_h100(warp_specialized):
+    """D_out 48 takes 16-column tiles, the narrowest wgmma B tile that finds a GPU tiling (the
+    interpreter would also run 8), and matches the reference."""
+    x, ws = tokens(13, 128, 64), stacks(14, 64, (48,))
+    check(x, ws, 1, block_n=64, warp_specialized=warp_specialized)
+    fn = jax.jit(functools.partial(stacked_matmul_mgpu, block_n=64, interpret=False,
+                                   warp_specialized=warp_specialized))
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+              tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws),
+              jax.ShapeDtypeStruct((), jnp.int32))
+    assert "mosaic_gpu" in fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
