@@ -4,6 +4,8 @@ for an H100 at the engine's decode shapes (lowered, not run, from the CPU)."""
 
 import functools
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,16 @@ def test_matches_reference(group, num_kv_heads, head_dim):
 ])
 def test_tuning_variants(tuning):
     check(inputs(11, [150, 3, 0, 129, 64], 4, 2, 64), **tuning)
+
+
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
+@hypothesis.given(kv_lens=st.lists(st.integers(0, 200), min_size=1, max_size=4),
+                  group=st.sampled_from([1, 2, 4, 8]), num_kv_heads=st.integers(1, 2),
+                  head_dim=st.sampled_from([64, 128]), block_size=st.sampled_from([16, 32]),
+                  stages=st.integers(1, 4))
+def test_property_shapes(kv_lens, group, num_kv_heads, head_dim, block_size, stages):
+    check(inputs(sum(kv_lens), kv_lens, group, num_kv_heads, head_dim, block_size=block_size),
+          stages=stages)
 
 
 @pytest.mark.parametrize("unused_columns", ["other pages", "out of range"])
