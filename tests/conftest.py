@@ -7,6 +7,10 @@ import pytest
 # Tests run on the CPU in f32 unless a GPU test asks otherwise; keep XLA quiet and single-host.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# f32 matmuls at full precision: on an H100 (JAX_PLATFORMS=cuda) the default is TF32, whose
+# ~2e-4 relative error fails the f32 tolerances of the kernel tests in both the kernels and
+# their references. On the CPU this changes nothing.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # Four CPU devices for the tensor-parallel tests (read once, when jax first starts, so before
 # any test module imports it); every other test keeps running on device 0 alone.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
