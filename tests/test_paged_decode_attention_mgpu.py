@@ -80,8 +80,13 @@ def test_tuning_variants(tuning):
                   head_dim=st.sampled_from([64, 128]), block_size=st.sampled_from([16, 32]),
                   stages=st.integers(1, 4))
 def test_property_shapes(kv_lens, group, num_kv_heads, head_dim, block_size, stages):
-    check(inputs(sum(kv_lens), kv_lens, group, num_kv_heads, head_dim, block_size=block_size),
-          stages=stages)
+    """Each example also lowers for the GPU: the interpreter runs shapes that may not."""
+    args = inputs(sum(kv_lens), kv_lens, group, num_kv_heads, head_dim, block_size=block_size)
+    check(args, stages=stages)
+    fn = jax.jit(functools.partial(paged_decode_attention_mgpu, stages=stages, interpret=False))
+    lowered = fn.trace(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("unused_columns", ["other pages", "out of range"])

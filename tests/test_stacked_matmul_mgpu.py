@@ -30,6 +30,17 @@ def tokens(seed: int, num_tokens: int, d_in: int, dtype=jnp.bfloat16):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((num_tokens, d_in)), dtype)
 
 
+def lower_for_cuda(x, ws, epilogue=None, **tuning) -> str:
+    """The kernel lowered to Mosaic GPU for CUDA, from any host: shapes the interpreter runs
+    may still find no tiling on the GPU (wgmma's B tile)."""
+    fn = jax.jit(functools.partial(stacked_matmul_mgpu, epilogue=epilogue, interpret=False,
+                                   **tuning))
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+              tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws),
+              jax.ShapeDtypeStruct((), jnp.int32))
+    return fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def check(x, ws, layer, epilogue=None, **tuning):
     poison_device_memory()
     got = stacked_matmul_mgpu(x, ws, jnp.int32(layer), epilogue=epilogue, **tuning)
@@ -100,13 +111,17 @@ def test_tuning_variants(tuning):
 
 @hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
 @hypothesis.given(num_tokens=st.integers(1, 150), d_in=st.sampled_from([64, 128, 192]),
-                  widths=st.lists(st.sampled_from([64, 128]), min_size=1, max_size=3),
+                  widths=st.lists(st.sampled_from([16, 48, 64, 128]), min_size=1, max_size=3),
                   silu_mul=st.booleans(), warp_specialized=st.booleans())
 def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
+    """Widths of 16 and 48 take the narrowest column tile (16); each example also lowers for
+    the GPU."""
     widths = [widths[0]] * 2 if silu_mul else widths
     x, ws = tokens(num_tokens, num_tokens, d_in), stacks(d_in, d_in, widths)
-    check(x, ws, num_tokens % L, epilogue="silu_mul" if silu_mul else None, block_n=64,
-          warp_specialized=warp_specialized)
+    tuning = dict(epilogue="silu_mul" if silu_mul else None, block_n=64,
+                  warp_specialized=warp_specialized)
+    check(x, ws, num_tokens % L, **tuning)
+    assert "mosaic_gpu" in lower_for_cuda(x, ws, **tuning)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -229,9 +244,4 @@ def test_the_narrowest_column_tile_lowers_for_an_h100(warp_specialized):
     interpreter would also run 8), and matches the reference."""
     x, ws = tokens(13, 128, 64), stacks(14, 64, (48,))
     check(x, ws, 1, block_n=64, warp_specialized=warp_specialized)
-    fn = jax.jit(functools.partial(stacked_matmul_mgpu, block_n=64, interpret=False,
-                                   warp_specialized=warp_specialized))
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
-              tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws),
-              jax.ShapeDtypeStruct((), jnp.int32))
-    assert "mosaic_gpu" in fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in lower_for_cuda(x, ws, block_n=64, warp_specialized=warp_specialized)
