@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.argmax import merge_chunks
-from pallas_kernels.mgpu_common import (WGMMA_ROWS, interpret_params, num_sms, round_up,
-                                        warp_specialized_pipeline)
+from pallas_kernels.mgpu_common import (WGMMA_MIN_COLS, WGMMA_ROWS, interpret_params, num_sms,
+                                        round_up, warp_specialized_pipeline)
 from pallas_kernels.stacked_common import fit_block
 
 # Tiles (default_tiles), measured on an H100 (benchmarks/lm_head_variants.py, NOTES_kernels
@@ -42,15 +42,10 @@ DEFAULT_STEPS = 4
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-# wgmma's smallest B tile is 16 columns wide: an [D, V] head's 8-column tile does not lower for
-# the GPU ("no valid tiling", though Mosaic GPU's interpreter runs it), so V is a multiple of 16.
-MIN_BLOCK_N = 16
-
-
 def supports(hidden_size: int, vocab_size: int, dtype) -> bool:
     """Whether ``lm_head_argmax`` takes a head of this shape and dtype."""
     return (jnp.dtype(dtype) in _DTYPES and hidden_size % 16 == 0
-            and vocab_size % MIN_BLOCK_N == 0 and vocab_size < 2 ** 24)
+            and vocab_size % WGMMA_MIN_COLS == 0 and vocab_size < 2 ** 24)
 
 
 def default_tiles(vocab_size: int) -> tuple[int, int]:
@@ -168,7 +163,7 @@ def lm_head_argmax(
     if block_m <= 0 or block_m % row_unit:
         raise ValueError(f"block_m={block_m} must be a positive multiple of {row_unit}")
     block_m = min(block_m, round_up(num_tokens, row_unit))
-    block_n = fit_block(block_n, vocab, MIN_BLOCK_N, "V", "wgmma's N")
+    block_n = fit_block(block_n, vocab, WGMMA_MIN_COLS, "V", "wgmma's N")
     block_k = fit_block(block_k, d, 16, "D", "wgmma's K")
     k_steps = d // block_k
     padded = round_up(num_tokens, block_m)

@@ -8,6 +8,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.stacked_common import use_interpret
 
 WGMMA_ROWS = 64  # a warpgroup's wgmma covers 64 rows of x at a time
+# The narrowest [K, N] B tile that lowers for the GPU: with 8 columns Mosaic GPU finds no wgmma
+# tiling (its CPU interpreter runs it all the same), so column tiles are 16 wide at least.
+WGMMA_MIN_COLS = 16
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (WGMMA_ROWS, interpret_params, num_sms, round_up,
-                                        warp_specialized_pipeline)
+from pallas_kernels.mgpu_common import (WGMMA_MIN_COLS, WGMMA_ROWS, interpret_params, num_sms,
+                                        round_up, warp_specialized_pipeline)
 from pallas_kernels.stacked_common import (check_epilogue, check_stacks, fit_block,
                                            silu_mul_epilogue)
 
@@ -297,8 +297,7 @@ def stacked_matmul_mgpu(
                          f"(wgmma rows; warp_specialized={warp_specialized})")
     block_m = min(block_m, round_up(num_tokens, row_unit))
     # One block_n for every weight, so that a column block is never shared by two of them.
-    # 16: wgmma's smallest B tile that lowers for the GPU (an 8-column one finds no tiling).
-    block_n = fit_block(block_n, math.gcd(*d_outs), 16, "D_out", "wgmma's N")
+    block_n = fit_block(block_n, math.gcd(*d_outs), WGMMA_MIN_COLS, "D_out", "wgmma's N")
     block_k = fit_block(block_k, d_in, 16, "D_in", "wgmma's K")
     k_steps = d_in // block_k
     if num_splits > 1 and silu_mul:
