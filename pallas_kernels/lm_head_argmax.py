@@ -151,8 +151,8 @@ def lm_head_argmax(
         raise ValueError(f"x and w must both be bfloat16 or both float16 (wgmma); got "
                          f"{x.dtype}, {w.dtype}")
     if not supports(d, vocab, x.dtype):
-        raise ValueError(f"lm_head_argmax needs D % 16 == 0 and V % 16 == 0 (V < 2**24); got "
-                         f"D={d}, V={vocab}")
+        raise ValueError(f"lm_head_argmax needs D % 16 == 0 and V % {WGMMA_MIN_COLS} == 0 "
+                         f"(V < 2**24); got D={d}, V={vocab}")
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return jnp.zeros((0,), jnp.int32)

@@ -1,4 +1,5 @@
-"""Shared inputs and checks of the attention-kernel tests: NaN-poisoned shuffled page pools."""
+"""Shared inputs and checks of the kernel tests: NaN-poisoned shuffled page pools, tolerances,
+lowering for the GPU from any host."""
 
 import math
 
@@ -54,3 +55,11 @@ def rope_tables_for(positions, head_dim: int, theta: float = 10000.0):
 
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     return rope_tables(jnp.asarray(positions, jnp.int32), jnp.asarray(inv_freq))
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """``fn`` jitted and lowered for CUDA from any host, as text: the kernel's own lowering runs
+    (Mosaic GPU's layout inference included, which rejects shapes its CPU interpreter runs), not
+    ptxas or a launch. ``args``: arrays or ShapeDtypeStructs, in pytrees."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()

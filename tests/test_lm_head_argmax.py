@@ -15,7 +15,7 @@ import pytest
 from jaxpaged.sampler import greedy_head, greedy_tokens, use_lm_head_argmax
 from pallas_kernels import lm_head_argmax, lm_head_argmax_reference, lm_head_argmax_supports
 
-from kernel_cases import poison_device_memory
+from kernel_cases import lower_for_cuda, poison_device_memory
 
 
 def integer_inputs(seed: int, num_tokens: int, d: int, vocab: int, transposed: bool,
@@ -29,13 +29,9 @@ def integer_inputs(seed: int, num_tokens: int, d: int, vocab: int, transposed: b
     return x, w
 
 
-def lower_for_cuda(x, w, transposed, **tuning) -> str:
-    """The kernel lowered to Mosaic GPU for CUDA, from any host: shapes the interpreter runs
-    may still find no tiling on the GPU (wgmma's B tile)."""
-    fn = jax.jit(functools.partial(lm_head_argmax, transposed=transposed, interpret=False,
-                                   **tuning))
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w)]
-    return fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+def lower(x, w, transposed, **tuning) -> str:
+    return lower_for_cuda(functools.partial(lm_head_argmax, transposed=transposed,
+                                            interpret=False, **tuning), x, w)
 
 
 def check(x, w, transposed, **tuning):
@@ -120,7 +116,7 @@ def test_property_shapes(num_tokens, d, vocab, transposed, levels):
     for the GPU."""
     x, w = integer_inputs(num_tokens * vocab, num_tokens, d, vocab, transposed, levels=levels)
     check(x, w, transposed, block_n=64, block_k=32)
-    assert "mosaic_gpu" in lower_for_cuda(x, w, transposed, block_n=64, block_k=32)
+    assert "mosaic_gpu" in lower(x, w, transposed, block_n=64, block_k=32)
 
 
 # (hidden size, vocabulary, tied) of the benchmark models' heads
@@ -132,9 +128,8 @@ HEADS = {"llama-3.2-1b": (2048, 128256, True), "llama-3.1-8b": (4096, 128256, Fa
 def test_lowers_for_an_h100_at_the_benchmark_heads(model):
     """A batch-256 step's head, lowered to Mosaic GPU for CUDA without a GPU."""
     d, vocab, tied = HEADS[model]
-    text = lower_for_cuda(jax.ShapeDtypeStruct((256, d), jnp.bfloat16),
-                          jax.ShapeDtypeStruct((vocab, d) if tied else (d, vocab), jnp.bfloat16),
-                          tied)
+    text = lower(jax.ShapeDtypeStruct((256, d), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((vocab, d) if tied else (d, vocab), jnp.bfloat16), tied)
     assert "mosaic_gpu" in text and f"lm_head_argmax_{d}x{vocab}" in text
 
 

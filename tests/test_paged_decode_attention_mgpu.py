@@ -14,7 +14,7 @@ import pytest
 from pallas_kernels import paged_decode_attention_reference
 from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu, supported
 
-from kernel_cases import assert_close, make_paged_cache, poison_device_memory
+from kernel_cases import assert_close, lower_for_cuda, make_paged_cache, poison_device_memory
 
 # A padded row, one token, exactly a page, one past a page, exactly a 64-key tile, one past a
 # tile, and three tiles with a partial last one (150 = 2 * 64 + 22).
@@ -83,10 +83,8 @@ def test_property_shapes(kv_lens, group, num_kv_heads, head_dim, block_size, sta
     """Each example also lowers for the GPU: the interpreter runs shapes that may not."""
     args = inputs(sum(kv_lens), kv_lens, group, num_kv_heads, head_dim, block_size=block_size)
     check(args, stages=stages)
-    fn = jax.jit(functools.partial(paged_decode_attention_mgpu, stages=stages, interpret=False))
-    lowered = fn.trace(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)).lower(
-        lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    fn = functools.partial(paged_decode_attention_mgpu, stages=stages, interpret=False)
+    assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 
 
 @pytest.mark.parametrize("unused_columns", ["other pages", "out of range"])
@@ -169,6 +167,5 @@ def test_lowers_for_an_h100_at_the_engine_shapes(model, tuning):
     tables = jax.ShapeDtypeStruct((256, 40), jnp.int32)
     lens = jax.ShapeDtypeStruct((256,), jnp.int32)
     fn = functools.partial(paged_decode_attention_mgpu, interpret=False, **tuning)
-    text = jax.jit(fn).trace(q, cache, cache, tables, lens).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, q, cache, cache, tables, lens)
     assert "mosaic_gpu" in text

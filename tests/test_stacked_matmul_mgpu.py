@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import stacked_matmul, stacked_matmul_fused, stacked_matmul_fused_reference
 from pallas_kernels.stacked_matmul_mgpu import mosaic_settings, stacked_matmul_mgpu
 
-from kernel_cases import assert_close, poison_device_memory
+from kernel_cases import assert_close, lower_for_cuda, poison_device_memory
 
 L = 3
 
@@ -30,15 +30,9 @@ def tokens(seed: int, num_tokens: int, d_in: int, dtype=jnp.bfloat16):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((num_tokens, d_in)), dtype)
 
 
-def lower_for_cuda(x, ws, epilogue=None, **tuning) -> str:
-    """The kernel lowered to Mosaic GPU for CUDA, from any host: shapes the interpreter runs
-    may still find no tiling on the GPU (wgmma's B tile)."""
-    fn = jax.jit(functools.partial(stacked_matmul_mgpu, epilogue=epilogue, interpret=False,
-                                   **tuning))
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),
-              tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws),
-              jax.ShapeDtypeStruct((), jnp.int32))
-    return fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+def lower(x, ws, epilogue=None, **tuning) -> str:
+    fn = functools.partial(stacked_matmul_mgpu, epilogue=epilogue, interpret=False, **tuning)
+    return lower_for_cuda(fn, x, ws, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def check(x, ws, layer, epilogue=None, **tuning):
@@ -121,7 +115,7 @@ def test_property_shapes(num_tokens, d_in, widths, silu_mul, warp_specialized):
     tuning = dict(epilogue="silu_mul" if silu_mul else None, block_n=64,
                   warp_specialized=warp_specialized)
     check(x, ws, num_tokens % L, **tuning)
-    assert "mosaic_gpu" in lower_for_cuda(x, ws, **tuning)
+    assert "mosaic_gpu" in lower(x, ws, **tuning)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -229,10 +223,7 @@ def test_lowers_for_an_h100_at_the_engine_shapes(model):
             continue
         x = jax.ShapeDtypeStruct((256, d_in), jnp.bfloat16)
         ws = tuple(jax.ShapeDtypeStruct((2, d_in, d), jnp.bfloat16) for d in d_outs)
-        fn = jax.jit(functools.partial(stacked_matmul_mgpu, epilogue="silu_mul" if silu_mul
-                                       else None, interpret=False, **settings))
-        text = fn.trace(x, ws, jax.ShapeDtypeStruct((), jnp.int32)).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = lower(x, ws, "silu_mul" if silu_mul else None, **settings)
         assert "mosaic_gpu" in text
         lowered += 1
     assert lowered >= 2
@@ -244,4 +235,4 @@ def test_the_narrowest_column_tile_lowers_for_an_h100(warp_specialized):
     interpreter would also run 8), and matches the reference."""
     x, ws = tokens(13, 128, 64), stacks(14, 64, (48,))
     check(x, ws, 1, block_n=64, warp_specialized=warp_specialized)
-    assert "mosaic_gpu" in lower_for_cuda(x, ws, block_n=64, warp_specialized=warp_specialized)
+    assert "mosaic_gpu" in lower(x, ws, block_n=64, warp_specialized=warp_specialized)
